@@ -1,0 +1,56 @@
+"""npe2 writer: a labels layer -> lossless TIFF + its per-cell table as ``<stem>_cells.csv``."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .core.io import atomic_write
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+def labels_dtype(data: np.ndarray) -> np.dtype:
+    """uint16 when every id fits, else uint32. Negative ids are refused."""
+    if data.size and data.min() < 0:
+        raise ValueError("labels hold negative ids; a labels TIFF needs ids >= 0")
+    top = int(data.max()) if data.size else 0
+    if top < 2**16:
+        return np.dtype(np.uint16)
+    if top < 2**32:
+        return np.dtype(np.uint32)
+    raise ValueError(f"label id {top} does not fit in 32 bits")
+
+
+def cells_csv_path(tif_path) -> Path:
+    tif_path = Path(tif_path)
+    return tif_path.with_name(f"{tif_path.stem}_cells.csv")
+
+
+def write_labels(path: str, data, meta: dict) -> list[str]:
+    """Write labels to ``path`` (.tif) and ``meta['features']`` to ``<stem>_cells.csv`` beside it.
+
+    Both files are written atomically. An empty feature table still gives a CSV,
+    with one ``index`` row per label id present. Returns the written paths.
+    """
+    import pandas as pd
+    import tifffile
+
+    tif_path = Path(path)
+    if tif_path.suffix.lower() not in TIFF_SUFFIXES:
+        tif_path = tif_path.with_name(tif_path.name + ".tif")
+    labels = np.asarray(data)
+    if labels.dtype.kind not in "uib":
+        raise ValueError(f"cannot write {tif_path.name!r}: labels must be integers, got {labels.dtype}")
+    labels = labels.astype(labels_dtype(labels), copy=False)
+
+    features = (meta or {}).get("features")
+    table = pd.DataFrame(features) if features is not None else pd.DataFrame()
+    if table.empty and len(table.columns) == 0:
+        ids = np.unique(labels)
+        table = pd.DataFrame({"index": ids[ids != 0]})
+
+    atomic_write(tif_path, lambda tmp: tifffile.imwrite(tmp, labels, compression="zlib"))
+    csv_path = cells_csv_path(tif_path)
+    atomic_write(csv_path, lambda tmp: table.to_csv(tmp, index=False))
+    return [str(tif_path), str(csv_path)]

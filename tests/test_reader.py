@@ -1,0 +1,177 @@
+"""The npe2 reader on real smears (when the data is here) and on synthetic odd files."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from napari_wbc._reader import napari_get_reader
+from napari_wbc.core.io import ImageReadError
+
+
+def read(path):
+    reader = napari_get_reader(str(path))
+    assert callable(reader), f"no reader for {path}"
+    return {kwargs["name"]: (data, kwargs, kind) for data, kwargs, kind in reader(str(path))}
+
+
+# --- what the reader claims -------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["notes.txt", "x.xml", "x.csv", "x.npy", "noext"])
+def test_declines_other_suffixes(tmp_path, name):
+    (tmp_path / name).write_text("hello")
+    assert napari_get_reader(str(tmp_path / name)) is None
+
+
+def test_declines_directories_and_mixed_lists(tmp_path, sample_path):
+    folder = tmp_path / "smears.png"  # a folder whose name looks like an image
+    folder.mkdir()
+    assert napari_get_reader(str(folder)) is None
+    assert napari_get_reader(str(tmp_path)) is None
+    (tmp_path / "notes.txt").write_text("hello")
+    assert napari_get_reader([str(sample_path), str(tmp_path / "notes.txt")]) is None
+    assert napari_get_reader([]) is None
+
+
+def test_list_of_images(tmp_path, sample_path):
+    other = tmp_path / "grey.png"
+    Image.fromarray(np.zeros((8, 9), np.uint8)).save(other)
+    reader = napari_get_reader([str(sample_path), str(other)])
+    names = [kw["name"] for _, kw, _ in reader([str(sample_path), str(other)])]
+    assert names == ["BloodImage_00000", "grey"]
+
+
+# --- real files -------------------------------------------------------------------
+
+
+def test_shipped_sample(sample_path):
+    layers = read(sample_path)
+    assert list(layers) == ["BloodImage_00000"]
+    data, kwargs, kind = layers["BloodImage_00000"]
+    assert kind == "image" and kwargs["rgb"] is True
+    assert data.shape == (480, 640, 3) and data.dtype == np.uint8
+
+
+def test_sigtuple_image_with_mask(data_file):
+    image = data_file("sigtuple/train/train-1.jpg")
+    data_file("sigtuple/train/train-1-mask.jpg")
+    layers = read(image)
+    assert set(layers) == {"train-1", "train-1 mask"}
+    img, kwargs, kind = layers["train-1"]
+    assert kind == "image" and kwargs["rgb"] and img.shape == (128, 128, 3)
+    labels, _, kind = layers["train-1 mask"]
+    assert kind == "labels" and labels.shape == (128, 128)
+    assert labels.dtype.kind in "iu" and labels.max() == 1  # one WBC, JPEG noise thresholded away
+
+
+def test_sigtuple_mask_file_opens_as_labels(data_file):
+    layers = read(data_file("sigtuple/train/train-1-mask.jpg"))
+    assert list(layers) == ["train-1-mask"]
+    labels, _, kind = layers["train-1-mask"]
+    assert kind == "labels" and labels.max() == 1
+
+
+def test_bccd_image_with_voc_boxes(data_file):
+    image = data_file("bccd/images/BloodImage_00000.jpg")
+    data_file("bccd/annotations/BloodImage_00000.xml")
+    layers = read(image)
+    assert set(layers) == {"BloodImage_00000", "BloodImage_00000 WBC boxes"}
+    boxes, kwargs, kind = layers["BloodImage_00000 WBC boxes"]
+    assert kind == "shapes" and kwargs["shape_type"] == "rectangle"
+    assert kwargs["face_color"] == "transparent" and kwargs["edge_width"] > 0
+    assert len(boxes) == 1  # one WBC box in this image; its RBC/platelet boxes are left out
+    ys, xs = boxes[0][:, 0], boxes[0][:, 1]
+    assert (ys.min(), xs.min(), ys.max(), xs.max()) == (177, 260, 376, 491)
+
+
+# --- synthetic files --------------------------------------------------------------
+
+
+def test_greyscale_png(tmp_path):
+    arr = np.arange(20 * 30, dtype=np.uint8).reshape(20, 30)
+    Image.fromarray(arr).save(tmp_path / "grey.png")
+    data, kwargs, kind = read(tmp_path / "grey.png")["grey"]
+    assert kind == "image" and kwargs["rgb"] is False
+    np.testing.assert_array_equal(data, arr)
+
+
+def test_rgba_png_drops_alpha(tmp_path):
+    arr = np.random.default_rng(0).integers(0, 255, (16, 12, 4), dtype=np.uint8)
+    Image.fromarray(arr, mode="RGBA").save(tmp_path / "rgba.png")
+    data, kwargs, _ = read(tmp_path / "rgba.png")["rgba"]
+    assert kwargs["rgb"] is True and data.shape == (16, 12, 3)
+    np.testing.assert_array_equal(data, arr[..., :3])
+
+
+def test_palette_png(tmp_path):
+    idx = (np.arange(10 * 10).reshape(10, 10) % 3).astype(np.uint8)
+    im = Image.fromarray(idx, mode="L").convert("P")
+    im.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * (256 * 3 - 9))
+    im.save(tmp_path / "pal.png")
+    data, kwargs, _ = read(tmp_path / "pal.png")["pal"]
+    assert kwargs["rgb"] is True and data.shape == (10, 10, 3)
+    np.testing.assert_array_equal(data[0, 1], [0, 255, 0])
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".png"])
+def test_16bit_greyscale_keeps_values(tmp_path, suffix):
+    arr = (np.arange(32 * 32).reshape(32, 32) * 7 + 1000).astype(np.uint16)
+    path = tmp_path / f"deep{suffix}"
+    if suffix == ".tif":
+        tifffile.imwrite(path, arr)
+    else:
+        Image.fromarray(arr).save(path)
+    data, kwargs, _ = read(path)["deep"]
+    assert kwargs["rgb"] is False
+    np.testing.assert_array_equal(data, arr)  # not rescaled to 8 bits
+    assert kwargs["contrast_limits"] == [1000.0, float(arr.max())]
+
+
+def test_16bit_rgb_tiff(tmp_path):
+    arr = np.random.default_rng(1).integers(0, 4096, (8, 8, 3), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "deep_rgb.tif", arr, photometric="rgb")
+    data, kwargs, _ = read(tmp_path / "deep_rgb.tif")["deep_rgb"]
+    assert kwargs["rgb"] is True and data.dtype == np.uint16
+    np.testing.assert_array_equal(data, arr)
+    assert kwargs["contrast_limits"] == [float(arr.min()), float(arr.max())]
+
+
+def test_mask_in_sibling_masks_folder(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "images" / "c1.png")
+    mask = np.zeros((20, 20), np.uint8)
+    mask[2:6, 2:6] = 255
+    mask[10:15, 10:15] = 128  # a 0/128/255 Tecom-style mask: both parts are foreground
+    Image.fromarray(mask).save(tmp_path / "masks" / "c1.png")
+    layers = read(tmp_path / "images" / "c1.png")
+    labels, _, kind = layers["c1 mask"]
+    assert kind == "labels" and labels.max() == 2
+    # the mask file opened on its own is a labels layer too
+    assert read(tmp_path / "masks" / "c1.png")["c1 mask"][2] == "labels"
+
+
+def test_mismatched_mask_is_skipped_with_a_warning(tmp_path):
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "a-mask.png")
+    with pytest.warns(UserWarning, match="a-mask.png"):
+        layers = read(tmp_path / "a.png")
+    assert list(layers) == ["a"]
+
+
+def test_truncated_jpeg_names_the_file(tmp_path, sample_path):
+    broken = tmp_path / "broken smear.jpg"
+    broken.write_bytes(sample_path.read_bytes()[:4000])
+    reader = napari_get_reader(str(broken))
+    assert reader is not None  # the suffix matches: napari must hear why it failed
+    with pytest.raises(ImageReadError, match="broken smear.jpg"):
+        reader(str(broken))
+
+
+def test_not_an_image_names_the_file(tmp_path):
+    fake = tmp_path / "fake.png"
+    fake.write_text("not a png")
+    with pytest.raises(ImageReadError, match="fake.png"):
+        napari_get_reader(str(fake))(str(fake))
