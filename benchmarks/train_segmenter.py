@@ -1,0 +1,128 @@
+"""Train the shipped WBC segmenter from scratch (reproducible: fixed seeds and split).
+
+    python benchmarks/train_segmenter.py --steps 4000 --out src/napari_wbc/models/wbc_unet.safetensors
+
+Data: SigTuple patches + smears and Tecom crops (full masks), BCCD even-numbered
+images as weak negatives (everything outside WBC boxes is background; inside
+is ignored). Validation (never trained on): see benchmarks/wbc_data.py.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import wbc_data  # noqa: E402
+
+from napari_wbc.core import train as T  # noqa: E402
+from napari_wbc.core.models import build_network, save_model  # noqa: E402
+
+
+def load(split):
+    samples = []
+    for src in (wbc_data.sigtuple_patches, wbc_data.sigtuple_smears, wbc_data.tecom):
+        for img, mask, sp in src():
+            if sp != split:
+                continue
+            rgb, lab = wbc_data.load_image_mask(img, mask)
+            if lab.max() == 0:
+                continue
+            samples.append(T.make_sample(rgb, lab, name=f"{src.__name__}/{img.name}"))
+    return samples
+
+
+def load_bccd_weak():
+    from napari_wbc.core.io import read_image, to_rgb
+
+    out = []
+    for img, xml, sp in wbc_data.bccd():
+        if sp != "train":
+            continue
+        boxes = wbc_data.wbc_boxes(xml)
+        if not boxes:
+            continue
+        rgb = to_rgb(read_image(img))
+        w = np.ones(rgb.shape[:2], np.float32)
+        sizes = []
+        for y0, x0, y1, x1 in boxes:
+            py, px = 0.15 * (y1 - y0), 0.15 * (x1 - x0)
+            w[max(int(y0 - py), 0) : int(y1 + py), max(int(x0 - px), 0) : int(x1 + px)] = 0
+            sizes.append(((y1 - y0) + (x1 - x0)) / 2)
+        lab = np.zeros(rgb.shape[:2], np.int32)
+        s = T.make_sample(rgb, lab, diameter=float(np.median(sizes)), weight=w, name=f"bccd/{img.name}")
+        out.append(s)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--no-bccd", action="store_true", help="do not use BCCD weak negatives")
+    ap.add_argument("--out", default="src/napari_wbc/models/wbc_unet.safetensors")
+    a = ap.parse_args(argv)
+    import torch
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    t0 = time.time()
+    train, val = load("train"), load("val")
+    bccd = [] if a.no_bccd else load_bccd_weak()
+    # BCCD weak samples: one in four batches' draws, by repetition weight
+    train_all = train + bccd
+    print(f"train {len(train)} + bccd weak {len(bccd)}, val {len(val)} (loaded in {time.time()-t0:.0f}s)", flush=True)
+    # a fixed subset of validation for model selection during training (every 2nd)
+    val_sel = val[::2]
+    torch.manual_seed(0)
+    card = {
+        "kind": "segmenter",
+        "arch": T.SEGMENTER_ARCH,
+        "target_diameter": T.TARGET_DIAMETER,
+        "outputs": ["foreground", "normalised distance to cell edge"],
+        "normalisation": "per-channel 0.5-99.5 percentile stretch of the whole image",
+    }
+    net = build_network(T.SEGMENTER_ARCH)
+    best, hist = T.train_segmenter(
+        net, card, train_all, val_sel, steps=a.steps, batch_size=a.batch, lr=a.lr,
+        eval_every=a.eval_every, device=a.device, log=lambda s: print(s, flush=True),
+    )
+    if best is not None:
+        net.load_state_dict(best)
+    final = T.evaluate(net, card, val, a.device)
+    card.update({
+        "name": "wbc_unet",
+        "version": "0.1.0",
+        "created": datetime.date.today().isoformat(),
+        "training": {
+            "script": "benchmarks/train_segmenter.py",
+            "args": vars(a),
+            "data": {
+                "sigtuple_patches_and_smears": "masks, train split (benchmarks/wbc_data.py)",
+                "tecom": "masks (nucleus+cytoplasm), train split",
+                "bccd_weak": f"{len(bccd)} even-numbered images, background outside WBC boxes",
+            },
+            "n_train": len(train), "n_val": len(val),
+            "seed": 0,
+            "wall_time_s": round(time.time() - t0),
+            "history": hist,
+        },
+        "validation": {"all_val_known_diameter": final},
+        "limits": "Research use only, not a medical device. Trained on three public data sets.",
+    })
+    p = save_model(net, card, a.out, overwrite=True)
+    print(json.dumps(final, indent=1))
+    print("wrote", p, f"{Path(p).stat().st_size/1e6:.1f} MB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Loading ../shared/data with the project's fixed train/validation split.
+
+The split is by file name, never random, so every script sees the same one:
+- SigTuple 128x128 patches ``train-N``: validation when N % 5 == 0;
+- SigTuple large smears: ``017532875DDF`` is validation, the other four train;
+- Tecom crops ``NNN.png``: validation when NNN % 5 == 0;
+- BCCD (weak labels from WBC boxes): even image numbers may be used for
+  training (background outside WBC boxes), odd numbers are held out.
+The data folder is ``$NAPARI_WBC_DATA`` or ``../shared/data`` beside the repo.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from napari_wbc.core.io import read_image, read_mask, read_voc_boxes, to_rgb
+
+DATA = Path(os.environ.get("NAPARI_WBC_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SIGTUPLE_VAL_SMEAR = "017532875DDF"
+
+
+def sigtuple_patches():
+    for f in sorted((DATA / "sigtuple/train").glob("train-*.jpg")):
+        if f.stem.endswith("-mask"):
+            continue
+        n = int(re.findall(r"\d+", f.stem)[0])
+        yield f, f.with_name(f.stem + "-mask.jpg"), ("val" if n % 5 == 0 else "train")
+
+
+def sigtuple_smears():
+    for f in sorted((DATA / "sigtuple/train").glob("*.jpg")):
+        if f.stem.startswith("train-") or f.stem.endswith("-mask"):
+            continue
+        yield f, f.with_name(f.stem + "-mask.jpg"), ("val" if f.stem == SIGTUPLE_VAL_SMEAR else "train")
+
+
+def tecom():
+    for f in sorted((DATA / "tecom/images").glob("*.png")):
+        yield f, DATA / "tecom/masks" / f.name, ("val" if int(f.stem) % 5 == 0 else "train")
+
+
+def bccd():
+    for f in sorted((DATA / "bccd/images").glob("*.jpg")):
+        n = int(re.findall(r"\d+", f.stem)[0])
+        yield f, DATA / "bccd/annotations" / (f.stem + ".xml"), ("train" if n % 2 == 0 else "val")
+
+
+def load_image_mask(img, mask):
+    """RGB uint8 image and int32 instance labels (Tecom: nucleus+cytoplasm = the cell)."""
+    rgb = to_rgb(read_image(img))
+    if "tecom" in str(mask):
+        from scipy import ndimage as ndi
+
+        lab = ndi.label(read_image(mask) > 0)[0].astype(np.int32)
+    else:
+        lab = read_mask(mask)
+    return rgb, lab
+
+
+def wbc_boxes(xml):
+    return [b[1:] for b in read_voc_boxes(xml, names=("WBC",))]

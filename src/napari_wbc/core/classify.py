@@ -1,0 +1,269 @@
+"""White blood cell typing: one small CNN call per segmented cell.
+
+Each cell is seen the same way at any magnification:
+
+1. the image is brought to RGB and normalised with robust per-channel
+   percentiles of the whole image (as :mod:`.segment` does), so stain and
+   brightness matter less;
+2. a square window is cut around the centre of the cell's bounding box, its
+   side ``context`` x the cell's equivalent diameter (never less than the
+   bounding box plus a pixel each side), padded where it leaves the image, and
+   resized to ``input_size`` pixels: a 50 px and a 200 px cell look alike;
+3. pixels farther than ``mask_dilation`` crop pixels from the cell are set to
+   a neutral background value, so the cell and not its neighbours decides; the
+   cell's mask is the fourth input channel;
+4. the network gives a softmax over :data:`CLASSES`.
+
+The training script (``benchmarks/train_classifier.py``) uses the same
+:func:`cut_window` / :func:`finish_input`, so training and use cannot drift.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import numpy as np
+
+CLASSES = ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"]
+PROB_COLUMNS = [f"p_{c}" for c in CLASSES]
+COLUMNS = ["label", "cell_type", "confidence", *PROB_COLUMNS]
+
+# defaults for cards that do not say (e.g. the tiny test networks)
+DEFAULT_CONTEXT = 1.5
+DEFAULT_BACKGROUND = 1.0  # normalised value of a bright, empty smear background
+DEFAULT_DILATION = 2  # crop pixels kept around the cell mask
+MIN_SIDE = 4.0  # smallest window side in image pixels (one-pixel cells still work)
+
+
+# ------------------------------------------------------------------ per-cell input
+def window_side(area: float, bbox_extent: float, context: float) -> float:
+    """Window side in image pixels for a cell of ``area`` px and bbox extent (max of height, width)."""
+    diameter = float(np.sqrt(4.0 * max(float(area), 1.0) / np.pi))
+    return max(context * diameter, float(bbox_extent) + 2.0, MIN_SIDE)
+
+
+def cut_window(arr: np.ndarray, cy: float, cx: float, side: float, fill) -> np.ndarray:
+    """The ``ceil(side)`` square of ``arr`` centred at (cy, cx), padded with ``fill`` outside."""
+    h, w = arr.shape[:2]
+    s = max(int(np.ceil(side)), 1)
+    y0 = int(np.floor(cy + 0.5 - s / 2.0))
+    x0 = int(np.floor(cx + 0.5 - s / 2.0))
+    win = np.full((s, s) + arr.shape[2:], fill, dtype=arr.dtype)
+    sy0, sx0, sy1, sx1 = max(y0, 0), max(x0, 0), min(y0 + s, h), min(x0 + s, w)
+    if sy1 > sy0 and sx1 > sx0:
+        win[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = arr[sy0:sy1, sx0:sx1]
+    return win
+
+
+def resize_square(x: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear resize of an SxS(xC) float array to size x size (anti-aliased when shrinking)."""
+    from skimage.transform import resize
+
+    if x.shape[0] == size and x.shape[1] == size:
+        return x.astype(np.float32, copy=False)
+    return resize(
+        x, (size, size) + x.shape[2:], order=1, preserve_range=True,
+        anti_aliasing=x.shape[0] > size, mode="edge",
+    ).astype(np.float32)
+
+
+def finish_input(rgbn: np.ndarray, mask: np.ndarray, *, background: float, dilation: int) -> np.ndarray:
+    """4xSxS network input from a normalised SxSx3 crop and its SxS soft cell mask (0..1)."""
+    from scipy import ndimage as ndi
+
+    m = mask > 0.5
+    if not m.any():  # a cell thinner than the resampling grid: keep its brightest sample
+        m = mask >= mask.max() * 0.5 if mask.max() > 0 else m
+    keep = ndi.binary_dilation(m, iterations=int(dilation)) if dilation > 0 else m
+    out = np.empty((4,) + mask.shape, np.float32)
+    out[:3] = np.moveaxis(rgbn, -1, 0)
+    out[:3, ~keep] = background
+    out[3] = mask
+    return out
+
+
+def cell_input(rgb, ranges, labels, label_id, sl, area, *, size, context, background, dilation):
+    """The network input (4 x size x size float32) of one cell of a float HxWx3 image."""
+    from .segment import normalise
+
+    extent = max(sl[0].stop - sl[0].start, sl[1].stop - sl[1].start)
+    cy = (sl[0].start + sl[0].stop - 1) / 2.0
+    cx = (sl[1].start + sl[1].stop - 1) / 2.0
+    side = window_side(area, extent, context)
+    win = cut_window(rgb, cy, cx, side, np.nan)  # rgb is float: NaN marks outside the image
+    outside = np.isnan(win[..., 0])
+    x = normalise(np.nan_to_num(win, nan=0.0), ranges)
+    x[outside] = background
+    m = (cut_window(labels, cy, cx, side, 0) == label_id).astype(np.float32)
+    return finish_input(resize_square(x, size), resize_square(m, size), background=background, dilation=dilation)
+
+
+# ------------------------------------------------------------------ labels
+def _check_labels(labels, shape) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.shape != tuple(shape):
+        raise ValueError(f"labels shape {labels.shape} does not match the image shape {tuple(shape)} (H, W)")
+    if labels.dtype == bool:
+        return labels.astype(np.int32)
+    if labels.dtype.kind == "f":
+        if not np.isfinite(labels).all() or not np.array_equal(labels, np.round(labels)):
+            raise ValueError("labels must hold whole numbers (0 background, 1..N cells)")
+        labels = labels.astype(np.int64)
+    elif labels.dtype.kind not in "ui":
+        raise ValueError(f"labels dtype {labels.dtype} is not supported; expected integers")
+    if labels.size and labels.min() < 0:
+        raise ValueError("labels must not be negative (0 background, 1..N cells)")
+    return labels
+
+
+def _regions(labels: np.ndarray, ids) -> tuple[np.ndarray, list, np.ndarray]:
+    """(ids, bbox slices, areas) of the wanted cells, ids sorted."""
+    from scipy import ndimage as ndi
+
+    present, counts = np.unique(labels, return_counts=True)
+    keep = present > 0
+    present, counts = present[keep], counts[keep]
+    if ids is None:
+        want = present
+    else:
+        want = np.unique(np.asarray(list(ids) if not np.isscalar(ids) else [ids]).astype(np.int64))
+        missing = want[~np.isin(want, present)]
+        if len(missing):
+            shown = ", ".join(str(int(i)) for i in missing[:10])
+            raise ValueError(f"label id(s) {shown} are not present in labels (0 is background)")
+    if len(want) == 0:
+        return want.astype(np.int64), [], np.zeros(0)
+    areas = counts[np.searchsorted(present, want)].astype(np.float64)
+    if int(present[-1]) <= 4 * len(present) + 65536:  # compact enough for find_objects
+        objs = ndi.find_objects(labels)
+        slices = [objs[int(i) - 1] for i in want]
+    else:  # huge sparse ids: compact them first
+        inv = np.searchsorted(present, labels)  # 0.. for present ids, 0 also for background
+        compact = np.where(labels > 0, inv + 1, 0)
+        objs = ndi.find_objects(compact)
+        slices = [objs[int(np.searchsorted(present, i))] for i in want]
+    return want.astype(np.int64), slices, areas
+
+
+def empty_table():
+    import pandas as pd
+
+    cols = {"label": pd.Series(dtype=np.int64), "cell_type": pd.Series(dtype=object)}
+    cols["confidence"] = pd.Series(dtype=np.float32)
+    for c in PROB_COLUMNS:
+        cols[c] = pd.Series(dtype=np.float32)
+    return pd.DataFrame(cols)
+
+
+def _table(ids, probs, classes):
+    import pandas as pd
+
+    if len(ids) == 0:
+        return empty_table()
+    probs = np.asarray(probs, np.float32)
+    full = np.zeros((len(ids), len(CLASSES)), np.float32)
+    for j, c in enumerate(classes):
+        full[:, CLASSES.index(c)] = probs[:, j]
+    best = full.argmax(1)
+    df = pd.DataFrame({"label": np.asarray(ids, np.int64)})
+    df["cell_type"] = pd.Series([CLASSES[i] for i in best], dtype=object)
+    df["confidence"] = full.max(1)
+    for j, c in enumerate(PROB_COLUMNS):
+        df[c] = full[:, j]
+    return df
+
+
+# ------------------------------------------------------------------ inference
+def iter_classify(image, labels, *, model=None, device=None, ids=None, batch_size: int = 64) -> Iterator:
+    """The work of :func:`classify` as a generator, for progress and cancel.
+
+    Yields ``("progress", done, total)`` per batch (first ``("progress", 0, total)``);
+    the last item is ``("table", DataFrame)``. Closing the generator between
+    items stops the work.
+    """
+    from .segment import channel_ranges, check_image
+
+    rgb = check_image(image)
+    labels = _check_labels(labels, rgb.shape[:2])
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
+    want, slices, areas = _regions(labels, ids)
+    total = int(np.ceil(len(want) / batch_size)) if len(want) else 0
+    yield ("progress", 0, total)
+    if len(want) == 0:
+        yield ("table", empty_table())
+        return
+
+    import torch
+
+    from .device import resolve_device
+    from .models import load_model
+
+    dev = resolve_device(device)
+    if isinstance(model, tuple):  # an already loaded (network, card), as training uses
+        net, card = model
+    else:
+        net, card = load_model(model, "classifier", dev)
+    classes = list(card.get("classes", CLASSES))
+    unknown = [c for c in classes if c not in CLASSES]
+    if unknown:
+        raise ValueError(f"model classes {unknown} are not known cell types ({', '.join(CLASSES)})")
+    size = int(card.get("input_size", 64))
+    context = float(card.get("context", DEFAULT_CONTEXT))
+    background = float(card.get("background_value", DEFAULT_BACKGROUND))
+    dilation = int(card.get("mask_dilation", DEFAULT_DILATION))
+    norm = card.get("normalisation", {}) or {}
+    ranges = channel_ranges(rgb, float(norm.get("low", 0.5)), float(norm.get("high", 99.5)))
+    if rgb.dtype.kind != "f":
+        rgb = rgb.astype(np.float32)
+    use_amp = dev.type == "cuda"
+    probs = []
+    for b, b0 in enumerate(range(0, len(want), batch_size)):
+        batch = np.stack([
+            cell_input(rgb, ranges, labels, int(want[i]), slices[i], areas[i], size=size, context=context,
+                       background=background, dilation=dilation)
+            for i in range(b0, min(b0 + batch_size, len(want)))
+        ])
+        with torch.inference_mode():
+            x = torch.from_numpy(batch).to(dev)
+            if use_amp:
+                with torch.autocast("cuda", dtype=torch.float16):
+                    logits = net(x)
+            else:
+                logits = net(x)
+            probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+        yield ("progress", b + 1, total)
+    yield ("table", _table(want, np.concatenate(probs), classes))
+
+
+def classify(image, labels, *, model=None, device=None, ids=None, batch_size: int = 64,
+             progress: Callable | None = None):
+    """Type every labelled white blood cell of an image.
+
+    Parameters
+    ----------
+    image : HxW or HxWx3/4 array, uint8/uint16/float (the smear the labels belong to).
+    labels : HxW integer labels, 0 background, one id per cell (e.g. from :func:`segment`).
+    model : None for the shipped classifier, a ``.safetensors`` path with its JSON card,
+        or an already loaded ``(network, card)``.
+    device : None/"auto" (cuda, then mps, then cpu) or a torch device string.
+    ids : optional label ids to classify (default: every id present); each must be present.
+    progress : optional callable ``(done_batches, total_batches)``.
+
+    Returns
+    -------
+    pandas.DataFrame, one row per cell sorted by label, with columns ``label``,
+    ``cell_type`` (one of :data:`CLASSES`), ``confidence`` (the highest probability)
+    and ``p_<class>`` for each class (they sum to 1).
+    """
+    table = None
+    for item in iter_classify(image, labels, model=model, device=device, ids=ids, batch_size=batch_size):
+        if item[0] == "progress" and progress is not None:
+            progress(item[1], item[2])
+        elif item[0] == "table":
+            table = item[1]
+    return table
+
+
+def classify_labels(image, labels, ids, **kwargs):
+    """:func:`classify` restricted to ``ids`` (e.g. the cells added since the last run)."""
+    return classify(image, labels, ids=ids, **kwargs)

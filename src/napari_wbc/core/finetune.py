@@ -1,0 +1,247 @@
+"""Fine-tuning the segmenter (and optionally the classifier) from corrected masks."""
+from __future__ import annotations
+
+import datetime
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+STEPS_PER_EPOCH = 25
+BATCH_SIZE = 8
+
+
+class FinetuneCancelled(RuntimeError):
+    """Raised when ``should_stop`` asked training to stop; nothing was written."""
+
+
+def user_models_dir() -> Path:
+    """Where fine-tuned models go by default (the user's data folder for napari-wbc)."""
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("napari-wbc", appauthor=False)) / "models"
+
+
+def list_user_models(kind: str = "segmenter") -> list[Path]:
+    """Fine-tuned model files of ``kind`` in the user's data folder, newest first."""
+    from .models import read_card
+
+    d = user_models_dir()
+    out = []
+    for p in d.glob("*.safetensors") if d.is_dir() else []:
+        try:
+            if read_card(p).get("kind") == kind:
+                out.append(p)
+        except ValueError:
+            continue
+    return sorted(out, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def _new_output_path(kind_stem: str) -> Path:
+    d = user_models_dir()
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    p = d / f"{kind_stem}_ft_{stamp}.safetensors"
+    n = 1
+    while p.exists():
+        n += 1
+        p = d / f"{kind_stem}_ft_{stamp}_{n}.safetensors"
+    return p
+
+
+def _as_labels(lab, i):
+    from .io import mask_to_labels
+
+    lab = np.asarray(lab)
+    if lab.ndim != 2:
+        raise ValueError(f"labels[{i}] has shape {lab.shape}; expected a 2-D label image")
+    if lab.dtype == bool or (lab.size and lab.max() <= 1):
+        return mask_to_labels(lab.astype(np.uint8))
+    if lab.dtype.kind == "f":
+        if not np.all(np.mod(lab, 1) == 0):
+            raise ValueError(f"labels[{i}] holds non-integer values; expected integer instance labels")
+    if lab.min() < 0:
+        raise ValueError(f"labels[{i}] holds negative values; expected 0 = background, 1..N cells")
+    return lab.astype(np.int32)
+
+
+def _split_holdout(samples, rng):
+    """Hold out ~25% of images (>=1) or, with one image, a strip with ~25% of its cells."""
+    from .train import make_sample
+
+    if len(samples) >= 2:
+        order = rng.permutation(len(samples))
+        n_val = max(1, int(round(0.25 * len(samples))))
+        return [samples[i] for i in order[n_val:]], [samples[i] for i in order[:n_val]]
+    s = samples[0]
+    ids = np.unique(s.labels[s.labels > 0])
+    if len(ids) < 2:
+        return samples, []  # nothing to hold out: train on all, keep the last epoch
+    axis = 1 if s.labels.shape[1] >= s.labels.shape[0] else 0
+    c = np.sort(s.centres[:, axis])
+    cut = int(round((c[-max(1, len(c) // 4) - 1] + c[-max(1, len(c) // 4)]) / 2))
+    sl_tr = (slice(None), slice(0, cut)) if axis else (slice(0, cut), slice(None))
+    sl_va = (slice(None), slice(cut, None)) if axis else (slice(cut, None), slice(None))
+    tr_lab, va_lab = s.labels[sl_tr].copy(), s.labels[sl_va].copy()
+    # cells cut by the line: keep them out of both scores' ground truth
+    both = np.intersect1d(np.unique(tr_lab), np.unique(va_lab))
+    both = both[both > 0]
+    w_tr = np.where(np.isin(tr_lab, both), 0.0, 1.0).astype(np.float32)
+    va_lab[np.isin(va_lab, both)] = 0
+    rgb8 = s.rgb
+    tr = make_sample(rgb8[sl_tr], tr_lab, diameter=s.diameter, weight=w_tr, name=s.name + "[train]")
+    va = make_sample(rgb8[sl_va], va_lab, diameter=s.diameter, name=s.name + "[holdout]")
+    return [tr], ([va] if va_lab.max() > 0 else [])
+
+
+def finetune(
+    images: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    *,
+    base=None,
+    epochs: int | None = None,
+    device=None,
+    output=None,
+    progress: Callable | None = None,
+    cell_types: Sequence[dict] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    seed: int = 0,
+) -> Path:
+    """Fine-tune the WBC segmenter on corrected masks; return the new model file.
+
+    Parameters
+    ----------
+    images : list of HxW / HxWx3 arrays (any size, as :func:`segment` takes).
+    labels : matching list of instance label arrays (0 background; binary masks
+        are split into connected components).
+    base : None (shipped model) or a model path to start from.
+    epochs : None picks a default from the amount of data (1 epoch = 25 steps of 8 crops).
+    device : None/"auto", "cpu", "cuda", "mps".
+    output : path of the new ``.safetensors``; None = a new versioned file in the
+        user's data folder (never the working directory, never the shipped model).
+        An existing file is never overwritten.
+    progress : callable ``(epoch, total_epochs, metrics_dict)``.
+    cell_types : optional list (one per image) of ``{label: cell_type}``; when given
+        the classifier is fine-tuned the same way and its file is written beside the
+        segmenter with ``_classifier`` in the name (its path is in the segmenter card
+        under ``"classifier"``).
+    should_stop : callable returning True to cancel; raises FinetuneCancelled and
+        writes nothing.
+
+    Returns the path of the new model, or the base model's path when no epoch
+    beat it on the internal hold-out (a warning says so).
+    """
+    import torch
+
+    from .device import resolve_device
+    from .models import SHIPPED, build_network, read_card, resolve_model_path, save_model
+    from .segment import check_image
+    from .train import evaluate, make_sample, train_segmenter
+
+    if isinstance(images, np.ndarray) and images.ndim in (2, 3) and not isinstance(labels, (list, tuple)):
+        images, labels = [images], [labels]
+    images, labels = list(images), list(labels)
+    if len(images) == 0:
+        raise ValueError("images is empty; expected a list of at least one image")
+    if len(images) != len(labels):
+        raise ValueError(f"got {len(images)} images but {len(labels)} label arrays; expected one label array per image")
+    if cell_types is not None and len(cell_types) != len(images):
+        raise ValueError(f"cell_types has {len(cell_types)} entries; expected one mapping per image ({len(images)})")
+    samples = []
+    n_cells = 0
+    for i, (im, lab) in enumerate(zip(images, labels)):
+        rgb = check_image(im)
+        lab = _as_labels(lab, i)
+        if lab.shape != rgb.shape[:2]:
+            raise ValueError(f"labels[{i}] has shape {lab.shape} but images[{i}] is {rgb.shape[:2]}; they must match")
+        if min(rgb.shape[:2]) < 16:
+            raise ValueError(f"images[{i}] of shape {rgb.shape[:2]} is too small to train on; expected at least 16x16")
+        if lab.max() == 0:
+            continue
+        n_cells += len(np.unique(lab[lab > 0]))
+        samples.append(make_sample(rgb, lab, name=f"image {i}"))
+    if not samples:
+        raise ValueError("no labelled pixel in any of the label arrays; paint or keep at least one cell")
+
+    base_path = resolve_model_path(base, "segmenter")
+    card = read_card(base_path)
+    if card.get("kind") != "segmenter":
+        raise ValueError(f"base model {str(base_path)!r} is a {card.get('kind')}, expected a segmenter")
+    if output is None:
+        out_path = _new_output_path("wbc_unet")
+    else:
+        out_path = Path(output).expanduser()
+        if out_path.suffix != ".safetensors":
+            out_path = out_path.with_suffix(".safetensors")
+        if out_path.exists():
+            raise ValueError(f"output {str(out_path)!r} exists; choose a new file name (models are never overwritten)")
+        if out_path.resolve() == SHIPPED["segmenter"].resolve():
+            raise ValueError("output must not be the shipped model file")
+
+    dev = resolve_device(device)
+    from safetensors.torch import load_file
+
+    net = build_network(card["arch"])
+    net.load_state_dict(load_file(str(base_path)))
+    net.to(dev)
+    rng = np.random.default_rng(seed)
+    train, val = _split_holdout(samples, rng)
+    if epochs is None:
+        epochs = int(np.clip(math.ceil(8 * 10 / max(n_cells, 1)) + 4, 6, 12))
+    epochs = int(epochs)
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    t0 = time.time()
+    before = evaluate(net, card, val, dev) if val else None
+
+    def _progress(step, steps, rec):
+        if progress is not None:
+            progress(step // STEPS_PER_EPOCH, epochs, {**rec, "before_dice": before["matched_dice"] if before else None})
+
+    best_state, history = train_segmenter(
+        net, card, train, val, steps=epochs * STEPS_PER_EPOCH, batch_size=BATCH_SIZE, lr=5e-4,
+        eval_every=STEPS_PER_EPOCH, device=dev, seed=seed, progress=_progress,
+        should_stop=should_stop, log=lambda s: None,
+    )
+    if should_stop is not None and should_stop():
+        raise FinetuneCancelled("fine-tuning was cancelled; no model file was written")
+    if val and best_state is None:
+        warnings.warn(
+            f"fine-tuning did not improve on the base model on the held-out data "
+            f"(matched Dice x F1 before {before['matched_dice'] * before['f1']:.3f}); keeping the base model {base_path.name}",
+            stacklevel=2,
+        )
+        return base_path
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    after = evaluate(net, card, val, dev) if val else None
+    new_card = dict(card)
+    new_card.update({
+        "name": out_path.stem,
+        "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        "finetune": {
+            "base": str(base_path),
+            "n_images": len(samples),
+            "n_cells": int(n_cells),
+            "n_holdout_images": len(val),
+            "epochs": epochs,
+            "steps_per_epoch": STEPS_PER_EPOCH,
+            "device": str(dev),
+            "wall_time_s": round(time.time() - t0, 1),
+            "holdout_before": before,
+            "holdout_after": after,
+            "history": history,
+        },
+    })
+    new_card.pop("training", None)
+    if cell_types is not None:
+        from . import classify as _cls
+
+        if not hasattr(_cls, "finetune_classifier"):
+            raise NotImplementedError("classifier fine-tuning is not available in this version")
+        cls_path = out_path.with_name(out_path.stem + "_classifier.safetensors")
+        _cls.finetune_classifier(images, labels, cell_types, output=cls_path, device=dev, should_stop=should_stop)
+        new_card["classifier"] = str(cls_path)
+    return save_model(net, new_card, out_path)

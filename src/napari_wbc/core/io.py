@@ -1,0 +1,195 @@
+"""Reading smear images, masks and Pascal VOC boxes (no napari, no Qt)."""
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+MASK_SUFFIXES = ("-mask", "_mask")
+
+
+class ImageReadError(ValueError):
+    """A file that looked like an image could not be read."""
+
+
+def is_image_path(path) -> bool:
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def read_image(path) -> np.ndarray:
+    """Read an image file as stored: HxW (grey) or HxWxC, uint8/uint16/float.
+
+    Palette images are expanded to RGB. Raises ImageReadError naming the file
+    when it is missing, truncated or not an image.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"{str(path)!r}: no such file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".tif", ".tiff"):
+            import tifffile
+
+            arr = np.asarray(tifffile.imread(str(path)))
+            if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[-1] not in (3, 4):
+                arr = np.moveaxis(arr, 0, -1)
+        else:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                im.load()  # forces decoding: truncated files fail here
+                if im.mode == "P":
+                    im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+                elif im.mode in ("1", "CMYK", "YCbCr", "LA"):
+                    im = im.convert("L" if im.mode in ("1", "LA") else "RGB")
+                elif im.mode.startswith("I;16"):
+                    arr16 = np.array(im, dtype=np.uint16)
+                    return arr16
+                arr = np.asarray(im)
+                if arr.dtype == np.int32:  # PIL mode "I"
+                    arr = arr.astype(np.uint32 if arr.min() >= 0 else np.int32)
+    except ImageReadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - every decoder failure becomes a clear message
+        raise ImageReadError(f"{str(path)!r} could not be read as an image: {e}") from e
+    if arr.size == 0 or arr.ndim not in (2, 3):
+        raise ImageReadError(f"{str(path)!r}: expected a 2-D greyscale or RGB image, got shape {arr.shape}")
+    return arr
+
+
+def to_rgb(arr: np.ndarray) -> np.ndarray:
+    """HxW / HxWx1 / HxWx3 / HxWx4 -> HxWx3, dtype kept (alpha dropped, grey repeated)."""
+    arr = np.asarray(arr)
+    if arr.ndim == 2:
+        return np.repeat(arr[..., None], 3, axis=-1)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        return np.repeat(arr, 3, axis=-1)
+    if arr.ndim == 3 and arr.shape[-1] == 4:
+        return arr[..., :3]
+    if arr.ndim == 3 and arr.shape[-1] == 3:
+        return arr
+    raise ValueError(f"expected an HxW or HxWx3/4 image, got shape {arr.shape}")
+
+
+def find_mask(path) -> Path | None:
+    """The mask file that belongs to an image, if any.
+
+    SigTuple style ``x.jpg`` + ``x-mask.jpg`` beside it, or the same stem
+    under a sibling ``masks/`` folder (``../masks/x.png``).
+    """
+    path = Path(path)
+    if any(path.stem.endswith(s) for s in MASK_SUFFIXES):
+        return None
+    for s in MASK_SUFFIXES:
+        for ext in (path.suffix, *IMAGE_SUFFIXES):
+            cand = path.with_name(f"{path.stem}{s}{ext}")
+            if cand.is_file():
+                return cand
+    masks_dir = path.parent.parent / "masks"
+    if masks_dir.is_dir() and path.parent.name != "masks":
+        for ext in (path.suffix, *IMAGE_SUFFIXES):
+            cand = masks_dir / f"{path.stem}{ext}"
+            if cand.is_file():
+                return cand
+    return None
+
+
+def mask_to_labels(mask: np.ndarray) -> np.ndarray:
+    """A stored mask (binary JPEG, 0/128/255 PNG, or instance labels) -> int32 instance labels.
+
+    Greyscale/binary masks are thresholded (>= 128 for 8-bit JPEG-like masks with
+    more than a few grey levels, > 0 otherwise) and split into connected components;
+    a mask that already holds many distinct ids is kept as labels.
+    """
+    from scipy import ndimage as ndi
+
+    m = np.asarray(mask)
+    if m.ndim == 3:
+        m = m[..., :3].max(axis=-1)
+    values = np.unique(m)
+    if m.dtype.kind in "ui" and len(values) > 3 and m.dtype != np.uint8:
+        return m.astype(np.int32)  # instance labels stored as 16/32-bit
+    if m.dtype == np.uint8 and len(values) > 3:
+        fg = m >= 128  # lossy JPEG mask
+    else:
+        fg = m > 0
+    labels, _ = ndi.label(fg)
+    return labels.astype(np.int32)
+
+
+def read_mask(path) -> np.ndarray:
+    return mask_to_labels(read_image(path))
+
+
+def find_voc(path) -> Path | None:
+    """Pascal VOC ``.xml`` with the image's stem, beside it or in a sibling ``annotations/``."""
+    path = Path(path)
+    for cand in (path.with_suffix(".xml"), path.parent.parent / "annotations" / f"{path.stem}.xml"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def read_voc_boxes(path, names=("WBC",)) -> list[tuple[str, float, float, float, float]]:
+    """Boxes ``(name, ymin, xmin, ymax, xmax)`` of the given object names from a VOC xml."""
+    try:
+        root = ET.parse(path).getroot()
+    except (ET.ParseError, OSError) as e:
+        raise ImageReadError(f"{str(path)!r} is not a readable Pascal VOC xml: {e}") from e
+    out = []
+    for obj in root.iter("object"):
+        name = (obj.findtext("name") or "").strip()
+        if names and name not in names:
+            continue
+        bb = obj.find("bndbox")
+        if bb is None:
+            continue
+        try:
+            vals = [float(bb.findtext(k)) for k in ("ymin", "xmin", "ymax", "xmax")]
+        except (TypeError, ValueError):
+            continue
+        out.append((name, *vals))
+    return out
+
+
+def _new_file_mode() -> int:
+    """The permissions ``open()`` would give a new file: 0o666 less the umask."""
+    try:
+        with open("/proc/self/status") as f:  # Linux: read the umask without changing it
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write(path, write_fn, *, overwrite: bool = True) -> Path:
+    """Call ``write_fn(tmp_path)`` then rename onto ``path`` (same folder, so atomic).
+
+    The file gets the permissions of the file it replaces, or those of a newly
+    created file (mkstemp alone would leave it readable by its owner only).
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{str(path)!r} exists; refusing to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else _new_file_mode()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

@@ -1,0 +1,150 @@
+"""Model files: safetensors weights + a JSON card, built from the card's config.
+
+A model file is ``<name>.safetensors`` with ``<name>.json`` beside it. The card
+holds ``kind`` ("segmenter" or "classifier"), ``arch`` (the constructor config)
+and everything needed to use the weights (input scale, normalisation, classes),
+plus provenance (data, split, epochs, validation figures).
+No pickle anywhere: loading a model never runs code from the file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+SHIPPED = {
+    "segmenter": MODELS_DIR / "wbc_unet.safetensors",
+    "classifier": MODELS_DIR / "wbc_classifier.safetensors",
+}
+
+_CACHE: dict = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def card_path(path) -> Path:
+    return Path(path).with_suffix(".json")
+
+
+def resolve_model_path(model, kind: str) -> Path:
+    """``None`` -> the shipped model of ``kind``; otherwise a checked path to a .safetensors file."""
+    if model is None:
+        return SHIPPED[kind]
+    p = Path(model).expanduser()
+    if p.suffix == ".json":
+        p = p.with_suffix(".safetensors")
+    if p.is_dir():
+        raise ValueError(f"model {str(model)!r} is a folder; expected a .safetensors model file")
+    if not p.exists():
+        raise ValueError(f"model file {str(p)!r} does not exist")
+    if p.suffix != ".safetensors":
+        raise ValueError(f"model file {str(p)!r} must be a .safetensors file with a .json card beside it")
+    if not card_path(p).exists():
+        raise ValueError(f"model file {str(p)!r} has no JSON card {card_path(p).name!r} beside it")
+    return p
+
+
+def read_card(path) -> dict:
+    cp = card_path(path)
+    try:
+        card = json.loads(cp.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"model card {str(cp)!r} could not be read: {e}") from e
+    for key in ("kind", "arch"):
+        if key not in card:
+            raise ValueError(f"model card {str(cp)!r} lacks the required key {key!r}")
+    return card
+
+
+def build_network(arch: dict):
+    """Build an untrained network from a card's ``arch`` config."""
+    import segmentation_models_pytorch as smp
+
+    arch = dict(arch)
+    name = arch.pop("name")
+    if name == "Unet":
+        return smp.Unet(encoder_weights=None, **arch)
+    if name == "SmallCNN":
+        from .nets import SmallCNN
+
+        return SmallCNN(**arch)
+    if name == "ClassicUnet":
+        from .nets import ClassicUnet
+
+        return ClassicUnet(**arch)
+    raise ValueError(f"unknown network architecture {name!r} in model card")
+
+
+def load_model(model=None, kind: str = "segmenter", device=None):
+    """Load (cached per file, mtime and device) a model; returns ``(network, card)``.
+
+    The network is in eval mode on ``device``.
+    """
+    from safetensors.torch import load_file
+
+    from .device import resolve_device
+
+    path = resolve_model_path(model, kind)
+    dev = resolve_device(device)
+    key = (str(path.resolve()), path.stat().st_mtime_ns, str(dev))
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            return _CACHE[key]
+    card = read_card(path)
+    if card["kind"] != kind:
+        raise ValueError(f"model file {str(path)!r} is a {card['kind']}, expected a {kind}")
+    net = build_network(card["arch"])
+    try:
+        state = load_file(str(path))
+        net.load_state_dict(state)
+    except Exception as e:  # noqa: BLE001 - any failure here means a broken file
+        raise ValueError(f"model file {str(path)!r} could not be loaded: {e}") from e
+    net.eval().to(dev)
+    with _CACHE_LOCK:
+        _CACHE[key] = (net, card)
+    return net, card
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_model(net, card: dict, path, *, overwrite: bool = False) -> Path:
+    """Write ``net``'s weights (fp32 safetensors) and ``card`` atomically.
+
+    Refuses to replace an existing file unless ``overwrite``.
+    """
+    from safetensors.torch import save
+
+    path = Path(path).expanduser()
+    if path.suffix != ".safetensors":
+        path = path.with_suffix(".safetensors")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"model file {str(path)!r} exists; refusing to overwrite it")
+    for key in ("kind", "arch"):
+        if key not in card:
+            raise ValueError(f"model card lacks the required key {key!r}")
+    state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
+    blob = save(state, metadata={"kind": str(card["kind"])})
+    # card first (harmless alone), weights last: the .safetensors appearing marks completion
+    _atomic_write_bytes(card_path(path), json.dumps(card, indent=2, default=str).encode())
+    _atomic_write_bytes(path, blob)
+    return path
+
+
+def clear_cache() -> None:
+    with _CACHE_LOCK:
+        _CACHE.clear()

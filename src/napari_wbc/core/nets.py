@@ -1,0 +1,73 @@
+"""Small networks that are not in segmentation-models-pytorch."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _block(cin, cout, dropout=0.0):
+    layers = [
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    ]
+    if dropout:
+        layers.append(nn.Dropout2d(dropout))
+    return nn.Sequential(*layers)
+
+
+class SmallCNN(nn.Module):
+    """A compact VGG-style classifier for cell crops (RGB + mask channel)."""
+
+    def __init__(self, in_channels: int = 4, num_classes: int = 5, width: int = 32, dropout: float = 0.2):
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            _block(in_channels, w), nn.MaxPool2d(2),
+            _block(w, 2 * w), nn.MaxPool2d(2),
+            _block(2 * w, 4 * w), nn.MaxPool2d(2),
+            _block(4 * w, 8 * w),
+        )
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(8 * w, num_classes)
+        )
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+class ClassicUnet(nn.Module):
+    """The classic SigTuple-challenge U-Net: 32..512 channels, dropout, 1 output.
+
+    Used only as a benchmark baseline (greyscale 128x128 input, Dice loss).
+    """
+
+    def __init__(self, in_channels: int = 1, classes: int = 1, base: int = 32, dropout: float = 0.25):
+        super().__init__()
+        chs = [base * 2**i for i in range(5)]  # 32..512
+        self.downs = nn.ModuleList()
+        cin = in_channels
+        for i, c in enumerate(chs):
+            self.downs.append(_block(cin, c, dropout if i >= 3 else 0.0))
+            cin = c
+        self.ups = nn.ModuleList()
+        self.upconvs = nn.ModuleList()
+        for c in reversed(chs[:-1]):
+            self.upconvs.append(nn.ConvTranspose2d(cin, c, 2, stride=2))
+            self.ups.append(_block(2 * c, c))
+            cin = c
+        self.out = nn.Conv2d(cin, classes, 1)
+
+    def forward(self, x):
+        skips = []
+        for i, d in enumerate(self.downs):
+            x = d(x)
+            if i < len(self.downs) - 1:
+                skips.append(x)
+                x = torch.nn.functional.max_pool2d(x, 2)
+        for up, block, skip in zip(self.upconvs, self.ups, reversed(skips)):
+            x = block(torch.cat([up(x), skip], 1))
+        return self.out(x)

@@ -1,0 +1,290 @@
+"""Training machinery shared by the shipped-model script and :func:`finetune`.
+
+Samples are (image, instance labels[, weight map]) at native resolution. Each
+training crop is cut around a random point (mostly on a cell), rescaled so a
+WBC is ``target_diameter`` px across (with scale jitter), colour-augmented
+(hue, saturation, gains, gamma, grey, blur, noise) and normalised the same way
+as at inference. Targets: foreground and per-cell normalised distance.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SEGMENTER_ARCH = {
+    "name": "Unet",
+    "encoder_name": "tu-mobilenetv3_small_100",
+    "encoder_depth": 4,
+    "decoder_channels": [64, 32, 24, 16],
+    "in_channels": 3,
+    "classes": 2,
+}
+TARGET_DIAMETER = 32.0
+
+
+@dataclass
+class Sample:
+    rgb: np.ndarray  # HxWx3 float32 in 0..1
+    labels: np.ndarray  # HxW int32 instances (0 = background)
+    diameter: float  # WBC diameter in px
+    weight: np.ndarray | None = None  # HxW float32 loss weight (0 = ignore), None = all ones
+    name: str = ""
+    centres: np.ndarray = field(default=None)  # Nx2 cell centroids
+    probe: np.ndarray = field(default=None)  # Kx3 pixel subsample for normalisation
+
+
+def cell_diameter(labels: np.ndarray) -> float | None:
+    """Median equivalent diameter of the labelled cells (None when none)."""
+    areas = np.bincount(np.asarray(labels).ravel())[1:]
+    areas = areas[areas > 0]
+    if len(areas) == 0:
+        return None
+    return float(np.sqrt(4 * np.median(areas) / np.pi))
+
+
+def make_sample(image, labels, *, diameter=None, weight=None, name="") -> Sample:
+    from scipy import ndimage as ndi
+
+    from .segment import check_image
+
+    rgb = check_image(image)
+    if rgb.dtype == np.uint8:
+        rgb = rgb.astype(np.float32) / 255.0
+    elif rgb.dtype.kind == "u":
+        rgb = rgb.astype(np.float32) / float(np.iinfo(rgb.dtype).max)
+    else:
+        rgb = rgb.astype(np.float32)
+    labels = np.asarray(labels)
+    if labels.shape != rgb.shape[:2]:
+        raise ValueError(f"labels shape {labels.shape} does not match image shape {rgb.shape[:2]} ({name})")
+    labels = labels.astype(np.int32)
+    if diameter is None:
+        diameter = cell_diameter(labels)
+    if diameter is None:
+        raise ValueError(f"sample {name!r} has no labelled cell and no diameter")
+    ids = np.unique(labels[labels > 0])
+    centres = np.array(ndi.center_of_mass(labels > 0, labels, ids)) if len(ids) else np.zeros((0, 2))
+    rng = np.random.default_rng(0)
+    flat = rgb.reshape(-1, 3)
+    probe = flat[rng.integers(0, len(flat), size=min(len(flat), 8192))]
+    return Sample(rgb, labels, float(diameter), weight, name, centres, probe)
+
+
+# ---------------------------------------------------------------- augmentation
+_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float32)
+_YIQ_INV = np.linalg.inv(_YIQ).astype(np.float32)
+
+
+def colour_transform(rng: np.random.Generator, strength: float = 1.0):
+    """A random colour change f(pixels Nx3 in 0..1) -> Nx3 (stain/scanner variation)."""
+    theta = rng.uniform(-0.35, 0.35) * strength
+    sat = math.exp(rng.uniform(-0.5, 0.4) * strength)
+    c, s = math.cos(theta), math.sin(theta)
+    rot = np.array([[1, 0, 0], [0, c * sat, -s * sat], [0, s * sat, c * sat]], np.float32)
+    m = _YIQ_INV @ rot @ _YIQ
+    gains = np.exp(rng.uniform(-0.15, 0.15, 3) * strength).astype(np.float32)
+    gamma = math.exp(rng.uniform(-0.35, 0.35) * strength)
+    grey = rng.random() < 0.1 * strength
+
+    def f(x):
+        y = np.clip(x @ m.T, 0, 1) * gains
+        y = np.clip(y, 0, 1) ** gamma
+        if grey:
+            y = np.repeat(y @ _YIQ[0:1].T, 3, axis=-1)
+        return y.astype(np.float32)
+
+    return f
+
+
+def _crop_rescaled(arr, cy, cx, src, out, order, cval):
+    """Cut a ``src``x``src`` window centred at (cy, cx) (padding with cval) and resize to out x out."""
+    from skimage.transform import resize
+
+    h, w = arr.shape[:2]
+    y0, x0 = int(round(cy - src / 2)), int(round(cx - src / 2))
+    s = int(round(src))
+    shape = (s, s) + arr.shape[2:]
+    win = np.full(shape, cval, dtype=arr.dtype)
+    sy0, sx0, sy1, sx1 = max(y0, 0), max(x0, 0), min(y0 + s, h), min(x0 + s, w)
+    if sy1 > sy0 and sx1 > sx0:
+        win[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = arr[sy0:sy1, sx0:sx1]
+    if s == out:
+        return win
+    return resize(win, (out, out) + arr.shape[2:], order=order, preserve_range=True, anti_aliasing=(order > 0 and s > out), mode="edge").astype(arr.dtype)
+
+
+def distance_target(labels: np.ndarray) -> np.ndarray:
+    """Per-cell Euclidean distance to the cell edge, divided by that cell's maximum (0..1)."""
+    from scipy import ndimage as ndi
+
+    out = np.zeros(labels.shape, np.float32)
+    for i, sl in enumerate(ndi.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        sl = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)
+        m = labels[sl] == i
+        d = ndi.distance_transform_edt(m)
+        if d.max() > 0:
+            out[sl][m] = (d / d.max())[m]
+    return out
+
+
+def random_crop(sample: Sample, rng, *, crop: int = 96, target: float = TARGET_DIAMETER, jitter: float = 0.3, colour: float = 1.0):
+    """One augmented training example: (x 3xCxC float32, fg CxC, dist CxC, weight CxC)."""
+    from scipy import ndimage as ndi
+
+    from .segment import normalise
+
+    scale = target / sample.diameter * math.exp(rng.uniform(-jitter, jitter))
+    src = crop / scale
+    h, w = sample.labels.shape
+    if len(sample.centres) and rng.random() < 0.7:
+        cy, cx = sample.centres[rng.integers(len(sample.centres))]
+        cy += rng.uniform(-0.5, 0.5) * src * 0.6
+        cx += rng.uniform(-0.5, 0.5) * src * 0.6
+    else:
+        cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+    f = colour_transform(rng, colour)
+    rgb = _crop_rescaled(sample.rgb, cy, cx, src, crop, 1, -1.0)
+    outside = rgb[..., 0] < -0.5
+    x = f(np.clip(rgb, 0, 1).reshape(-1, 3)).reshape(rgb.shape)
+    probe = f(sample.probe)
+    lo, hi = np.percentile(probe, [0.5, 99.5], axis=0)
+    x = normalise(x, np.stack([lo, np.maximum(hi, lo + 1e-3)]))
+    x[outside] = 1.0
+    if rng.random() < 0.2:
+        x = ndi.gaussian_filter(x, (rng.uniform(0.3, 1.2),) * 2 + (0,))
+    if rng.random() < 0.3:
+        x = x + rng.normal(0, rng.uniform(0.01, 0.05), x.shape).astype(np.float32)
+    lab = _crop_rescaled(sample.labels, cy, cx, src, crop, 0, 0)
+    wgt = np.ones((crop, crop), np.float32) if sample.weight is None else _crop_rescaled(sample.weight, cy, cx, src, crop, 0, 0.0)
+    wgt[outside] = 0.0
+    # geometric: flips and 90-degree turns
+    k = rng.integers(4)
+    flip = rng.random() < 0.5
+    def geo(a):
+        a = np.rot90(a, k, axes=(0, 1))
+        return np.ascontiguousarray(a[:, ::-1] if flip else a)
+    x, lab, wgt = geo(x), geo(lab), geo(wgt)
+    from skimage.segmentation import relabel_sequential
+
+    lab = relabel_sequential(lab)[0]
+    return np.moveaxis(x, -1, 0).astype(np.float32), (lab > 0).astype(np.float32), distance_target(lab), wgt
+
+
+def make_batch(samples, rng, n, **kw):
+    import torch
+
+    items = [random_crop(samples[rng.integers(len(samples))], rng, **kw) for _ in range(n)]
+    return [torch.from_numpy(np.stack(z)) for z in zip(*items)]
+
+
+def seg_loss(out, fg, dist, wgt):
+    import torch.nn.functional as F
+
+    logit_fg, logit_d = out[:, 0], out[:, 1]
+    bce = (F.binary_cross_entropy_with_logits(logit_fg, fg, reduction="none") * wgt).sum() / wgt.sum().clamp(min=1)
+    p = logit_fg.sigmoid() * wgt
+    dice = 1 - (2 * (p * fg).sum() + 1) / (p.sum() + (fg * wgt).sum() + 1)
+    wd = wgt * (fg + 0.1)
+    dl = (F.binary_cross_entropy_with_logits(logit_d, dist, reduction="none") * wd).sum() / wd.sum().clamp(min=1)
+    return bce + dice + dl
+
+
+def evaluate(net, card, samples, device) -> dict:
+    """Segment each validation sample (at its known diameter) and score it."""
+    from .metrics import match_instances, summarise
+    from .segment import iter_segment
+
+    was_training = net.training
+    net.eval()
+    res = []
+    for s in samples:
+        labels = None
+        for item in iter_segment(s.rgb, model=(net, card), device=device, diameter=s.diameter):
+            if item[0] == "labels":
+                labels = item[1]
+        if s.weight is not None:  # ignore predictions that fall in ignored areas
+            keep = np.unique(labels[(labels > 0) & (s.weight > 0)])
+            labels = np.where(np.isin(labels, keep), labels, 0)
+        res.append(match_instances(s.labels, labels))
+    if was_training:
+        net.train()
+    return summarise(res)
+
+
+def train_segmenter(
+    net,
+    card: dict,
+    train: list[Sample],
+    val: list[Sample],
+    *,
+    steps: int,
+    batch_size: int = 16,
+    lr: float = 2e-3,
+    eval_every: int = 200,
+    device="cpu",
+    seed: int = 0,
+    crop: int = 96,
+    progress=None,
+    should_stop=None,
+    log=print,
+):
+    """Train ``net`` in place; keep and return the best state by validation matched Dice x F1.
+
+    Returns ``(best_state or None, history)``: ``best_state`` is None when no
+    evaluation beat ``baseline`` (the score before training).
+    """
+    import copy
+
+    import torch
+
+    from .device import resolve_device
+
+    dev = resolve_device(device)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    net.to(dev)
+    target = float(card.get("target_diameter", TARGET_DIAMETER))
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 2), pct_start=0.1)
+    history = []
+
+    def score(m):
+        return m["matched_dice"] * m["f1"]
+
+    base = evaluate(net, card, val, dev) if val else None
+    best_score = score(base) if base else -1.0
+    best_state = None
+    history.append({"step": 0, **(base or {})})
+    t0 = time.time()
+    net.train()
+    running = []
+    for step in range(1, steps + 1):
+        if should_stop is not None and should_stop():
+            break
+        x, fg, dist, wgt = (t.to(dev) for t in make_batch(train, rng, batch_size, crop=crop, target=target))
+        out = net(x)
+        loss = seg_loss(out, fg, dist, wgt)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        running.append(float(loss))
+        if step % eval_every == 0 or step == steps:
+            m = evaluate(net, card, val, dev) if val else {"matched_dice": 0.0, "f1": 0.0}
+            rec = {"step": step, "loss": float(np.mean(running)), "time_s": time.time() - t0, **m}
+            history.append(rec)
+            running = []
+            improved = score(m) > best_score
+            if improved:
+                best_score = score(m)
+                best_state = copy.deepcopy({k: v.detach().cpu() for k, v in net.state_dict().items()})
+            log(f"step {step}/{steps} loss {rec['loss']:.4f} val dice {m['matched_dice']:.4f} f1 {m['f1']:.4f} {'*' if improved else ''} ({rec['time_s']:.0f}s)")
+            if progress is not None:
+                progress(step, steps, rec)
+    net.eval()
+    return best_state, history
