@@ -1,0 +1,457 @@
+"""The headless command-line tool: ``napari-wbc segment | train | demo``.
+
+Exit status: 0 success; 1 some images failed (``segment``) or the work failed;
+2 bad arguments or inputs (nothing was done); 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import shlex
+import sys
+from pathlib import Path
+
+from . import __version__
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class UsageError(Exception):
+    """Bad arguments or inputs: reported on one line, exit status 2."""
+
+
+def _err(msg: str) -> None:
+    print(f"napari-wbc: {msg}", file=sys.stderr)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of pixels, got {text!r}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more, got {text!r}")
+    return v
+
+
+# ------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(
+        prog="napari-wbc",
+        description="White blood cell segmentation, typing and differential counts on stained blood smears.",
+        epilog="Run 'napari-wbc COMMAND --help' for the options of a command.",
+        formatter_class=fmt,
+    )
+    p.add_argument("--version", action="version", version=f"napari-wbc {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser(
+        "segment",
+        help="segment and type the WBCs of image files or folders; write labels, tables and a report",
+        description=(
+            "Segment every white blood cell of each image, type it (neutrophil, lymphocyte, monocyte,\n"
+            "eosinophil, basophil) and write, in --out:\n"
+            "  <name>_labels.tif  instance labels (lossless uint16/uint32 TIFF, 0 = background)\n"
+            "  <name>_cells.csv   one row per cell: label, cell_type, confidence, p_<type>,\n"
+            "                     area, centroid-0/1, bbox-0..3 (pixels)\n"
+            "  <name>.done        marker written last: the image is complete\n"
+            "  summary.csv        one row per image: status, n_wbc, n_<type>, pct_<type>, error\n"
+            "  report.html        differential counts, outlined previews and the run's settings\n"
+            "<name> is the image's file name without suffix, prefixed with its folder's name when\n"
+            "two inputs share a stem. Images whose outputs are complete are skipped (re-running\n"
+            "resumes an interrupted run) unless --overwrite. A file that cannot be processed is\n"
+            "reported and the others go on; the exit status is then 1."
+        ),
+        formatter_class=fmt,
+    )
+    s.add_argument("paths", nargs="+", metavar="PATH",
+                   help="image files (jpg, png, tif, bmp) or folders of them; mask files (*-mask.*, *_mask.*, "
+                        "masks/) are left out")
+    s.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder (created if needed)")
+    s.add_argument("--recursive", "-r", action="store_true", help="also look in sub-folders of folder PATHs")
+    s.add_argument("--model", metavar="FILE", help="segmenter .safetensors (default: the shipped model)")
+    s.add_argument("--classifier", metavar="FILE", help="classifier .safetensors (default: the shipped model)")
+    s.add_argument("--no-classify", action="store_true", help="count cells without typing them")
+    s.add_argument("--device", default="auto", metavar="D",
+                   help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps (default: auto)")
+    s.add_argument("--diameter", type=_positive_float, metavar="PX",
+                   help="expected WBC diameter in pixels (default: estimated per image from the red cells)")
+    s.add_argument("--workers", "-j", type=_positive_int, default=1, metavar="N",
+                   help="images processed in parallel by N processes, CPU threads divided among them (default: 1)")
+    s.add_argument("--scheduler", metavar="ADDRESS",
+                   help="run the per-image jobs on a dask.distributed scheduler, e.g. tcp://host:8786 "
+                        "(files and --out must be reachable from its workers)")
+    s.add_argument("--overwrite", action="store_true", help="redo images whose outputs already exist")
+    s.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_segment)
+
+    t = sub.add_parser(
+        "train",
+        help="fine-tune the segmenter on your images and masks",
+        description=(
+            "Fine-tune the WBC segmenter on images and their masks, and write a new model\n"
+            "(.safetensors + .json card). Masks are paired with images by name: 'x-mask.*' or\n"
+            "'x_mask.*' (SigTuple style, possibly in the same folder as the images), or 'x.*' in\n"
+            "MASKS_DIR. A mask is a binary image (cells are split into connected components) or\n"
+            "instance labels (16/32-bit). Use the new model with 'segment --model FILE'."
+        ),
+        formatter_class=fmt,
+    )
+    t.add_argument("images_dir", metavar="IMAGES_DIR", help="folder of images")
+    t.add_argument("masks_dir", metavar="MASKS_DIR", help="folder of masks (may be IMAGES_DIR)")
+    t.add_argument("--base", metavar="FILE", help="segmenter to start from (default: the shipped model)")
+    t.add_argument("--epochs", type=_positive_int, metavar="E",
+                   help="epochs of 25 steps (default: chosen from the number of cells, 6 to 12)")
+    t.add_argument("--out", "-o", metavar="FILE",
+                   help="new model file (.safetensors; never overwritten). Default: a new dated file in "
+                        "the user's napari-wbc data folder")
+    t.add_argument("--device", default="auto", metavar="D", help="auto, cpu, cuda, mps (default: auto)")
+    t.add_argument("--allow-unpaired", action="store_true",
+                   help="train on the pairs found even if some images or masks have no partner")
+    t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser(
+        "demo",
+        help="segment and type the bundled sample smear and print its differential count",
+        description="Run segment + classify on the sample smear shipped with napari-wbc (nothing is downloaded).",
+    )
+    d.add_argument("--device", default="auto", metavar="D", help="auto, cpu, cuda, mps (default: auto)")
+    d.add_argument("--model", metavar="FILE", help="segmenter .safetensors (default: the shipped model)")
+    d.add_argument("--classifier", metavar="FILE", help="classifier .safetensors (default: the shipped model)")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``napari-wbc`` console script; returns the exit status."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    args.argv = argv
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return args.func(args)
+    except UsageError as e:
+        _err(str(e))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _err("interrupted; finished images are kept, re-run the same command to go on")
+        return EXIT_INTERRUPTED
+
+
+# ------------------------------------------------------------------ shared checks
+def _check_model(model, kind: str, option: str) -> str | None:
+    """Absolute path of a user model (or None for the shipped one), checked without loading torch."""
+    from .core.models import read_card, resolve_model_path
+
+    try:
+        path = resolve_model_path(model, kind)
+        if model is None and not path.is_file():
+            raise UsageError(
+                f"the shipped {kind} {str(path)!r} is not installed; pass {option} FILE "
+                "(e.g. a model written by 'napari-wbc train')"
+            )
+        card = read_card(path)
+    except ValueError as e:
+        raise UsageError(f"{option}: {e}") from None
+    if card["kind"] != kind:
+        raise UsageError(f"{option}: {str(path)!r} is a {card['kind']}, expected a {kind}")
+    return None if model is None else str(path.resolve())
+
+
+def _classifier_available() -> bool:
+    from .core.models import SHIPPED
+
+    return SHIPPED["classifier"].is_file()
+
+
+def _check_device(device: str):
+    from .core.device import resolve_device
+
+    try:
+        return resolve_device(device)
+    except ValueError as e:
+        raise UsageError(f"--device: {e}") from None
+
+
+# ------------------------------------------------------------------ segment
+def cmd_segment(args) -> int:
+    from .core import batch
+    from .core.models import SHIPPED
+
+    out_dir = Path(args.out).expanduser().absolute()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out {str(out_dir)!r} exists and is not a folder")
+    if args.scheduler and args.workers > 1:
+        raise UsageError("--workers and --scheduler exclude each other (the cluster decides the parallelism)")
+    model = _check_model(args.model, "segmenter", "--model")
+    classify = not args.no_classify
+    classifier = None
+    if classify:
+        if args.classifier is None and not _classifier_available():
+            _err(f"the shipped classifier {str(SHIPPED['classifier'])!r} is not installed: "
+                 "counting cells without typing them (pass --classifier FILE to type them)")
+            classify = False
+        else:
+            classifier = _check_model(args.classifier, "classifier", "--classifier")
+    elif args.classifier:
+        _err("--classifier is ignored with --no-classify")
+    device = args.device
+    if not args.scheduler:  # remote workers resolve "auto" themselves
+        device = str(_check_device(device))
+
+    files, notes = batch.collect_images(args.paths, recursive=args.recursive, exclude=[out_dir])
+    for n in notes:
+        _err(n)
+    if not files:
+        raise UsageError(f"no image files ({', '.join(batch.IMAGE_SUFFIXES)}) found in {' '.join(args.paths)}")
+
+    settings = batch.Settings(
+        model=model, classifier=classifier, classify=classify, device=device,
+        diameter=args.diameter, overwrite=args.overwrite,
+    )
+    # a broken model file fails once here, not once per image (in-process, this load is reused)
+    _preload(settings, device if not args.scheduler and args.workers == 1 else "cpu")
+    info = {
+        "napari-wbc version": __version__,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": "napari-wbc " + " ".join(shlex.quote(a) for a in args.argv),
+        "segmenter": model or f"shipped ({SHIPPED['segmenter'].name})",
+        "classifier": (classifier or f"shipped ({SHIPPED['classifier'].name})") if classify else "none (cells not typed)",
+        "device": device,
+        "WBC diameter": f"{args.diameter:g} px" if args.diameter else "estimated per image",
+        "parallelism": f"dask scheduler {args.scheduler}" if args.scheduler else f"{args.workers} process(es)",
+        "output folder": str(out_dir),
+    }
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(files), unit="image", file=sys.stderr, disable=args.quiet, dynamic_ncols=True)
+    n_failed = 0
+
+    def on_result(row):
+        nonlocal n_failed
+        if row["status"] == batch.STATUS_FAILED:
+            n_failed += 1
+            bar.write(f"napari-wbc: failed: {row['error']}", file=sys.stderr)
+        bar.set_postfix_str(f"{row['image']} {row['status']}" + (f", {n_failed} failed" if n_failed else ""),
+                            refresh=False)
+        bar.update(1)
+
+    t0 = datetime.datetime.now()
+    try:
+        rows = batch.run_batch(files, out_dir, settings, workers=args.workers, scheduler=args.scheduler,
+                               on_result=on_result)
+    except ImportError as e:
+        raise UsageError(f"--scheduler needs dask.distributed: pip install 'napari-wbc[dask]' ({e})") from None
+    except OSError as e:
+        if args.scheduler:
+            raise UsageError(f"could not reach the dask scheduler at {args.scheduler!r}: {e}") from None
+        raise
+    finally:
+        bar.close()
+    info["wall time"] = f"{(datetime.datetime.now() - t0).total_seconds():.1f} s"
+    devices = sorted({r["device"] for r in rows if r.get("device")})
+    if devices:
+        info["device"] = f"{info['device']} (used: {', '.join(devices)})" if args.scheduler else ", ".join(devices)
+    batch.write_summary(rows, out_dir / "summary.csv")
+    batch.write_report(rows, info, out_dir / "report.html")
+    _print_segment_summary(rows, out_dir)
+    return EXIT_FAILED if n_failed else EXIT_OK
+
+
+def _preload(settings, device) -> None:
+    from .core.models import load_model
+
+    try:
+        load_model(settings.model, "segmenter", device)
+        if settings.classify:
+            load_model(settings.classifier, "classifier", device)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _print_segment_summary(rows, out_dir: Path) -> None:
+    from .core.batch import STATUS_FAILED, STATUS_OK, STATUS_SKIPPED
+
+    n = {s: sum(r["status"] == s for r in rows) for s in (STATUS_OK, STATUS_SKIPPED, STATUS_FAILED)}
+    cells = sum(int(r.get("n_wbc") or 0) for r in rows if r["status"] != STATUS_FAILED)
+    msg = f"{len(rows)} image(s): {n[STATUS_OK]} processed, {n[STATUS_SKIPPED]} already done, {n[STATUS_FAILED]} failed; {cells} WBC(s)"
+    print(msg, file=sys.stderr)
+    print(f"summary: {out_dir / 'summary.csv'}", file=sys.stderr)
+    print(f"report:  {out_dir / 'report.html'}", file=sys.stderr)
+
+
+# ------------------------------------------------------------------ train
+def pair_images_masks(images_dir, masks_dir) -> tuple[list[tuple[Path, Path]], list[Path], list[Path]]:
+    """Pair images with masks by stem: ``x`` with ``x-mask``/``x_mask`` (either folder) or ``x`` in ``masks_dir``.
+
+    Returns ``(pairs, unpaired_images, unpaired_masks)``.
+    """
+    from .core.batch import is_mask_name
+    from .core.io import IMAGE_SUFFIXES, MASK_SUFFIXES
+
+    images_dir, masks_dir = Path(images_dir), Path(masks_dir)
+    same = images_dir.resolve() == masks_dir.resolve()
+
+    def listing(d):
+        return sorted(f for f in d.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+                      and not f.name.startswith("."))
+
+    images = [f for f in listing(images_dir) if not is_mask_name(f)]
+    masks = listing(masks_dir) if not same else [f for f in listing(masks_dir) if is_mask_name(f)]
+    by_key: dict[str, list[Path]] = {}
+    for m in masks:
+        stem = m.stem
+        for s in MASK_SUFFIXES:
+            if stem.lower().endswith(s):
+                stem = stem[: -len(s)]
+                break
+        by_key.setdefault(stem.lower(), []).append(m)
+    pairs, unpaired, used = [], [], set()
+    for im in images:
+        cands = by_key.get(im.stem.lower(), [])
+        if not cands:
+            unpaired.append(im)
+            continue
+        # prefer a mask with the same suffix as the image, then a lossless one
+        cands = sorted(cands, key=lambda m: (m.suffix.lower() != im.suffix.lower(),
+                                             m.suffix.lower() in (".jpg", ".jpeg")))
+        pairs.append((im, cands[0]))
+        used.add(cands[0])
+    unpaired_masks = [m for m in masks if m not in used]
+    return pairs, unpaired, unpaired_masks
+
+
+def _names(paths, limit=10) -> str:
+    shown = ", ".join(p.name for p in paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def cmd_train(args) -> int:
+    import time
+
+    import numpy as np
+
+    from .core.io import ImageReadError, read_image, read_mask
+
+    for opt, d in (("IMAGES_DIR", args.images_dir), ("MASKS_DIR", args.masks_dir)):
+        if not Path(d).is_dir():
+            raise UsageError(f"{opt} {str(d)!r} is not a folder")
+    base = _check_model(args.base, "segmenter", "--base")
+    if args.out is not None:
+        out = Path(args.out).expanduser()
+        if out.suffix != ".safetensors":
+            out = out.with_suffix(".safetensors")
+        if out.exists():
+            raise UsageError(f"--out {str(out)!r} exists; choose a new file name (models are never overwritten)")
+    _check_device(args.device)
+    pairs, lone_images, lone_masks = pair_images_masks(args.images_dir, args.masks_dir)
+    if not pairs:
+        raise UsageError(
+            f"no image/mask pairs in {str(args.images_dir)!r} and {str(args.masks_dir)!r}: masks must be named "
+            "'x-mask.*' or 'x_mask.*' for image 'x.*', or 'x.*' in MASKS_DIR"
+            + (f"; images without a mask: {_names(lone_images)}" if lone_images else "")
+        )
+    if (lone_images or lone_masks) and not args.allow_unpaired:
+        what = []
+        if lone_images:
+            what.append(f"images without a mask: {_names(lone_images)}")
+        if lone_masks:
+            what.append(f"masks without an image: {_names(lone_masks)}")
+        raise UsageError("; ".join(what) + " (pass --allow-unpaired to train on the pairs found)")
+    images, labels = [], []
+    for im, m in pairs:
+        try:
+            a, lab = read_image(im), read_mask(m)
+        except ImageReadError as e:
+            raise UsageError(str(e)) from None
+        if lab.shape != a.shape[:2]:
+            raise UsageError(f"mask {str(m)!r} is {lab.shape[1]}x{lab.shape[0]} px but image {str(im)!r} is "
+                             f"{a.shape[1]}x{a.shape[0]} px; they must match")
+        images.append(a)
+        labels.append(lab)
+    n_cells = sum(int(len(np.unique(lab)) - (lab.min() == 0)) for lab in labels)
+    print(f"training on {len(pairs)} image(s), {n_cells} cell(s); device {args.device}", file=sys.stderr)
+    t0 = time.time()
+
+    def progress(epoch, total, metrics):
+        parts = [f"epoch {epoch}/{total}"]
+        if metrics.get("loss") is not None:
+            parts.append(f"loss {metrics['loss']:.4f}")
+        if metrics.get("matched_dice") is not None and metrics.get("f1") is not None:
+            parts.append(f"hold-out Dice {metrics['matched_dice']:.3f} F1 {metrics['f1']:.3f}")
+        parts.append(f"({time.time() - t0:.0f} s)")
+        print("  ".join(parts), file=sys.stderr, flush=True)
+
+    import warnings
+
+    from . import finetune
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            path = finetune(images, labels, base=base, epochs=args.epochs, device=args.device,
+                            output=args.out, progress=progress)
+        except ValueError as e:
+            _err(f"training failed: {e}")
+            return EXIT_FAILED
+    for w in caught:
+        if issubclass(w.category, UserWarning):
+            _err(str(w.message))
+    print(str(path))
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------ demo
+def cmd_demo(args) -> int:
+    import time
+
+    from ._sample_data import sample_path
+    from .core.batch import cells_table, differential
+    from .core.io import read_image
+    from .core.models import SHIPPED
+
+    model = _check_model(args.model, "segmenter", "--model")
+    classify = True
+    if args.classifier is None and not _classifier_available():
+        _err(f"the shipped classifier {str(SHIPPED['classifier'])!r} is not installed: counting cells only")
+        classify = False
+    classifier = _check_model(args.classifier, "classifier", "--classifier") if classify else None
+    dev = _check_device(args.device)
+    path = sample_path()
+    image = read_image(path)
+    t0 = time.time()
+    from . import segment
+
+    labels = segment(image, model=model, device=dev)
+    types = None
+    if classify and labels.max() > 0:
+        from . import classify as classify_fn
+
+        types = classify_fn(image, labels, model=classifier, device=dev)
+    table = cells_table(labels, types)
+    dt = time.time() - t0
+    print(f"{path.name} ({image.shape[1]}x{image.shape[0]} px), device {dev}: {len(table)} WBC(s) in {dt:.1f} s")
+    if classify:
+        counts, pct = differential(table["cell_type"])
+        print(f"{'type':<12}{'count':>6}{'%':>8}")
+        for c, k in counts.items():
+            print(f"{c:<12}{k:>6}{'' if pct[c] is None else f'{pct[c]:.1f}':>8}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

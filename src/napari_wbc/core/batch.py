@@ -1,0 +1,616 @@
+"""Batch processing of smear images: per-image outputs, a run summary and an HTML report.
+
+Qt-free and napari-free; :mod:`napari_wbc.cli` is a thin layer over it.
+
+Per image ``<name>`` (the file's stem, disambiguated when two inputs share one)
+the output folder gets, each file written atomically (temp file + rename):
+
+- ``<name>_labels.tif``: the instance labels, lossless (zlib) uint16 or uint32;
+- ``<name>_cells.csv``: one row per cell, label, cell type, confidence, class
+  probabilities, area, centroid and bounding box;
+- ``<name>.done``: a small JSON marker written *last*, holding the image's
+  summary row and the source file's size and mtime.
+
+An image counts as done only when its marker exists, both outputs exist and
+the marker names the same, unchanged source file; a run killed half way
+therefore leaves at most outputs without a marker, which the next run redoes.
+
+:func:`process_one` is the unit of work: a top-level, picklable function, so
+it can run in a process pool or on a dask.distributed cluster
+(``client.map(process_one, paths, out_dir=..., settings=...)``).
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime
+import html
+import io
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from .io import IMAGE_SUFFIXES, MASK_SUFFIXES, atomic_write
+
+CLASSES = ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"]
+PROB_COLUMNS = [f"p_{c}" for c in CLASSES]
+CELL_COLUMNS = [
+    "label", "cell_type", "confidence", *PROB_COLUMNS,
+    "area", "centroid-0", "centroid-1", "bbox-0", "bbox-1", "bbox-2", "bbox-3",
+]
+# outline colours in the report (RGB); cells without a type are drawn in yellow
+CLASS_COLOURS = {
+    "neutrophil": (230, 25, 75),
+    "lymphocyte": (0, 130, 200),
+    "monocyte": (60, 180, 75),
+    "eosinophil": (245, 130, 48),
+    "basophil": (145, 30, 180),
+}
+UNTYPED_COLOUR = (255, 225, 25)
+THUMBNAIL_SIZE = 400
+LABELS_SUFFIX = "_labels.tif"
+CELLS_SUFFIX = "_cells.csv"
+DONE_SUFFIX = ".done"
+STATUS_OK, STATUS_SKIPPED, STATUS_FAILED = "ok", "skipped", "failed"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to process each image (picklable; paths should be absolute for remote workers).
+
+    model : segmenter ``.safetensors`` path, or None for the shipped one.
+    classifier : classifier ``.safetensors`` path, or None for the shipped one.
+    classify : False to count cells without typing them.
+    device : None/"auto" or a torch device string, resolved where the image is processed.
+    diameter : expected WBC diameter in pixels; None estimates it per image.
+    overwrite : redo images whose outputs already exist.
+    torch_threads : if set, ``torch.set_num_threads`` in the process doing the work.
+    thumbnail : put a base64 PNG preview in the returned row (for the report).
+    """
+
+    model: str | None = None
+    classifier: str | None = None
+    classify: bool = True
+    device: str | None = None
+    diameter: float | None = None
+    overwrite: bool = False
+    torch_threads: int | None = None
+    thumbnail: bool = True
+
+
+# ------------------------------------------------------------------ inputs
+def is_mask_name(path) -> bool:
+    """``x-mask.jpg`` / ``x_mask.png``: a mask, not an image to segment."""
+    return any(Path(path).stem.lower().endswith(s) for s in MASK_SUFFIXES)
+
+
+def _is_output_file(path: Path) -> bool:
+    return path.name.endswith(LABELS_SUFFIX)
+
+
+def collect_images(paths: Iterable, *, recursive: bool = False, exclude: Sequence = ()) -> tuple[list[Path], list[str]]:
+    """Expand files and folders into the image files to process.
+
+    Folders contribute their files with an image suffix (:data:`IMAGE_SUFFIXES`),
+    in name order, descending into sub-folders only when ``recursive``. Mask files
+    (``*-mask.*``, ``*_mask.*``), files under a ``masks/`` sub-folder, hidden files
+    and our own ``*_labels.tif`` outputs are left out, as is anything under a folder
+    of ``exclude`` (the output folder). Files named explicitly are kept whatever
+    their suffix (an unsupported one then fails with a clear reason), except masks.
+
+    Returns ``(files, notes)``: the files (each once, input order) and messages
+    about what was left out. A missing path is returned as a file, so that it is
+    reported as failed.
+    """
+    excl = [Path(e).resolve() for e in exclude]
+    files: list[Path] = []
+    notes: list[str] = []
+    seen: set = set()
+
+    def add(p: Path):
+        key = p.resolve() if p.exists() else p.absolute()
+        if key not in seen:
+            seen.add(key)
+            files.append(p)
+
+    def excluded(p: Path) -> bool:
+        rp = p.resolve()
+        return any(rp == e or e in rp.parents for e in excl)
+
+    n_masks = 0
+    for raw in paths:
+        p = Path(raw).expanduser()
+        if p.is_dir():
+            found = sorted(p.rglob("*") if recursive else p.iterdir())
+            for f in found:
+                if not f.is_file() or f.suffix.lower() not in IMAGE_SUFFIXES:
+                    continue
+                rel = f.relative_to(p)
+                if any(part.startswith(".") for part in rel.parts):
+                    continue
+                if "masks" in (part.lower() for part in rel.parts[:-1]) or is_mask_name(f):
+                    n_masks += 1
+                    continue
+                if _is_output_file(f) and excluded(f.parent):
+                    continue
+                if recursive and excluded(f.parent) and not excluded(p):
+                    continue
+                add(f)
+        elif is_mask_name(p):
+            n_masks += 1
+        else:
+            add(p)  # a missing or unreadable file is reported as failed by process_one
+    if n_masks:
+        notes.append(f"left out {n_masks} mask file(s) (*-mask.*, *_mask.*, masks/)")
+    return files, notes
+
+
+def output_names(files: Sequence[Path]) -> list[str]:
+    """A distinct output name per input: its stem, or ``<folder>_<stem>`` for shared stems.
+
+    Still-colliding names (same stem, same folder name) get ``-2``, ``-3``... in
+    input order. The names depend only on the list of inputs, so re-running the
+    same command finds the same outputs.
+    """
+    stems = [Path(f).stem for f in files]
+    counts: dict[str, int] = {}
+    for s in stems:
+        counts[s.lower()] = counts.get(s.lower(), 0) + 1
+    names = []
+    for f, s in zip(files, stems):
+        if counts[s.lower()] > 1:
+            parent = Path(f).absolute().parent.name or "root"
+            s = f"{parent}_{s}"
+        names.append(s)
+    used: dict[str, int] = {}
+    out = []
+    for n in names:
+        k = n.lower()  # case-insensitive file systems
+        used[k] = used.get(k, 0) + 1
+        out.append(n if used[k] == 1 else f"{n}-{used[k]}")
+    return out
+
+
+def output_paths(out_dir, name: str) -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    return {
+        "labels": out_dir / f"{name}{LABELS_SUFFIX}",
+        "cells": out_dir / f"{name}{CELLS_SUFFIX}",
+        "done": out_dir / f"{name}{DONE_SUFFIX}",
+    }
+
+
+def _source_stamp(path: Path) -> dict:
+    st = path.stat()
+    return {"source": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def is_done(path, out_dir, name: str) -> dict | None:
+    """The stored summary row if ``path``'s outputs in ``out_dir`` are complete and current."""
+    outs = output_paths(out_dir, name)
+    if not (outs["done"].is_file() and outs["labels"].is_file() and outs["cells"].is_file()):
+        return None
+    try:
+        marker = json.loads(outs["done"].read_text())
+        path = Path(path)
+        if not path.is_file() or marker.get("stamp") != _source_stamp(path):
+            return None
+        return dict(marker["row"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+# ------------------------------------------------------------------ one image
+def _set_threads(n):
+    if n:
+        import torch
+
+        if torch.get_num_threads() != int(n):
+            torch.set_num_threads(int(n))
+
+
+def _write_labels(path: Path, labels: np.ndarray) -> None:
+    import tifffile
+
+    dtype = np.uint16 if labels.max(initial=0) <= np.iinfo(np.uint16).max else np.uint32
+    arr = labels.astype(dtype)
+    atomic_write(path, lambda tmp: tifffile.imwrite(tmp, arr, compression="zlib", photometric="minisblack"))
+
+
+def cells_table(labels: np.ndarray, types=None):
+    """Join the per-cell measurements with a :func:`napari_wbc.classify` table (or none)."""
+    import pandas as pd
+
+    from .segment import cell_table
+
+    meas = cell_table(labels)
+    if types is None or len(types) == 0:
+        types = pd.DataFrame({"label": pd.Series(dtype=np.int64)})
+    types = types.copy()
+    types["label"] = types["label"].astype(np.int64)
+    meas["label"] = meas["label"].astype(np.int64)
+    df = meas.merge(types, on="label", how="left")
+    for c in CELL_COLUMNS:
+        if c not in df.columns:
+            df[c] = pd.Series([None] * len(df), dtype=object if c == "cell_type" else float)
+    extra = [c for c in df.columns if c not in CELL_COLUMNS]
+    return df[CELL_COLUMNS + extra]
+
+
+def differential(cell_types) -> tuple[dict, dict]:
+    """Counts and percentages (of the typed cells) for each class of :data:`CLASSES`."""
+    vals = [t for t in cell_types if isinstance(t, str) and t]
+    counts = {c: vals.count(c) for c in CLASSES}
+    for t in vals:  # a classifier with other classes: keep them too
+        counts.setdefault(t, vals.count(t))
+    n = len(vals)
+    pct = {c: (round(100.0 * k / n, 1) if n else None) for c, k in counts.items()}
+    return counts, pct
+
+
+def _display_rgb(image: np.ndarray) -> np.ndarray:
+    """An 8-bit RGB view of any supported image (percentile-stretched unless uint8)."""
+    from .io import to_rgb
+
+    rgb = to_rgb(np.asarray(image))
+    if rgb.dtype == np.uint8:
+        return rgb
+    x = rgb.astype(np.float32)
+    lo, hi = np.percentile(x, [0.5, 99.5])
+    if hi <= lo:
+        hi = lo + 1.0
+    return (np.clip((x - lo) / (hi - lo), 0, 1) * 255).round().astype(np.uint8)
+
+
+def thumbnail_png(image: np.ndarray, labels: np.ndarray, cell_types: dict | None = None,
+                  size: int = THUMBNAIL_SIZE) -> bytes:
+    """A PNG (bytes) of the image downscaled to ``size`` px on its long side, cells outlined.
+
+    ``cell_types`` maps label -> class name; outlines take :data:`CLASS_COLOURS`.
+    """
+    from PIL import Image
+    from skimage.segmentation import find_boundaries
+    from skimage.transform import resize
+
+    rgb = _display_rgb(image)
+    labels = np.asarray(labels)
+    h, w = labels.shape
+    s = min(1.0, size / max(h, w))
+    th, tw = max(1, int(round(h * s))), max(1, int(round(w * s)))
+    if (th, tw) != (h, w):
+        small = np.asarray(Image.fromarray(rgb).resize((tw, th), Image.Resampling.LANCZOS))
+        lab = resize(labels, (th, tw), order=0, preserve_range=True, anti_aliasing=False).astype(labels.dtype)
+    else:
+        small, lab = rgb.copy(), labels
+    if lab.max(initial=0) > 0:
+        lut = np.tile(np.array(UNTYPED_COLOUR, np.uint8), (int(lab.max()) + 1, 1))
+        for lid, t in (cell_types or {}).items():
+            if 0 < int(lid) < len(lut) and t in CLASS_COLOURS:
+                lut[int(lid)] = CLASS_COLOURS[t]
+        edge = find_boundaries(lab, mode="inner")
+        if max(th, tw) >= 200:  # 2 px lines stay visible after browser scaling
+            edge |= find_boundaries(lab, mode="outer") & (lab == 0)
+        small = small.copy()
+        small[edge] = lut[lab[edge]] if (lab[edge] > 0).all() else lut[_nearest_label(lab, edge)]
+    buf = io.BytesIO()
+    # a 256-colour palette keeps the report small (~100 KB per image instead of ~300 KB)
+    pal = Image.fromarray(small).quantize(256, method=Image.Quantize.MEDIANCUT)
+    pal.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def _nearest_label(lab: np.ndarray, edge: np.ndarray) -> np.ndarray:
+    """For edge pixels, the label there or (on background) of the nearest cell."""
+    from scipy import ndimage as ndi
+
+    _, (iy, ix) = ndi.distance_transform_edt(lab == 0, return_indices=True)
+    return lab[iy[edge], ix[edge]]
+
+
+def _thumb_b64(image, labels, types_by_label) -> str:
+    return base64.b64encode(thumbnail_png(image, labels, types_by_label)).decode("ascii")
+
+
+def _row_base(path: Path, name: str) -> dict:
+    return {"image": name, "path": str(path), "status": STATUS_FAILED, "n_wbc": None, "error": ""}
+
+
+def process_one(path, out_dir, settings: Settings | None = None, name: str | None = None) -> dict:
+    """Segment (and type) the WBCs of one image file and write its outputs to ``out_dir``.
+
+    Never raises for a bad image: the returned summary row then has
+    ``status="failed"`` and ``error`` naming the file and the reason. The row
+    holds ``image`` (output name), ``path``, ``status`` ("ok", "skipped" when
+    complete outputs of the same source already exist, or "failed"), ``n_wbc``,
+    ``count``/``percent`` dicts per class, ``diameter``, ``device``, ``seconds``,
+    ``error``, and ``thumbnail`` (a base64 PNG) when ``settings.thumbnail``.
+    """
+    from .io import ImageReadError, read_image
+
+    settings = settings or Settings()
+    path = Path(path)
+    out_dir = Path(out_dir)
+    name = name or path.stem
+    row = _row_base(path, name)
+    t0 = time.perf_counter()
+    try:
+        outs = output_paths(out_dir, name)
+        if not settings.overwrite:
+            stored = is_done(path, out_dir, name)
+            if stored is not None:
+                stored.update({"image": name, "path": str(path), "status": STATUS_SKIPPED, "error": ""})
+                if settings.thumbnail:
+                    stored["thumbnail"] = _thumbnail_from_outputs(path, outs)
+                return stored
+        if not path.exists():
+            raise ImageReadError(f"{str(path)!r}: no such file or folder")
+        if path.is_dir():
+            raise ImageReadError(f"{str(path)!r} is a folder, not an image file")
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            raise ImageReadError(
+                f"{str(path)!r}: unsupported file type {path.suffix or '(none)'!r}; "
+                f"expected one of {', '.join(IMAGE_SUFFIXES)}"
+            )
+        if path.is_file() and path.stat().st_size == 0:
+            raise ImageReadError(f"{str(path)!r} is empty (0 bytes)")
+        stamp = _source_stamp(path) if path.is_file() else None
+        image = read_image(path)
+        _set_threads(settings.torch_threads)
+        from .device import resolve_device
+        from .segment import iter_segment
+
+        dev = resolve_device(settings.device)
+        labels = diameter = None
+        for item in iter_segment(image, model=settings.model, device=dev, diameter=settings.diameter):
+            if item[0] == "diameter":
+                diameter = float(item[1])
+            elif item[0] == "labels":
+                labels = item[1]
+        types = None
+        if settings.classify and labels.max(initial=0) > 0:
+            from .classify import classify
+
+            types = classify(image, labels, model=settings.classifier, device=dev)
+        table = cells_table(labels, types)
+        counts, pct = differential(table["cell_type"]) if settings.classify else ({}, {})
+        out_dir.mkdir(parents=True, exist_ok=True)
+        outs["done"].unlink(missing_ok=True)  # outputs change below: the old marker must not vouch for them
+        _write_labels(outs["labels"], labels)
+        atomic_write(outs["cells"], lambda tmp: table.to_csv(tmp, index=False, float_format="%.6g"))
+        row.update({
+            "status": STATUS_OK,
+            "n_wbc": int(len(table)),
+            "count": counts,
+            "percent": pct,
+            "classified": bool(settings.classify),
+            "diameter": round(diameter, 2) if diameter is not None else None,
+            "device": str(dev),
+            "seconds": round(time.perf_counter() - t0, 2),
+        })
+        marker = {"stamp": stamp, "row": row, "written": datetime.datetime.now().isoformat(timespec="seconds")}
+        atomic_write(outs["done"], lambda tmp: Path(tmp).write_text(json.dumps(marker, indent=1)))
+        if settings.thumbnail:
+            row["thumbnail"] = _thumb_b64(image, labels, _types_by_label(table))
+        return row
+    except Exception as e:  # noqa: BLE001 - one bad image must not stop the run
+        msg = str(e)
+        if str(path) not in msg:
+            msg = f"{str(path)!r}: {type(e).__name__}: {msg}"
+        row.update({"status": STATUS_FAILED, "error": msg, "seconds": round(time.perf_counter() - t0, 2)})
+        return row
+
+
+def _types_by_label(table) -> dict:
+    return {int(lid): t for lid, t in zip(table["label"], table["cell_type"]) if isinstance(t, str)}
+
+
+def _thumbnail_from_outputs(path: Path, outs: dict) -> str | None:
+    """Rebuild the preview of an image done by an earlier run (None if that fails)."""
+    try:
+        import pandas as pd
+        import tifffile
+
+        from .io import read_image
+
+        labels = tifffile.imread(str(outs["labels"]))
+        table = pd.read_csv(outs["cells"])
+        return _thumb_b64(read_image(path), labels, _types_by_label(table))
+    except Exception:  # noqa: BLE001 - a preview is optional
+        return None
+
+
+# ------------------------------------------------------------------ the run
+def run_batch(
+    files: Sequence,
+    out_dir,
+    settings: Settings,
+    *,
+    workers: int = 1,
+    scheduler: str | None = None,
+    on_result: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """Process ``files`` into ``out_dir``; return the summary rows in input order.
+
+    ``workers`` > 1 runs that many spawned processes (torch threads divided
+    among them); ``scheduler`` sends the work to a dask.distributed scheduler at
+    that address (``out_dir`` and the files must be reachable from its workers).
+    ``on_result(row)`` is called as each image finishes (in completion order).
+    """
+    files = [Path(f).expanduser().absolute() for f in files]
+    names = output_names(files)
+    out_dir = Path(out_dir).absolute()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict | None] = [None] * len(files)
+
+    def done(i, row):
+        rows[i] = row
+        if on_result is not None:
+            on_result(row)
+
+    if scheduler:
+        from distributed import Client, as_completed
+
+        with Client(scheduler) as client:
+            futures = client.map(
+                process_one, [str(f) for f in files], [str(out_dir)] * len(files), [settings] * len(files),
+                names, pure=False,
+            )
+            index = {f.key: i for i, f in enumerate(futures)}
+            for fut in as_completed(futures):
+                i = index[fut.key]
+                try:
+                    row = fut.result()
+                except Exception as e:  # noqa: BLE001 - e.g. a worker lost
+                    row = _row_base(files[i], names[i])
+                    row["error"] = f"{str(files[i])!r}: the dask task failed: {type(e).__name__}: {e}"
+                done(i, row)
+    elif workers > 1 and len(files) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        n = min(workers, len(files))
+        if settings.torch_threads is None:
+            settings = dataclasses.replace(settings, torch_threads=max(1, cpu_count() // n))
+        with ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("spawn")) as pool:
+            futs = {pool.submit(process_one, f, out_dir, settings, nm): i for i, (f, nm) in enumerate(zip(files, names))}
+            try:
+                for fut in as_completed(futs):
+                    i = futs[fut]
+                    try:
+                        row = fut.result()
+                    except Exception as e:  # noqa: BLE001 - e.g. a worker killed for memory
+                        row = _row_base(files[i], names[i])
+                        row["error"] = f"{str(files[i])!r}: the worker process failed: {type(e).__name__}: {e}"
+                    done(i, row)
+            except BaseException:
+                for f in futs:
+                    f.cancel()
+                raise
+    else:
+        for i, (f, nm) in enumerate(zip(files, names)):
+            done(i, process_one(f, out_dir, settings, nm))
+    return rows
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def summary_frame(rows: Sequence[dict]):
+    """One row per image: image, path, status, n_wbc, n_<type> and pct_<type>, diameter, seconds, error."""
+    import pandas as pd
+
+    classes = list(CLASSES)
+    for r in rows:
+        for c in (r.get("count") or {}):
+            if c not in classes:
+                classes.append(c)
+    recs = []
+    for r in rows:
+        rec = {"image": r["image"], "path": r["path"], "status": r["status"], "n_wbc": r.get("n_wbc")}
+        counts, pct = r.get("count") or {}, r.get("percent") or {}
+        for c in classes:
+            rec[f"n_{c}"] = counts.get(c) if counts else None
+        for c in classes:
+            rec[f"pct_{c}"] = pct.get(c) if pct else None
+        rec["diameter"] = r.get("diameter")
+        rec["seconds"] = r.get("seconds")
+        rec["error"] = r.get("error") or ""
+        recs.append(rec)
+    df = pd.DataFrame(recs)
+    for c in df.columns:
+        if c.startswith("n_"):
+            df[c] = df[c].astype("Int64")
+    return df
+
+
+def write_summary(rows: Sequence[dict], path) -> Path:
+    df = summary_frame(rows)
+    return atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
+
+
+# ------------------------------------------------------------------ report
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
+table{border-collapse:collapse;margin:.4em 0}
+td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}
+th{background:#f3f3f3} td.l,th.l{text-align:left}
+.img{display:flex;gap:1.5em;align-items:flex-start;border-top:1px solid #ddd;padding:1em 0}
+.failed{color:#b00} .sw{display:inline-block;width:.9em;height:.9em;vertical-align:middle;margin-right:.3em}
+code{font-size:90%}
+"""
+
+
+def _esc(x) -> str:
+    return html.escape("" if x is None else str(x))
+
+
+def _diff_table(counts: dict, pct: dict) -> str:
+    if not counts:
+        return "<p>cells were not typed</p>"
+    rows = "".join(
+        f"<tr><td class=l><span class=sw style='background:rgb{CLASS_COLOURS.get(c, UNTYPED_COLOUR)}'></span>"
+        f"{_esc(c)}</td><td>{counts[c]}</td><td>{'' if pct.get(c) is None else f'{pct[c]:.1f}'}</td></tr>"
+        for c in counts
+    )
+    return f"<table><tr><th class=l>type</th><th>count</th><th>%</th></tr>{rows}</table>"
+
+
+def render_report(rows: Sequence[dict], run_info: dict) -> str:
+    """The HTML report of a run: settings, overall and per-image differential counts, previews."""
+    ok = [r for r in rows if r["status"] != STATUS_FAILED]
+    failed = [r for r in rows if r["status"] == STATUS_FAILED]
+    total: dict = {}
+    classified = any(r.get("count") for r in ok)
+    for r in ok:
+        for c, k in (r.get("count") or {}).items():
+            total[c] = total.get(c, 0) + int(k)
+    n_typed = sum(total.values())
+    total_pct = {c: (round(100.0 * k / n_typed, 1) if n_typed else None) for c, k in total.items()}
+    info_rows = "".join(f"<tr><th class=l>{_esc(k)}</th><td class=l>{_esc(v)}</td></tr>" for k, v in run_info.items())
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>napari-wbc report</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>napari-wbc: white blood cell report</h1>",
+        f"<h2>Run</h2><table>{info_rows}</table>",
+        f"<p>{len(rows)} image(s): {len(ok)} done, {len(failed)} failed; "
+        f"{sum(int(r.get('n_wbc') or 0) for r in ok)} WBC(s) found.</p>",
+        "<h2>All images</h2>",
+        _diff_table(total, total_pct) if classified else "<p>cells were not typed</p>",
+        "<h2>Per image</h2>",
+    ]
+    for r in rows:
+        name = _esc(r["image"])
+        if r["status"] == STATUS_FAILED:
+            parts.append(
+                f"<div class='img' id='{name}'><div><h3>{name}</h3><p><code>{_esc(r['path'])}</code></p>"
+                f"<p class=failed>failed: {_esc(r.get('error'))}</p></div></div>"
+            )
+            continue
+        thumb = r.get("thumbnail")
+        img = (f"<img alt='{name}' src='data:image/png;base64,{thumb}'>" if thumb else "<p>(no preview)</p>")
+        meta = f"{r.get('n_wbc')} WBC(s)"
+        if r.get("diameter") is not None:
+            meta += f"; WBC diameter {r['diameter']:.0f} px"
+        if r["status"] == STATUS_SKIPPED:
+            meta += "; outputs from an earlier run"
+        table = _diff_table(r.get("count") or {}, r.get("percent") or {})
+        parts.append(
+            f"<div class='img' id='{name}'>{img}<div><h3>{name}</h3><p><code>{_esc(r['path'])}</code></p>"
+            f"<p>{_esc(meta)}</p>{table}</div></div>"
+        )
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(rows: Sequence[dict], run_info: dict, path) -> Path:
+    text = render_report(rows, run_info)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

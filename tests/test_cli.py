@@ -1,0 +1,433 @@
+"""The command-line tool and the batch engine behind it (tiny random networks, CPU)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+from PIL import Image
+
+from napari_wbc import __version__
+from napari_wbc.cli import main, pair_images_masks
+from napari_wbc.core import batch
+
+# the smallest SigTuple smears (about 340 px square): quick even with random networks
+REAL_IMAGES = ["029E137BB177.jpg", "D91DD06F9B3E.jpg"]
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    from napari_wbc.core.testing import make_tiny_classifier, make_tiny_segmenter
+
+    d = tmp_path_factory.mktemp("models")
+    return make_tiny_segmenter(d / "seg.safetensors"), make_tiny_classifier(d / "cls.safetensors")
+
+
+def smear(h=64, w=80, seed=0) -> np.ndarray:
+    """A small synthetic smear: pale background, pink red cells, one purple WBC."""
+    rng = np.random.default_rng(seed)
+    img = np.full((h, w, 3), (235, 225, 230), np.float32)
+    yy, xx = np.mgrid[:h, :w]
+    for _ in range(8):
+        cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < 36] = (220, 150, 160)
+    img[(yy - h / 2) ** 2 + (xx - w / 2) ** 2 < 120] = (120, 60, 160)
+    img += rng.normal(0, 4, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_inputs(folder: Path) -> dict:
+    """Two RGB smears, a greyscale one, a corrupt and an empty file, a mask and a masks/ folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(smear(seed=1)).save(folder / "a.png")
+    Image.fromarray(smear(seed=2)).save(folder / "b.jpg", quality=95)
+    Image.fromarray(smear(seed=3).mean(-1).astype(np.uint8)).save(folder / "grey.png")
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (folder / "empty.png").write_bytes(b"")
+    Image.fromarray(np.zeros((64, 80), np.uint8)).save(folder / "a-mask.png")
+    (folder / "masks").mkdir(exist_ok=True)
+    Image.fromarray(np.zeros((64, 80), np.uint8)).save(folder / "masks" / "b.png")
+    (folder / "notes.txt").write_text("not an image")
+    return {"ok": ["a", "b", "grey"], "failed": ["corrupt", "empty"]}
+
+
+def seg_args(inputs, out, models, *extra):
+    seg, cls = models
+    return ["segment", *map(str, inputs), "--out", str(out), "--model", str(seg), "--classifier", str(cls),
+            "--device", "cpu", "--quiet", *extra]
+
+
+class _ReportParser(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.h3, self.imgs, self._in_h3 = [], [], False
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "h3":
+            self._in_h3 = True
+            self.h3.append("")
+        elif tag == "img":
+            self.imgs.append(dict(attrs))
+
+    def handle_endtag(self, tag):
+        if tag == "h3":
+            self._in_h3 = False
+
+    def handle_data(self, data):
+        if self._in_h3:
+            self.h3[-1] += data
+
+
+def parse_report(path: Path) -> _ReportParser:
+    p = _ReportParser()
+    p.feed(path.read_text(encoding="utf-8"))
+    p.close()
+    return p
+
+
+def mtimes(out: Path) -> dict:
+    return {f.name: f.stat().st_mtime_ns for f in out.iterdir() if f.name.endswith((".tif", ".csv", ".done"))
+            and f.name != "summary.csv"}
+
+
+# ------------------------------------------------------------------ help and version
+def test_help_and_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert __version__ in capsys.readouterr().out
+    for cmd in ([], ["segment"], ["train"], ["demo"]):
+        with pytest.raises(SystemExit) as e:
+            main([*cmd, "--help"])
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert "usage: napari-wbc" in out
+    assert main([]) == 2  # no command: help on stderr, usage error
+    with pytest.raises(SystemExit) as e:
+        main(["segment", "x.jpg"])  # --out is required
+    assert e.value.code == 2
+
+
+# ------------------------------------------------------------------ segment
+def test_segment_outputs_failures_report(tmp_path, tiny_models, capsys):
+    inp = tmp_path / "in"
+    expect = write_inputs(inp)
+    out = tmp_path / "out"
+    rc = main(seg_args([inp], out, tiny_models))
+    err = capsys.readouterr().err
+    assert rc == 1  # corrupt.jpg and empty.png failed
+    assert "corrupt.jpg" in err and "empty.png" in err and "mask file" in err
+
+    summary = pd.read_csv(out / "summary.csv")
+    assert sorted(summary["image"]) == sorted(expect["ok"] + expect["failed"])  # no mask, no notes.txt
+    st = dict(zip(summary["image"], summary["status"]))
+    assert all(st[n] == "ok" for n in expect["ok"]) and all(st[n] == "failed" for n in expect["failed"])
+    failed = summary[summary["status"] == "failed"]
+    assert failed["error"].str.contains("corrupt.jpg|empty.png").all()
+    assert {"n_wbc", "n_neutrophil", "pct_basophil", "error", "path"} <= set(summary.columns)
+
+    for name in expect["ok"]:
+        labels = tifffile.imread(out / f"{name}_labels.tif")
+        assert labels.dtype == np.uint16 and labels.shape == (64, 80)
+        cells = pd.read_csv(out / f"{name}_cells.csv")
+        assert list(cells.columns) == batch.CELL_COLUMNS
+        assert sorted(cells["label"]) == sorted(set(np.unique(labels)) - {0})
+        row = summary[summary["image"] == name].iloc[0]
+        assert row["n_wbc"] == len(cells)
+        if len(cells):
+            assert cells["cell_type"].isin(batch.CLASSES).all()
+            assert np.allclose(cells[batch.PROB_COLUMNS].sum(1), 1, atol=1e-4)
+            assert sum(row[f"n_{c}"] for c in batch.CLASSES) == len(cells)
+        assert (out / f"{name}.done").is_file()
+    for name in expect["failed"]:
+        assert not (out / f"{name}_labels.tif").exists()
+    assert not [f for f in out.iterdir() if f.name.startswith(".")]  # no temp files left
+
+    report = parse_report(out / "report.html")
+    assert sorted(report.h3) == sorted(expect["ok"] + expect["failed"])
+    assert len(report.imgs) == len(expect["ok"])
+    assert all(i["src"].startswith("data:image/png;base64,") for i in report.imgs)
+    text = (out / "report.html").read_text()
+    assert __version__ in text and str(tiny_models[0]) in text and "cpu" in text
+
+
+def test_resume_overwrite_and_interrupted_run(tmp_path, tiny_models, capsys, monkeypatch):
+    inp = tmp_path / "in"
+    for i in range(2):
+        inp.mkdir(exist_ok=True)
+        Image.fromarray(smear(seed=i)).save(inp / f"s{i}.png")
+    out = tmp_path / "out"
+    assert main(seg_args([inp], out, tiny_models)) == 0
+    first = mtimes(out)
+    assert len(first) == 6
+
+    # a second run keeps every output (resumable)
+    assert main(seg_args([inp], out, tiny_models)) == 0
+    assert mtimes(out) == first
+    assert set(pd.read_csv(out / "summary.csv")["status"]) == {"skipped"}
+    assert len(parse_report(out / "report.html").imgs) == 2  # previews rebuilt from the stored outputs
+
+    # --overwrite rewrites them
+    assert main(seg_args([inp], out, tiny_models, "--overwrite")) == 0
+    again = mtimes(out)
+    assert all(again[k] != first[k] for k in first)
+    assert set(pd.read_csv(out / "summary.csv")["status"]) == {"ok"}
+
+    # an image whose source changed is redone
+    Image.fromarray(smear(seed=7)).save(inp / "s0.png")
+    assert main(seg_args([inp], out, tiny_models)) == 0
+    st = dict(pd.read_csv(out / "summary.csv")[["image", "status"]].values)
+    assert st == {"s0": "ok", "s1": "skipped"}
+
+    # a run killed while writing s1's table leaves no marker: the next run redoes s1 only
+    capsys.readouterr()
+    real = batch.atomic_write
+
+    def dying(path, fn, **kw):
+        if str(path).endswith("s1_cells.csv"):
+            raise KeyboardInterrupt
+        return real(path, fn, **kw)
+
+    monkeypatch.setattr(batch, "atomic_write", dying)
+    assert main(seg_args([inp / "s1.png"], out, tiny_models, "--overwrite")) == 130
+    monkeypatch.setattr(batch, "atomic_write", real)
+    assert not (out / "s1.done").exists()
+    assert not [f for f in out.iterdir() if f.name.startswith(".")]
+    assert main(seg_args([inp], out, tiny_models)) == 0
+    st = dict(pd.read_csv(out / "summary.csv")[["image", "status"]].values)
+    assert st == {"s0": "skipped", "s1": "ok"}
+
+
+def test_real_images_with_corrupt_and_greyscale(tmp_path, tiny_models, data_dir, capsys):
+    src = data_dir / "sigtuple" / "unlabeled"
+    if not all((src / n).is_file() for n in REAL_IMAGES):
+        pytest.skip(f"SigTuple unlabeled images absent from {src}")
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for n in REAL_IMAGES:
+        shutil.copy(src / n, inp / n)
+    Image.open(src / REAL_IMAGES[0]).convert("L").save(inp / "grey.tif")
+    (inp / "broken.png").write_bytes(Image.open(src / REAL_IMAGES[1]).tobytes()[:500])
+    out = tmp_path / "out"
+    assert main(seg_args([inp], out, tiny_models)) == 1
+    assert "broken.png" in capsys.readouterr().err
+    summary = pd.read_csv(out / "summary.csv").set_index("image")
+    assert summary.loc["broken", "status"] == "failed"
+    for n in [Path(n).stem for n in REAL_IMAGES] + ["grey"]:
+        assert summary.loc[n, "status"] == "ok"
+        labels = tifffile.imread(out / f"{n}_labels.tif")
+        assert labels.shape == Image.open(inp / (n + (".tif" if n == "grey" else ".jpg"))).size[::-1]
+    assert sorted(parse_report(out / "report.html").h3) == sorted(summary.index)
+
+
+def test_stem_collisions_and_collection(tmp_path, tiny_models):
+    for d in ("x", "y"):
+        (tmp_path / d).mkdir()
+        Image.fromarray(smear(seed=len(d))).save(tmp_path / d / "same.png")
+    Image.fromarray(smear()).save(tmp_path / "x" / "same.jpg")
+    files = [tmp_path / "x" / "same.png", tmp_path / "y" / "same.png", tmp_path / "x" / "same.jpg"]
+    assert batch.output_names(files) == ["x_same", "y_same", "x_same-2"]
+    out = tmp_path / "out"
+    assert main(seg_args([tmp_path / "x", tmp_path / "y"], out, tiny_models)) == 0
+    assert sorted(pd.read_csv(out / "summary.csv")["image"]) == ["x_same", "x_same-2", "y_same"]
+    for n in ("x_same", "x_same-2", "y_same"):
+        assert (out / f"{n}_labels.tif").is_file() and (out / f"{n}_cells.csv").is_file()
+
+    # recursion, masks/ folders, mask names and the output folder are handled
+    root = tmp_path / "tree"
+    write_inputs(root / "sub")
+    Image.fromarray(smear()).save(root / "top.png")
+    files, notes = batch.collect_images([root])
+    assert [f.name for f in files] == ["top.png"]
+    files, notes = batch.collect_images([root], recursive=True, exclude=[root / "sub"])
+    assert [f.name for f in files] == ["top.png"]
+    files, notes = batch.collect_images([root], recursive=True)
+    assert sorted(f.name for f in files) == ["a.png", "b.jpg", "corrupt.jpg", "empty.png", "grey.png", "top.png"]
+    assert any("mask" in n for n in notes)
+    # an output folder inside the input folder: our label images are not inputs
+    (root / "sub" / "a_labels.tif").write_bytes(b"")
+    files, _ = batch.collect_images([root / "sub"], exclude=[root / "sub"])
+    assert "a_labels.tif" not in [f.name for f in files]
+
+
+def test_untyped_when_no_classifier(tmp_path, tiny_models, capsys, monkeypatch):
+    from napari_wbc.core import models
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    Image.fromarray(smear()).save(inp / "s.png")
+    seg, _ = tiny_models
+    args = ["segment", str(inp), "--out", str(tmp_path / "o1"), "--model", str(seg), "--device", "cpu", "-q"]
+    assert main([*args, "--no-classify"]) == 0
+    cells = pd.read_csv(tmp_path / "o1" / "s_cells.csv")
+    assert list(cells.columns) == batch.CELL_COLUMNS and cells["cell_type"].isna().all()
+    summary = pd.read_csv(tmp_path / "o1" / "summary.csv")
+    assert summary["n_neutrophil"].isna().all() and summary["n_wbc"].notna().all()
+
+    monkeypatch.setitem(models.SHIPPED, "classifier", tmp_path / "absent.safetensors")
+    args[3] = str(tmp_path / "o2")
+    assert main(args) == 0
+    assert "classifier" in capsys.readouterr().err
+    assert pd.read_csv(tmp_path / "o2" / "s_cells.csv")["cell_type"].isna().all()
+
+
+def test_usage_errors(tmp_path, tiny_models, capsys):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    assert main(seg_args([inp], tmp_path / "out", tiny_models)) == 2  # no images
+    assert "no image files" in capsys.readouterr().err
+    Image.fromarray(smear()).save(inp / "s.png")
+    bad = tmp_path / "bad.safetensors"
+    assert main(["segment", str(inp), "--out", str(tmp_path / "o"), "--model", str(bad), "--no-classify"]) == 2
+    assert "bad.safetensors" in capsys.readouterr().err
+    assert main(seg_args([inp], tmp_path / "o", tiny_models, "--device", "nope")) == 2
+    assert "--device" in capsys.readouterr().err
+    # a model whose weights cannot be loaded stops the run before any image
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not safetensors")
+    shutil.copy(tiny_models[0].with_suffix(".json"), broken.with_suffix(".json"))
+    assert main(["segment", str(inp), "--out", str(tmp_path / "o"), "--model", str(broken), "--no-classify",
+                 "--device", "cpu"]) == 2
+    assert "broken.safetensors" in capsys.readouterr().err and not (tmp_path / "o" / "summary.csv").exists()
+    # a classifier passed as the segmenter
+    assert main(["segment", str(inp), "--out", str(tmp_path / "o"), "--model", str(tiny_models[1])]) == 2
+    assert "expected a segmenter" in capsys.readouterr().err
+
+
+def test_workers_processes(tmp_path, tiny_models):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for i in range(2):
+        Image.fromarray(smear(seed=i)).save(inp / f"s{i}.png")
+    (inp / "bad.png").write_bytes(b"junk")
+    out = tmp_path / "out"
+    assert main(seg_args([inp], out, tiny_models, "--workers", "2")) == 1
+    st = dict(pd.read_csv(out / "summary.csv")[["image", "status"]].values)
+    assert st == {"bad": "failed", "s0": "ok", "s1": "ok"}
+
+
+def test_dask_scheduler(tmp_path, tiny_models):
+    distributed = pytest.importorskip("distributed")
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for i in range(2):
+        Image.fromarray(smear(seed=i)).save(inp / f"s{i}.png")
+    out = tmp_path / "out"
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as cluster:
+        assert main(seg_args([inp], out, tiny_models, "--scheduler", cluster.scheduler_address)) == 0
+        # the same unit of work from Python
+        with distributed.Client(cluster) as client:
+            settings = batch.Settings(model=str(tiny_models[0]), classify=False, device="cpu", thumbnail=False)
+            futs = client.map(batch.process_one, [str(inp / "s0.png")], [str(tmp_path / "py")], [settings])
+            (row,) = client.gather(futs)
+    assert set(pd.read_csv(out / "summary.csv")["status"]) == {"ok"}
+    assert row["status"] == "ok" and (tmp_path / "py" / "s0_labels.tif").is_file()
+
+
+def test_process_one_reports_bad_files(tmp_path):
+    (tmp_path / "x.txt").write_text("hi")
+    row = batch.process_one(tmp_path / "x.txt", tmp_path / "o", batch.Settings(device="cpu"))
+    assert row["status"] == "failed" and "x.txt" in row["error"] and "unsupported" in row["error"]
+    row = batch.process_one(tmp_path / "nope.jpg", tmp_path / "o", batch.Settings(device="cpu"))
+    assert row["status"] == "failed" and "no such file" in row["error"]
+
+
+# ------------------------------------------------------------------ train
+def _training_pairs(folder: Path, n=2, mask_style="-mask"):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        img = smear(96, 96, seed=i)
+        yy, xx = np.mgrid[:96, :96]
+        mask = (((yy - 48) ** 2 + (xx - 48) ** 2) < 120).astype(np.uint8) * 255
+        Image.fromarray(img).save(folder / f"t{i}.png")
+        Image.fromarray(mask).save(folder / f"t{i}{mask_style}.png")
+
+
+def test_pairing(tmp_path):
+    _training_pairs(tmp_path / "sig", mask_style="-mask")
+    pairs, lone_i, lone_m = pair_images_masks(tmp_path / "sig", tmp_path / "sig")
+    assert [(a.name, b.name) for a, b in pairs] == [("t0.png", "t0-mask.png"), ("t1.png", "t1-mask.png")]
+    assert lone_i == [] and lone_m == []
+    (tmp_path / "im").mkdir()
+    (tmp_path / "ma").mkdir()
+    for i in range(2):
+        shutil.copy(tmp_path / "sig" / f"t{i}.png", tmp_path / "im" / f"t{i}.png")
+    shutil.copy(tmp_path / "sig" / "t0-mask.png", tmp_path / "ma" / "t0.png")
+    shutil.copy(tmp_path / "sig" / "t0-mask.png", tmp_path / "ma" / "zz_mask.png")
+    pairs, lone_i, lone_m = pair_images_masks(tmp_path / "im", tmp_path / "ma")
+    assert [(a.name, b.name) for a, b in pairs] == [("t0.png", "t0.png")]
+    assert [p.name for p in lone_i] == ["t1.png"] and [p.name for p in lone_m] == ["zz_mask.png"]
+
+
+def test_train_errors(tmp_path, tiny_models, capsys):
+    _training_pairs(tmp_path / "d")
+    (tmp_path / "d" / "t1-mask.png").unlink()
+    base = str(tiny_models[0])
+    assert main(["train", str(tmp_path / "d"), str(tmp_path / "d"), "--base", base, "--device", "cpu"]) == 2
+    assert "t1.png" in capsys.readouterr().err
+    (tmp_path / "e").mkdir()
+    assert main(["train", str(tmp_path / "e"), str(tmp_path / "e"), "--base", base]) == 2
+    assert "no image/mask pairs" in capsys.readouterr().err
+
+
+def test_train_one_epoch(tmp_path, tiny_models, capsys, monkeypatch):
+    from napari_wbc.core import finetune
+
+    monkeypatch.setattr(finetune, "STEPS_PER_EPOCH", 2)  # a short epoch: this tests the plumbing
+    monkeypatch.setattr(finetune, "BATCH_SIZE", 2)
+    _training_pairs(tmp_path / "d", mask_style="_mask")
+    out = tmp_path / "ft" / "mine.safetensors"
+    rc = main(["train", str(tmp_path / "d"), str(tmp_path / "d"), "--base", str(tiny_models[0]),
+               "--epochs", "1", "--out", str(out), "--device", "cpu"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert "epoch 1/1" in cap.err
+    written = Path(cap.out.strip().splitlines()[-1])
+    assert written.is_file() and written.suffix == ".safetensors"
+    # the new model (or the base when no epoch beat it) is a segmenter the CLI can use
+    assert json.loads(written.with_suffix(".json").read_text())["kind"] == "segmenter"
+    # never overwritten
+    if written == out:
+        assert main(["train", str(tmp_path / "d"), str(tmp_path / "d"), "--base", str(tiny_models[0]),
+                     "--epochs", "1", "--out", str(out), "--device", "cpu"]) == 2
+
+
+# ------------------------------------------------------------------ demo
+def test_demo(tiny_models, capsys):
+    seg, cls = tiny_models
+    assert main(["demo", "--device", "cpu", "--model", str(seg), "--classifier", str(cls)]) == 0
+    out = capsys.readouterr().out
+    assert "BloodImage_00000" in out and "neutrophil" in out and "basophil" in out
+
+
+# ------------------------------------------------------------------ the console script
+def test_console_script(tmp_path, tiny_models):
+    exe = shutil.which("napari-wbc", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
+    if exe is None:
+        pytest.skip("the napari-wbc console script is not installed (pip install -e .)")
+    r = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and __version__ in r.stdout
+    inp = tmp_path / "in"
+    inp.mkdir()
+    Image.fromarray(smear()).save(inp / "s.png")
+    (inp / "bad.jpg").write_bytes(b"junk")
+    r = subprocess.run([exe, *seg_args([inp], tmp_path / "out", tiny_models)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 1, r.stderr
+    assert "bad.jpg" in r.stderr and (tmp_path / "out" / "s_labels.tif").is_file()
+
+
+def test_cli_import_is_light():
+    code = ("import sys, napari_wbc.cli, napari_wbc.core.batch; "
+            "print(' '.join(m for m in ('torch', 'napari', 'qtpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "", f"importing the CLI loaded {out}"
