@@ -92,3 +92,47 @@ def make_napari_viewer(make_napari_viewer, qapp, monkeypatch):
         clear_caches()
     else:
         yield make_napari_viewer
+
+
+# ---------------------------------------------------------------- widget tests (tests/test_widget_*.py)
+@pytest.fixture(scope="session")
+def tiny_segmenter(tmp_path_factory) -> Path:
+    """A tiny random segmenter (target diameter 16 px) written to a temporary folder."""
+    from napari_wbc.core.testing import make_tiny_segmenter
+
+    return make_tiny_segmenter(tmp_path_factory.mktemp("tiny_models") / "tiny_seg.safetensors", target_diameter=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory) -> Path:
+    """A tiny random classifier written to a temporary folder."""
+    from napari_wbc.core.testing import make_tiny_classifier
+
+    return make_tiny_classifier(tmp_path_factory.mktemp("tiny_models") / "tiny_cls.safetensors")
+
+
+@pytest.fixture
+def user_models(tmp_path, monkeypatch) -> Path:
+    """The user's model folder, redirected to an empty temporary folder."""
+    import napari_wbc.core.finetune as ft
+
+    folder = tmp_path / "user_models"
+    monkeypatch.setattr(ft, "user_models_dir", lambda: folder)
+    return folder
+
+
+@pytest.fixture
+def disc_smear():
+    """``(image, labels)``: a 64x64 RGB smear-like image with 4 dark discs (r=7) and their int32 labels."""
+    import numpy as np
+
+    yy, xx = np.mgrid[:64, :64]
+    labels = np.zeros((64, 64), np.int32)
+    for i, (cy, cx) in enumerate([(14, 14), (14, 48), (48, 16), (46, 46)], start=1):
+        labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= 49] = i
+    rng = np.random.default_rng(0)
+    image = np.empty((64, 64, 3), np.uint8)
+    image[:] = (235, 200, 215)
+    image[labels > 0] = (110, 60, 150)
+    image = np.clip(image.astype(int) + rng.integers(-8, 9, image.shape), 0, 255).astype(np.uint8)
+    return image, labels

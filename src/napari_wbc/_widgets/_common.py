@@ -1,0 +1,395 @@
+"""Pieces shared by the napari-wbc dock widgets (thin Qt glue, no pixel arithmetic).
+
+- :class:`LayerCombo`: a layer picker that follows the viewer's layer list;
+- :class:`ModelCombo`: shipped model + the user's fine-tuned models + "Browse...";
+- :class:`DeviceCombo`: ``auto`` + the devices torch can use here;
+- :func:`start_worker`: run a core generator/function in a napari thread worker
+  with our own error reporting;
+- a weak registry so one widget can find another of the same viewer
+  (the Train widget hands its new model to the Segment widget).
+"""
+from __future__ import annotations
+
+import hashlib
+import weakref
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from qtpy.QtCore import Qt, Signal
+from qtpy.QtWidgets import QComboBox, QFileDialog, QHBoxLayout, QProgressBar, QPushButton, QWidget
+
+BROWSE = "Browse..."
+_BROWSE_DATA = "<browse>"
+META_KEY = "napari_wbc"
+
+# ----------------------------------------------------------------- registry
+_REGISTRY: "weakref.WeakSet[QWidget]" = weakref.WeakSet()
+
+
+def register(widget: QWidget) -> None:
+    """Make ``widget`` findable by :func:`find_widgets` (held weakly)."""
+    _REGISTRY.add(widget)
+
+
+def alive(widget) -> bool:
+    """Whether the Qt object behind ``widget`` still exists."""
+    try:
+        widget.objectName()
+    except RuntimeError:
+        return False
+    return True
+
+
+def find_widgets(viewer, cls) -> list:
+    """Open widgets of type ``cls`` docked in ``viewer`` (most recently created last)."""
+    return [w for w in list(_REGISTRY) if isinstance(w, cls) and getattr(w, "viewer", None) is viewer and alive(w)]
+
+
+# ----------------------------------------------------------------- helpers
+def unwrap_viewer(viewer):
+    """The viewer itself: npe2 hands widgets a public-only proxy, whose ``viewer.layers[name]``
+    and ``add_*`` return new proxy objects each time; layer identity matters to our pickers."""
+    return getattr(viewer, "__wrapped__", viewer)
+
+
+def wbc_meta(layer) -> dict:
+    """The napari-wbc part of a layer's metadata (empty dict when none)."""
+    meta = getattr(layer, "metadata", None) or {}
+    value = meta.get(META_KEY)
+    return value if isinstance(value, dict) else {}
+
+
+def data_hash(data) -> str:
+    """A digest of a label array, to tell whether the user changed it."""
+    arr = np.ascontiguousarray(np.asarray(data))
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str((arr.shape, arr.dtype.str)).encode())
+    h.update(arr.view(np.uint8).reshape(-1))
+    return h.hexdigest()
+
+
+def layer_image(layer) -> np.ndarray:
+    """The full-resolution array of an image layer (level 0 of a multiscale)."""
+    data = layer.data
+    if getattr(layer, "multiscale", False):
+        data = data[0]
+    return np.asarray(data)
+
+
+def plane_scale(layer) -> tuple[tuple, tuple]:
+    """``(scale, translate)`` of the last two (spatial) axes of a layer."""
+    return tuple(layer.scale[-2:]), tuple(layer.translate[-2:])
+
+
+def error_message(what: str, exc: BaseException) -> str:
+    msg = str(exc) or type(exc).__name__
+    return f"{what}: {msg}"
+
+
+# ----------------------------------------------------------------- pickers
+class LayerCombo(QComboBox):
+    """Picks a layer of ``layer_type``; refreshes on insert/remove/rename.
+
+    With ``follow_new`` a newly inserted layer of the type becomes the choice.
+    """
+
+    layer_changed = Signal(object)
+
+    def __init__(self, viewer, layer_type, *, follow_new: bool = False, parent=None):
+        super().__init__(parent)
+        self.viewer = viewer
+        self.layer_type = layer_type
+        self.follow_new = follow_new
+        self._current = None
+        self.currentIndexChanged.connect(self._on_index)
+        viewer.layers.events.inserted.connect(self._on_inserted)
+        viewer.layers.events.removed.connect(self._on_removed)
+        for layer in viewer.layers:
+            layer.events.name.connect(self._on_renamed)
+        self.refresh()
+
+    def layers(self) -> list:
+        return [lyr for lyr in self.viewer.layers if isinstance(lyr, self.layer_type)]
+
+    def layer(self):
+        """The chosen layer, or None."""
+        i = self.currentIndex()
+        return self.itemData(i) if i >= 0 else None
+
+    def set_layer(self, layer) -> bool:
+        for i in range(self.count()):
+            if self.itemData(i) is layer:
+                self.setCurrentIndex(i)
+                return True
+        return False
+
+    def refresh(self, prefer=None) -> None:
+        keep = prefer if prefer is not None else self.layer()
+        self.blockSignals(True)
+        try:
+            self.clear()
+            for lyr in self.layers():
+                self.addItem(lyr.name, lyr)
+            if keep is not None:
+                self.set_layer(keep)
+        finally:
+            self.blockSignals(False)
+        self._on_index(self.currentIndex())
+
+    def _on_index(self, _i) -> None:
+        layer = self.layer()
+        if layer is not self._current:
+            self._current = layer
+            self.layer_changed.emit(layer)
+
+    def _on_inserted(self, event) -> None:
+        if not alive(self):
+            return
+        layer = event.value
+        layer.events.name.connect(self._on_renamed)
+        follow = self.follow_new and isinstance(layer, self.layer_type)
+        self.refresh(prefer=layer if follow else None)
+
+    def _on_removed(self, event) -> None:
+        if alive(self):
+            self.refresh()
+
+    def _on_renamed(self, event=None) -> None:
+        if not alive(self):
+            return
+        for i in range(self.count()):
+            lyr = self.itemData(i)
+            if lyr is not None and self.itemText(i) != lyr.name:
+                self.setItemText(i, lyr.name)
+
+
+class DeviceCombo(QComboBox):
+    """``auto`` (cuda, then mps, then cpu) and every device available here."""
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        from napari_wbc.core.device import available_devices
+
+        self.addItem("auto")
+        for name in available_devices():
+            self.addItem(name)
+        self.setToolTip("auto = cuda, then mps, then cpu")
+
+    def device(self) -> str:
+        return self.currentText()
+
+    def set_device(self, name: str) -> None:
+        i = self.findText(name)
+        if i < 0:
+            raise ValueError(f"device {name!r} is not available here")
+        self.setCurrentIndex(i)
+
+
+def _user_models(kind: str) -> list[Path]:
+    from napari_wbc.core import finetune
+
+    try:
+        return finetune.list_user_models(kind)
+    except OSError:
+        return []
+
+
+class ModelCombo(QComboBox):
+    """Model files of ``kind``: the shipped one (when present), the user's, then "Browse..."."""
+
+    model_changed = Signal(object)
+
+    def __init__(self, kind: str = "segmenter", parent=None):
+        super().__init__(parent)
+        self.kind = kind
+        self._last = -1
+        self.activated.connect(self._on_activated)  # user interaction only
+        self.currentIndexChanged.connect(self._on_index)
+        self.reload()
+
+    # item data: the model path as a string, or _BROWSE_DATA for "Browse..."
+    def _path_at(self, i: int) -> str | None:
+        d = self.itemData(i) if 0 <= i < self.count() else None
+        return d if d and d != _BROWSE_DATA else None
+
+    def reload(self) -> None:
+        from napari_wbc.core.models import SHIPPED
+
+        keep = self.model_path()
+        extra = [self._path_at(i) for i in range(self.count()) if self._path_at(i)]
+        self.blockSignals(True)
+        try:
+            self.clear()
+            shipped = SHIPPED.get(self.kind)
+            if shipped is not None and shipped.exists():
+                self._add(shipped, f"shipped: {shipped.stem}")
+            for p in _user_models(self.kind):
+                self._add(p, f"yours: {p.stem}")
+            for p in extra:  # added by hand earlier (browsed, trained)
+                if Path(p).exists():
+                    self._add(Path(p), f"file: {Path(p).stem}")
+            self.addItem(BROWSE, _BROWSE_DATA)
+            if keep is not None:
+                self._select(keep)
+        finally:
+            self.blockSignals(False)
+        self._last = self.currentIndex()
+
+    def _index_of(self, path) -> int:
+        target = Path(path).expanduser().resolve()
+        for i in range(self.count()):
+            d = self._path_at(i)
+            if d is not None and Path(d).resolve() == target:
+                return i
+        return -1
+
+    def _add(self, path: Path, text: str, index: int | None = None) -> int:
+        if self._index_of(path) >= 0:
+            return self._index_of(path)
+        if index is None:
+            browse = self.findData(_BROWSE_DATA)
+            index = browse if browse >= 0 else self.count()
+        self.insertItem(index, text, str(path))
+        self.setItemData(index, str(path), Qt.ItemDataRole.ToolTipRole)
+        return index
+
+    def _select(self, path) -> bool:
+        i = self._index_of(path)
+        if i >= 0:
+            self.setCurrentIndex(i)
+        return i >= 0
+
+    def model_path(self) -> Path | None:
+        """The chosen model file, or None when there is none to choose."""
+        d = self._path_at(self.currentIndex())
+        return Path(d) if d else None
+
+    def add_model(self, path, *, select: bool = True) -> Path:
+        """Add a model file (checked: a ``.safetensors`` of this kind with its card) and select it."""
+        from napari_wbc.core.models import read_card, resolve_model_path
+
+        p = resolve_model_path(path, self.kind)
+        card = read_card(p)
+        if card.get("kind") != self.kind:
+            raise ValueError(f"model file {str(p)!r} is a {card.get('kind')}, expected a {self.kind}")
+        user = {q.resolve() for q in _user_models(self.kind)}
+        label = f"yours: {p.stem}" if p.resolve() in user else f"file: {p.stem}"
+        from napari_wbc.core.models import SHIPPED
+
+        shipped = SHIPPED.get(self.kind)
+        first = 1 if shipped is not None and self._index_of(shipped) == 0 else 0
+        i = self._index_of(p)
+        if i < 0:
+            self.blockSignals(True)
+            try:
+                i = self._add(p, label, index=first)
+            finally:
+                self.blockSignals(False)
+        if select:
+            self.setCurrentIndex(i)
+        return p
+
+    def _on_index(self, i) -> None:
+        if self._path_at(i) is not None:
+            self._last = i
+            self.model_changed.emit(self.model_path())
+
+    def _on_activated(self, i) -> None:
+        if self.itemData(i) == _BROWSE_DATA:
+            self.browse()
+
+    def browse(self) -> None:
+        from napari.utils.notifications import show_error
+
+        path, _ = QFileDialog.getOpenFileName(
+            self, f"Choose a {self.kind} model", str(Path.home()), "Model files (*.safetensors)"
+        )
+        if path:
+            try:
+                self.add_model(path, select=True)
+                return
+            except ValueError as e:
+                show_error(error_message("Cannot use this model", e))
+        if self._path_at(self._last) is not None:
+            self.setCurrentIndex(self._last)
+        else:
+            self.setCurrentIndex(-1)
+
+
+# ----------------------------------------------------------------- running
+class RunButtons(QWidget):
+    """A run button and a Cancel button; run is disabled while busy."""
+
+    def __init__(self, text: str, parent=None):
+        super().__init__(parent)
+        lay = QHBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        self.run = QPushButton(text)
+        self.cancel = QPushButton("Cancel")
+        self.cancel.setEnabled(False)
+        lay.addWidget(self.run)
+        lay.addWidget(self.cancel)
+
+    def set_busy(self, busy: bool) -> None:
+        self.run.setEnabled(not busy)
+        self.cancel.setEnabled(busy)
+
+
+def make_progress() -> QProgressBar:
+    bar = QProgressBar()
+    bar.setRange(0, 1)
+    bar.setValue(0)
+    bar.setTextVisible(True)
+    bar.setFormat("")
+    return bar
+
+
+class WorkError(Exception):
+    """An error raised inside a generator worker (re-raised so the worker reports it)."""
+
+
+def _guarded(gen_func, *args, **kwargs):
+    # superqt's GeneratorWorker treats a RuntimeError from the generator as "the worker was
+    # deleted" and only warns: torch errors (out of memory...) are RuntimeErrors, so re-raise.
+    try:
+        return (yield from gen_func(*args, **kwargs))
+    except RuntimeError as e:
+        raise WorkError(str(e) or type(e).__name__) from e
+
+
+def start_worker(
+    func: Callable,
+    *args,
+    on_yield: Callable | None = None,
+    on_return: Callable | None = None,
+    on_error: Callable | None = None,
+    on_finish: Callable | None = None,
+    on_abort: Callable | None = None,
+    **kwargs,
+):
+    """Start ``func(*args, **kwargs)`` (a generator function or a plain one) in a thread worker.
+
+    The worker classes are used directly: napari's ``create_worker`` connects a
+    status-bar slot to ``errored`` that takes the wrong number of arguments
+    under PySide6, so an error in the work would become a second error.
+    """
+    import inspect
+
+    from napari.qt.threading import FunctionWorker, GeneratorWorker
+
+    if inspect.isgeneratorfunction(func):
+        worker = GeneratorWorker(_guarded, func, *args, **kwargs)
+    else:
+        worker = FunctionWorker(func, *args, **kwargs)
+    for signal, slot in (
+        ("yielded", on_yield),
+        ("returned", on_return),
+        ("errored", on_error),
+        ("finished", on_finish),
+        ("aborted", on_abort),
+    ):
+        if slot is not None and hasattr(worker, signal):
+            getattr(worker, signal).connect(slot)
+    worker.start()
+    return worker

@@ -1,0 +1,585 @@
+"""Classify WBCs dock widget: cell types, differential count, corrections, CSV export.
+
+The per-cell table lives in the labels layer's ``features`` (an ``index`` column
+holds the label id); the types are drawn by a Points layer ``<labels> types``
+at the cell centroids. The network work is
+:func:`napari_wbc.core.classify.iter_classify`, run in a thread worker.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from napari.layers import Image, Labels, Points
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QPushButton,
+    QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ._common import (
+    META_KEY,
+    DeviceCombo,
+    LayerCombo,
+    ModelCombo,
+    RunButtons,
+    alive,
+    error_message,
+    layer_image,
+    make_progress,
+    register,
+    start_worker,
+    unwrap_viewer,
+    wbc_meta,
+)
+
+CLASS_COLORS = {
+    "neutrophil": "#4c9be8",
+    "lymphocyte": "#f5c242",
+    "monocyte": "#4cc46a",
+    "eosinophil": "#e8524c",
+    "basophil": "#a65ce8",
+}
+OTHER_COLOR = "#b0b0b0"
+TYPES_SUFFIX = "types"
+
+
+def class_names() -> list[str]:
+    from napari_wbc.core.classify import CLASSES
+
+    return list(CLASSES)
+
+
+# ------------------------------------------------------------------ the per-cell table (pandas only)
+def measure(labels) -> pd.DataFrame:
+    """``index`` + label, area, centroid, bbox of every cell (the geometry part of ``features``)."""
+    from .segment import cell_features
+
+    return cell_features(labels)
+
+
+def is_classified(features) -> bool:
+    return features is not None and "cell_type" in features and bool(pd.notna(features["cell_type"]).any())
+
+
+def _with_type_columns(features: pd.DataFrame, table_columns) -> pd.DataFrame:
+    f = features.copy()
+    for c in table_columns:
+        if c == "label" or c in f:
+            continue
+        f[c] = pd.Series([None] * len(f), dtype=object, index=f.index) if c == "cell_type" else np.nan
+    if "corrected" not in f:
+        f["corrected"] = False
+    f["corrected"] = f["corrected"].fillna(False).astype(bool)
+    return f
+
+
+def merge_classification(features: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """Put ``table``'s types into ``features`` for its labels; corrected rows are kept as they are.
+
+    Labels of ``table`` missing from ``features`` (cells erased meanwhile) are ignored.
+    """
+    f = _with_type_columns(features, table.columns).reset_index(drop=True)
+    t = table.drop_duplicates("label").set_index("label")
+    rows = f["label"].isin(t.index).to_numpy() & ~f["corrected"].to_numpy()
+    ids = f.loc[rows, "label"].to_numpy()
+    for c in t.columns:
+        values = t.loc[ids, c].to_numpy()
+        if c == "cell_type":
+            col = f[c].astype(object)
+            col[rows] = values
+            f[c] = col
+        else:
+            f.loc[rows, c] = values
+    return f
+
+
+def remeasure(features, labels) -> tuple[pd.DataFrame, list[int], list[int]]:
+    """Bring ``features`` up to date with ``labels``: ``(features, new_ids, removed_ids)``.
+
+    Geometry is measured again, rows of erased cells dropped, new cells get
+    empty types; every other column (types, corrections) is kept per label.
+    """
+    cur = measure(labels)
+    if features is None or len(features.columns) == 0 or "label" not in features:
+        return cur, [int(i) for i in cur["label"]], []
+    old = features.drop_duplicates("label")
+    extra = [c for c in old.columns if c not in cur.columns]
+    merged = cur.merge(old[["label", *extra]], on="label", how="left")
+    if "corrected" in merged:
+        merged["corrected"] = merged["corrected"].fillna(False).astype(bool)
+    if "cell_type" in merged:
+        merged["cell_type"] = merged["cell_type"].astype(object).where(pd.notna(merged["cell_type"]), None)
+    before, now = set(old["label"].astype(int)), set(cur["label"].astype(int))
+    return merged, sorted(now - before), sorted(before - now)
+
+
+def differential_count(features) -> pd.DataFrame:
+    """Rows ``cell_type, count, percent`` for every class (+ other types, + ``unclassified``)."""
+    classes = class_names()
+    if features is None or len(features) == 0 or "cell_type" not in features:
+        types = pd.Series([], dtype=object)
+        n_unclassified = 0 if features is None else len(features)
+    else:
+        col = features["cell_type"]
+        types = col[pd.notna(col)].astype(str)
+        n_unclassified = int(pd.isna(col).sum())
+    counts = types.value_counts()
+    order = classes + sorted(t for t in counts.index if t not in classes)
+    total = int(counts.sum())
+    rows = [
+        {"cell_type": c, "count": int(counts.get(c, 0)),
+         "percent": round(100.0 * counts.get(c, 0) / total, 1) if total else 0.0}
+        for c in order
+    ]
+    if n_unclassified:
+        rows.append({"cell_type": "unclassified", "count": n_unclassified, "percent": np.nan})
+    return pd.DataFrame(rows, columns=["cell_type", "count", "percent"])
+
+
+# ------------------------------------------------------------------ canvas
+def types_layer_name(labels_layer) -> str:
+    return f"{labels_layer.name} {TYPES_SUFFIX}"
+
+
+def find_types_layer(viewer, labels_layer):
+    name = types_layer_name(labels_layer)
+    for lyr in viewer.layers:
+        if isinstance(lyr, Points) and lyr.name == name:
+            return lyr
+    return None
+
+
+def _color(t) -> str:
+    return CLASS_COLORS.get(t, OTHER_COLOR)
+
+
+def render_types(viewer, labels_layer):
+    """Create or update the ``<labels> types`` Points layer from the labels layer's features.
+
+    Returns the Points layer (None when there is nothing to show and no layer yet).
+    """
+    from napari.utils.colormaps.standardize_color import transform_color
+
+    feats = labels_layer.features
+    pts = find_types_layer(viewer, labels_layer)
+    if not is_classified(feats):
+        if pts is not None:
+            viewer.layers.remove(pts)
+        return None
+    rows = feats[pd.notna(feats["cell_type"])]
+    coords = rows[["centroid-0", "centroid-1"]].to_numpy(float)
+    corrected = rows["corrected"].to_numpy(bool) if "corrected" in rows else np.zeros(len(rows), bool)
+    types = rows["cell_type"].astype(str).to_numpy()
+    pfeat = pd.DataFrame({
+        "label": rows["label"].to_numpy(int),
+        "cell_type": types,
+        "corrected": corrected,
+        "color": [_color(t) for t in types],
+    })
+    colors = transform_color([_color(t) for t in types]) if len(types) else np.zeros((0, 4))
+    area = float(np.median(rows["area"])) if "area" in rows and len(rows) else 100.0
+    size = max(3.0, 0.25 * np.sqrt(area))
+    if pts is None:
+        active = viewer.layers.selection.active
+        pts = viewer.add_points(
+            coords,
+            name=types_layer_name(labels_layer),
+            scale=labels_layer.scale[-2:],
+            translate=labels_layer.translate[-2:],
+            features=pfeat,
+            face_color=colors,
+            border_color="white",
+            border_width=0.1,
+            size=size,
+            text={"string": "{cell_type}", "color": {"feature": "color"}, "size": 10, "anchor": "upper_left",
+                  "translation": [-size, size]},
+            metadata={META_KEY: {"types_of": labels_layer.name}},
+        )
+        if active is not None:  # keep the user's layer active (clicks pick cells on the labels)
+            viewer.layers.selection.active = active
+    else:
+        pts.data = coords
+        pts.features = pfeat
+        pts.face_color = colors
+        pts.refresh_text()
+    return pts
+
+
+def apply_classification(viewer, labels_layer, table) -> None:
+    """Merge a classification table into ``labels_layer.features`` and redraw the types."""
+    labels_layer.features = merge_classification(labels_layer.features, table)
+    render_types(viewer, labels_layer)
+
+
+# ------------------------------------------------------------------ widget
+class ClassifyWidget(QWidget):
+    """Type the segmented cells, show the differential count, correct types by hand, export."""
+
+    SYNC_DELAY_MS = 300
+
+    def __init__(self, napari_viewer):
+        super().__init__()
+        self.viewer = napari_viewer = unwrap_viewer(napari_viewer)
+        self.worker = None
+        self._layer = None  # the labels layer whose events we follow
+        self._pending_sync = False
+
+        self.labels_combo = LayerCombo(napari_viewer, Labels, follow_new=True)
+        self.image_combo = LayerCombo(napari_viewer, Image)
+        self.image_combo.setToolTip("the image the labels belong to (set from the Segment result when known)")
+        self.model_combo = ModelCombo("classifier")
+        self.device_combo = DeviceCombo()
+        self.buttons = RunButtons("Classify")
+        self.buttons.run.clicked.connect(lambda: self.classify())
+        self.buttons.cancel.clicked.connect(self.cancel)
+        self.progress = make_progress()
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+
+        self.count_table = QTableWidget(0, 3)
+        self.count_table.setHorizontalHeaderLabels(["class", "count", "%"])
+        self.count_table.verticalHeader().setVisible(False)
+        self.count_table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+        self.count_table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
+        self.total_label = QLabel("total WBCs: 0")
+
+        self.cell_spin = QSpinBox()
+        self.cell_spin.setRange(0, 2**31 - 1)
+        self.cell_spin.setToolTip("label id of the cell to correct (click a cell in pan/zoom mode)")
+        self.cell_spin.valueChanged.connect(self._show_cell)
+        self.type_combo = QComboBox()
+        self.type_combo.addItems(class_names())
+        self.set_type_button = QPushButton("Set type")
+        self.set_type_button.clicked.connect(self._on_set_type)
+        self.cell_info = QLabel("")
+        self.export_button = QPushButton("Export CSV...")
+        self.export_button.clicked.connect(self._on_export)
+
+        form = QFormLayout()
+        form.addRow("labels", self.labels_combo)
+        form.addRow("image", self.image_combo)
+        form.addRow("model", self.model_combo)
+        form.addRow("device", self.device_combo)
+        fix = QHBoxLayout()
+        fix.addWidget(self.cell_spin)
+        fix.addWidget(self.type_combo, 1)
+        fix.addWidget(self.set_type_button)
+        lay = QVBoxLayout(self)
+        lay.addLayout(form)
+        lay.addWidget(self.buttons)
+        lay.addWidget(self.progress)
+        lay.addWidget(self.status)
+        lay.addWidget(QLabel("Differential count"))
+        lay.addWidget(self.count_table)
+        lay.addWidget(self.total_label)
+        lay.addWidget(QLabel("Correct a cell (click it, pick its type)"))
+        lay.addLayout(fix)
+        lay.addWidget(self.cell_info)
+        lay.addWidget(self.export_button)
+        lay.addStretch(1)
+
+        self._sync_timer = QTimer(self)
+        self._sync_timer.setSingleShot(True)
+        self._sync_timer.setInterval(self.SYNC_DELAY_MS)
+        self._sync_timer.timeout.connect(self.sync_cells)
+
+        self.labels_combo.layer_changed.connect(self._follow_layer)
+        self._follow_layer(self.labels_combo.layer())
+        register(self)
+
+    # ------------------------------------------------------------ layer following
+    @property
+    def labels_layer(self):
+        return self._layer
+
+    def _follow_layer(self, layer) -> None:
+        old = self._layer
+        if old is not None:
+            for name, slot in self._layer_slots():
+                try:
+                    getattr(old.events, name).disconnect(slot)
+                except (TypeError, ValueError, RuntimeError):
+                    pass
+            if self._on_click in old.mouse_drag_callbacks:
+                old.mouse_drag_callbacks.remove(self._on_click)
+        self._layer = layer
+        self._sync_timer.stop()
+        if layer is not None:
+            for name, slot in self._layer_slots():
+                getattr(layer.events, name).connect(slot)
+            layer.mouse_drag_callbacks.append(self._on_click)
+            image_name = wbc_meta(layer).get("image_layer")
+            if image_name in self.viewer.layers and isinstance(self.viewer.layers[image_name], Image):
+                self.image_combo.set_layer(self.viewer.layers[image_name])
+        self.refresh_counts()
+        self._show_cell()
+
+    def _layer_slots(self):
+        return [
+            ("paint", self._on_labels_edited),
+            ("data", self._on_labels_edited),
+            ("features", self._on_features),
+            ("selected_label", self._on_selected_label),
+        ]
+
+    def _on_labels_edited(self, event=None) -> None:
+        if alive(self):
+            self._sync_timer.start()
+
+    def _on_features(self, event=None) -> None:
+        if alive(self):
+            self.refresh_counts()
+            self._show_cell()
+
+    def _on_selected_label(self, event=None) -> None:
+        if alive(self) and self._layer is not None and self._has_cell(int(self._layer.selected_label)):
+            self.pick_cell(int(self._layer.selected_label))
+
+    def _on_click(self, layer, event):
+        if layer.mode != "pan_zoom" or not alive(self):
+            return
+        value = layer.get_value(
+            event.position, view_direction=event.view_direction, dims_displayed=event.dims_displayed, world=True
+        )
+        if isinstance(value, tuple):  # multiscale: (level, value)
+            value = value[-1]
+        if value is not None and int(value) > 0:
+            self.pick_cell(int(value))
+
+    # ------------------------------------------------------------ counts and cells
+    def refresh_counts(self) -> None:
+        feats = self._layer.features if self._layer is not None else None
+        table = differential_count(feats)
+        self.count_table.setRowCount(len(table))
+        for r, row in enumerate(table.itertuples(index=False)):
+            pct = "" if pd.isna(row.percent) else f"{row.percent:.1f}"
+            for c, text in enumerate((row.cell_type, str(row.count), pct)):
+                self.count_table.setItem(r, c, QTableWidgetItem(text))
+        n = 0 if feats is None else len(feats)
+        self.total_label.setText(f"total WBCs: {n}")
+
+    def counts(self) -> pd.DataFrame:
+        """The differential count of the followed labels layer (as shown in the table)."""
+        return differential_count(self._layer.features if self._layer is not None else None)
+
+    def _has_cell(self, label: int) -> bool:
+        f = self._layer.features if self._layer is not None else None
+        return f is not None and "label" in f and bool((f["label"] == label).any())
+
+    def pick_cell(self, label: int) -> None:
+        """Make ``label`` the cell to correct."""
+        self.cell_spin.setValue(int(label))
+        self._show_cell()
+
+    def _show_cell(self, *_):
+        label = int(self.cell_spin.value())
+        if not self._has_cell(label):
+            self.cell_info.setText("" if label == 0 else f"no cell {label} in this layer")
+            return
+        row = self._layer.features.loc[self._layer.features["label"] == label].iloc[0]
+        t = row.get("cell_type") if "cell_type" in row else None
+        if t is None or (isinstance(t, float) and np.isnan(t)):
+            self.cell_info.setText(f"cell {label}: not classified")
+            return
+        if t in CLASS_COLORS:
+            self.type_combo.setCurrentText(str(t))
+        conf = row.get("confidence")
+        how = "corrected" if bool(row.get("corrected", False)) else (
+            f"confidence {conf:.2f}" if conf is not None and pd.notna(conf) else "")
+        self.cell_info.setText(f"cell {label}: {t} ({how})")
+
+    def _on_set_type(self) -> None:
+        try:
+            self.set_type(int(self.cell_spin.value()), self.type_combo.currentText())
+        except ValueError as e:
+            show_error(error_message("Set type", e))
+
+    def set_type(self, label: int, cell_type: str) -> None:
+        """Correct one cell's type: features (corrected=True), canvas text and counts update at once."""
+        layer = self._layer
+        if layer is None:
+            raise ValueError("no labels layer chosen")
+        if cell_type not in class_names():
+            raise ValueError(f"{cell_type!r} is not a cell type ({', '.join(class_names())})")
+        if not self._has_cell(label):
+            raise ValueError(f"there is no cell {label} in {layer.name!r}")
+        f = _with_type_columns(layer.features, ["cell_type", "confidence"]).reset_index(drop=True)
+        row = (f["label"] == label).to_numpy()
+        col = f["cell_type"].astype(object)
+        col[row] = cell_type
+        f["cell_type"] = col
+        f.loc[row, "confidence"] = 1.0
+        f.loc[row, "corrected"] = True
+        layer.features = f
+        render_types(self.viewer, layer)
+        self.status.setText(f"cell {label} set to {cell_type}")
+
+    # ------------------------------------------------------------ classification
+    @property
+    def running(self) -> bool:
+        return self.worker is not None
+
+    def _image_for(self, layer):
+        name = wbc_meta(layer).get("image_layer")
+        if name in self.viewer.layers and isinstance(self.viewer.layers[name], Image):
+            return self.viewer.layers[name]
+        return self.image_combo.layer()
+
+    def classify(self, ids=None):
+        """Classify the cells of the chosen labels layer (only ``ids`` when given); returns the worker."""
+        if self.running:
+            return None
+        layer = self._layer
+        if layer is None:
+            show_error("Classify WBCs: no labels layer (segment the image first, or open labels)")
+            return None
+        image_layer = self._image_for(layer)
+        if image_layer is None:
+            show_error(f"Classify WBCs: choose the image that {layer.name!r} belongs to")
+            return None
+        model = self.model_combo.model_path()
+        if model is None:
+            show_error(
+                "Classify WBCs: no classifier model available (the shipped model is missing); "
+                "choose a model file with 'Browse...'"
+            )
+            return None
+        image = layer_image(image_layer)
+        labels = np.array(layer.data, copy=True)  # the user may paint while this runs
+        if image.shape[:2] != labels.shape[-2:] or labels.ndim != 2:
+            show_error(
+                f"Classify WBCs: labels {layer.name!r} {labels.shape} and image {image_layer.name!r} "
+                f"{image.shape[:2]} do not have the same 2-D shape"
+            )
+            return None
+        self.buttons.set_busy(True)
+        self.progress.setRange(0, 0)
+        what = f"{len(ids)} new cell(s)" if ids is not None else f"cells of {layer.name}"
+        self.status.setText(f"classifying {what}...")
+        self.worker = start_worker(
+            _classify_job,
+            image,
+            labels,
+            model=model,
+            device=self.device_combo.device(),
+            ids=None if ids is None else [int(i) for i in ids],
+            on_yield=self._on_yield,
+            on_return=lambda table, layer=layer: self._on_return(layer, table),
+            on_error=self._on_error,
+            on_abort=lambda: self.status.setText("cancelled; the table is unchanged"),
+            on_finish=self._on_finish,
+        )
+        return self.worker
+
+    def cancel(self) -> None:
+        if self.worker is not None:
+            self.worker.quit()
+
+    def _on_yield(self, item) -> None:
+        done, total = int(item[1]), max(int(item[2]), 1)
+        self.progress.setRange(0, total)
+        self.progress.setValue(done)
+        self.progress.setFormat(f"{done}/{total} batches")
+
+    def _on_return(self, layer, table) -> None:
+        if layer not in self.viewer.layers:
+            return
+        # the labels may have changed meanwhile: measure again, then merge
+        feats, _, _ = remeasure(layer.features, layer.data)
+        layer.features = merge_classification(feats, table)
+        render_types(self.viewer, layer)
+        n = len(table)
+        self.status.setText(f"{n} cell{'s' if n != 1 else ''} classified in {layer.name}")
+
+    def _on_error(self, exc) -> None:
+        self.status.setText("failed")
+        show_error(error_message("Classify WBCs failed", exc))
+
+    def _on_finish(self) -> None:
+        self.worker = None
+        self.buttons.set_busy(False)
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+        self.progress.setFormat("")
+        if self._pending_sync:
+            self._pending_sync = False
+            self._sync_timer.start()
+
+    def sync_cells(self) -> None:
+        """Follow edits of the labels: drop erased cells, measure again, classify only new ones."""
+        layer = self._layer
+        if layer is None or not alive(self):
+            return
+        if self.running:
+            self._pending_sync = True
+            return
+        had_types = is_classified(layer.features)
+        feats, new, removed = remeasure(layer.features, layer.data)
+        layer.features = feats
+        render_types(self.viewer, layer)
+        if had_types and new:
+            self.classify(ids=new)
+        elif removed:
+            self.status.setText(f"{len(removed)} cell(s) removed")
+
+    # ------------------------------------------------------------ export
+    def _on_export(self) -> None:
+        if self._layer is None:
+            show_error("Export CSV: no labels layer chosen")
+            return
+        path, _ = QFileDialog.getSaveFileName(
+            self, "Export cell table", str(Path.home() / f"{self._layer.name}.csv"), "CSV (*.csv)"
+        )
+        if path:
+            try:
+                written = self.export_csv(path)
+            except (OSError, ValueError) as e:
+                show_error(error_message(f"Export CSV to {path!r} failed", e))
+                return
+            show_info(f"Exported {', '.join(Path(p).name for p in written)}")
+
+    def export_csv(self, path) -> list[Path]:
+        """Write the per-cell table to ``path`` and the differential count to ``<stem>_counts.csv``."""
+        from napari_wbc.core.io import atomic_write
+
+        layer = self._layer
+        if layer is None:
+            raise ValueError("no labels layer chosen")
+        path = Path(path)
+        if path.suffix.lower() != ".csv":
+            path = path.with_name(path.name + ".csv")
+        cells = layer.features.drop(columns=["index"], errors="ignore")
+        counts = self.counts()
+        total = pd.DataFrame([{"cell_type": "total", "count": int(counts["count"].sum()), "percent": 100.0}])
+        counts = pd.concat([counts, total], ignore_index=True)
+        counts_path = path.with_name(f"{path.stem}_counts.csv")
+        atomic_write(path, lambda tmp: cells.to_csv(tmp, index=False))
+        atomic_write(counts_path, lambda tmp: counts.to_csv(tmp, index=False))
+        return [path, counts_path]
+
+
+def _classify_job(image, labels, *, model, device, ids):
+    """Generator run by the worker: yields progress, returns the classification table."""
+    from napari_wbc.core.classify import iter_classify
+
+    table = None
+    for item in iter_classify(image, labels, model=model, device=device, ids=ids):
+        if item[0] == "progress":
+            yield item
+        elif item[0] == "table":
+            table = item[1]
+    return table
+

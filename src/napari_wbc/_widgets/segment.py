@@ -1,0 +1,307 @@
+"""Segment WBCs dock widget: image -> ``<image> WBC labels`` (features = per-cell table).
+
+The work is :func:`napari_wbc.core.segment.iter_segment`, run in a thread
+worker; this module only turns its output into a layer.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from napari.layers import Image, Labels
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtWidgets import QCheckBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QLabel, QVBoxLayout, QWidget
+
+from ._common import (
+    META_KEY,
+    DeviceCombo,
+    LayerCombo,
+    ModelCombo,
+    RunButtons,
+    data_hash,
+    error_message,
+    find_widgets,
+    layer_image,
+    make_progress,
+    plane_scale,
+    register,
+    start_worker,
+    unwrap_viewer,
+    wbc_meta,
+)
+
+LABELS_SUFFIX = "WBC labels"
+
+
+def segment_job(image, *, model, device, diameter, classify_model=None, classify: bool = False):
+    """Generator run by the worker: yields ``(stage, ...)`` items, returns ``(labels, diameter, table)``.
+
+    ``stage`` is ``"diameter"`` or ``"progress"`` (segmentation tiles) or
+    ``"classify"`` (classification progress). ``table`` is None unless ``classify``.
+    """
+    from napari_wbc.core.segment import iter_segment
+
+    labels, d = None, diameter
+    for item in iter_segment(image, model=model, device=device, diameter=diameter):
+        if item[0] == "labels":
+            labels = item[1]
+        else:
+            if item[0] == "diameter":
+                d = item[1]
+            yield item
+    table = None
+    if classify and labels is not None and labels.max() > 0:
+        from napari_wbc.core.classify import iter_classify
+
+        for item in iter_classify(image, labels, model=classify_model, device=device):
+            if item[0] == "progress":
+                yield ("classify", item[1], item[2])
+            elif item[0] == "table":
+                table = item[1]
+    return labels, d, table
+
+
+def cell_features(labels):
+    """Per-cell table for ``layer.features``: an ``index`` column (the label id) + cell_table."""
+    from napari_wbc.core.segment import cell_table
+
+    df = cell_table(labels)
+    df.insert(0, "index", df["label"].astype(int))
+    return df.reset_index(drop=True)
+
+
+def is_untouched(layer) -> bool:
+    """A labels layer still exactly as the segmenter made it (no painting, no corrected type)."""
+    meta = wbc_meta(layer)
+    if meta.get("data_hash") is None or meta.get("data_hash") != data_hash(layer.data):
+        return False
+    feats = getattr(layer, "features", None)
+    if feats is not None and "corrected" in feats and bool(np.asarray(feats["corrected"], bool).any()):
+        return False
+    return True
+
+
+class SegmentWidget(QWidget):
+    """Segment the white blood cells of an image layer into a labels layer."""
+
+    def __init__(self, napari_viewer):
+        super().__init__()
+        self.viewer = napari_viewer = unwrap_viewer(napari_viewer)
+        self.worker = None
+        self._cancelled = False
+        self._job = None  # what the running worker was asked (image name, scale, model...)
+
+        self.image_combo = LayerCombo(napari_viewer, Image, follow_new=True)
+        self.model_combo = ModelCombo("segmenter")
+        self.device_combo = DeviceCombo()
+        self.auto_diameter = QCheckBox("auto")
+        self.auto_diameter.setChecked(True)
+        self.auto_diameter.setToolTip("estimate the WBC diameter from the red cells")
+        self.diameter = QDoubleSpinBox()
+        self.diameter.setRange(4.0, 2000.0)
+        self.diameter.setDecimals(1)
+        self.diameter.setValue(60.0)
+        self.diameter.setSuffix(" px")
+        self.diameter.setEnabled(False)
+        self.auto_diameter.toggled.connect(lambda on: self.diameter.setEnabled(not on))
+        self.classify_check = QCheckBox("classify cells")
+        self.classify_check.setToolTip(
+            "also type each cell (with the Classify widget's model when it is open, else the shipped classifier)"
+        )
+        self.buttons = RunButtons("Segment")
+        self.buttons.run.clicked.connect(self.segment)
+        self.buttons.cancel.clicked.connect(self.cancel)
+        self.progress = make_progress()
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+
+        dia = QHBoxLayout()
+        dia.addWidget(self.auto_diameter)
+        dia.addWidget(self.diameter, 1)
+        form = QFormLayout()
+        form.addRow("image", self.image_combo)
+        form.addRow("model", self.model_combo)
+        form.addRow("device", self.device_combo)
+        form.addRow("WBC diameter", dia)
+        lay = QVBoxLayout(self)
+        lay.addLayout(form)
+        lay.addWidget(self.classify_check)
+        lay.addWidget(self.buttons)
+        lay.addWidget(self.progress)
+        lay.addWidget(self.status)
+        lay.addStretch(1)
+        register(self)
+
+    # ------------------------------------------------------------ public
+    def add_model(self, path, select: bool = True) -> Path:
+        """Add a segmenter model file to the list (and select it); returns its checked path."""
+        return self.model_combo.add_model(path, select=select)
+
+    def set_diameter(self, value: float | None) -> None:
+        """None = auto (estimated), else the WBC diameter in pixels."""
+        self.auto_diameter.setChecked(value is None)
+        if value is not None:
+            self.diameter.setValue(float(value))
+
+    @property
+    def running(self) -> bool:
+        return self.worker is not None
+
+    def segment(self):
+        """Start segmenting the chosen image; returns the worker (None when nothing started)."""
+        if self.running:
+            return None
+        layer = self.image_combo.layer()
+        if layer is None:
+            show_error("Segment WBCs: open an image first (no image layer to segment)")
+            return None
+        model = self.model_combo.model_path()
+        if model is None:
+            show_error(
+                "Segment WBCs: no segmentation model available (the shipped model is missing); "
+                "choose a model file with 'Browse...'"
+            )
+            return None
+        image = layer_image(layer)
+        if getattr(layer, "rgb", False) is False and image.ndim > 2:
+            show_error(
+                f"Segment WBCs: layer {layer.name!r} has shape {image.shape}; expected a single 2-D image "
+                "(grey or RGB). Split stacks or open the image as RGB."
+            )
+            return None
+        classify = self.classify_check.isChecked()
+        classify_model = self._classifier_choice() if classify else None
+        if classify and classify_model is None:
+            show_error(
+                "Segment WBCs: 'classify cells' needs a classifier model (the shipped one is missing); "
+                "open the Classify WBCs widget and choose one with 'Browse...'"
+            )
+            return None
+        diameter = None if self.auto_diameter.isChecked() else float(self.diameter.value())
+        scale, translate = plane_scale(layer)
+        self._cancelled = False
+        self._job = {"image": layer.name, "scale": scale, "translate": translate, "model": str(model)}
+        self.buttons.set_busy(True)
+        self.progress.setRange(0, 0)
+        self.progress.setFormat("starting...")
+        self.status.setText(f"segmenting {layer.name}...")
+        self.worker = start_worker(
+            segment_job,
+            image,
+            model=model,
+            device=self.device_combo.device(),
+            diameter=diameter,
+            classify=classify,
+            classify_model=classify_model,
+            on_yield=self._on_yield,
+            on_return=self._on_return,
+            on_error=self._on_error,
+            on_finish=self._on_finish,
+        )
+        return self.worker
+
+    def cancel(self) -> None:
+        """Stop the running segmentation; no layer is added or changed."""
+        if self.worker is not None:
+            self._cancelled = True
+            self.status.setText("cancelling...")
+            self.worker.quit()
+
+    # ------------------------------------------------------------ worker slots
+    def _classifier_choice(self):
+        from .classify import ClassifyWidget
+
+        from napari_wbc.core.models import SHIPPED
+
+        widgets = find_widgets(self.viewer, ClassifyWidget)
+        if widgets:
+            return widgets[-1].model_combo.model_path()
+        return SHIPPED["classifier"] if SHIPPED["classifier"].exists() else None
+
+    def _on_yield(self, item) -> None:
+        kind = item[0]
+        if kind == "diameter":
+            self.status.setText(f"segmenting {self._job['image']} (WBC diameter {item[1]:.0f} px)...")
+        elif kind in ("progress", "classify"):
+            done, total = int(item[1]), max(int(item[2]), 1)
+            self.progress.setRange(0, total)
+            self.progress.setValue(done)
+            what = "tiles" if kind == "progress" else "cells classified"
+            self.progress.setFormat(f"{done}/{total} {what}")
+
+    def _on_return(self, result) -> None:
+        if self._cancelled:
+            return
+        labels, diameter, table = result
+        job = self._job
+        try:
+            layer = self.put_labels(labels, job, diameter)
+            if table is not None:
+                from .classify import apply_classification
+
+                apply_classification(self.viewer, layer, table)
+        except Exception as e:  # noqa: BLE001 - reported, never a traceback dialog
+            show_error(error_message("Segment WBCs: could not add the labels layer", e))
+            return
+        n = int(len(layer.features))
+        self.status.setText(f"{n} WBC{'s' if n != 1 else ''} in {job['image']} -> {layer.name!r}")
+        show_info(f"Segment WBCs: {n} white blood cell{'s' if n != 1 else ''} found in {job['image']!r}")
+
+    def _on_error(self, exc) -> None:
+        self.status.setText("failed")
+        show_error(error_message("Segment WBCs failed", exc))
+
+    def _on_finish(self) -> None:
+        if self._cancelled:
+            self.status.setText("cancelled; no layer was added")
+        self.worker = None
+        self.buttons.set_busy(False)
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+        self.progress.setFormat("")
+
+    # ------------------------------------------------------------ layers
+    def _target_layer(self, image_name: str):
+        """An untouched earlier result for this image (to replace), else None."""
+        for lyr in self.viewer.layers:
+            if isinstance(lyr, Labels) and wbc_meta(lyr).get("image_layer") == image_name and is_untouched(lyr):
+                if lyr.name.startswith(f"{image_name} {LABELS_SUFFIX}"):
+                    return lyr
+        return None
+
+    def _new_name(self, image_name: str) -> str:
+        base = f"{image_name} {LABELS_SUFFIX}"
+        names = {lyr.name for lyr in self.viewer.layers}
+        if base not in names:
+            return base
+        n = 2
+        while f"{base} [{n}]" in names:
+            n += 1
+        return f"{base} [{n}]"
+
+    def put_labels(self, labels, job: dict, diameter):
+        """Add (or replace an untouched earlier) ``<image> WBC labels`` layer; returns it."""
+        labels = np.asarray(labels, dtype=np.int32)
+        meta = {
+            "image_layer": job["image"],
+            "model": job["model"],
+            "diameter": None if diameter is None else float(diameter),
+            "data_hash": data_hash(labels),
+        }
+        features = cell_features(labels)
+        layer = self._target_layer(job["image"])
+        if layer is None:
+            layer = self.viewer.add_labels(
+                labels,
+                name=self._new_name(job["image"]),
+                scale=job["scale"],
+                translate=job["translate"],
+                features=features,
+                metadata={META_KEY: meta},
+            )
+        else:
+            layer.data = labels
+            layer.features = features
+            layer.metadata = {**layer.metadata, META_KEY: meta}
+            self.viewer.layers.selection.active = layer
+        return layer

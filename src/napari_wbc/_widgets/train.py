@@ -1,0 +1,373 @@
+"""Train from corrections dock widget: fine-tune the segmenter on corrected labels layers.
+
+The work is :func:`napari_wbc.core.finetune.finetune`, run in a thread worker;
+progress comes back through a Qt signal, Cancel sets its ``should_stop`` flag.
+The new model is written atomically by the core (a cancelled run writes nothing)
+and handed to the Segment widget's model list.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+from napari.layers import Image, Labels
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import QObject, Qt, Signal
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFormLayout,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ._common import (
+    DeviceCombo,
+    ModelCombo,
+    RunButtons,
+    alive,
+    error_message,
+    find_widgets,
+    layer_image,
+    make_progress,
+    register,
+    start_worker,
+    unwrap_viewer,
+    wbc_meta,
+)
+
+NO_IMAGE = "(choose image)"
+
+
+class _Relay(QObject):
+    """Carries finetune's progress callback (worker thread) to the GUI thread."""
+
+    progressed = Signal(int, int, object)
+
+
+def _dice_text(value) -> str:
+    return "n/a" if value is None else f"{float(value):.3f}"
+
+
+class TrainWidget(QWidget):
+    """Fine-tune the WBC segmenter on the labels layers you corrected."""
+
+    COLS = ("use", "labels", "image")
+
+    def __init__(self, napari_viewer):
+        super().__init__()
+        self.viewer = napari_viewer = unwrap_viewer(napari_viewer)
+        self.worker = None
+        self._stop = threading.Event()  # read by the worker thread; not a Qt object
+        self._job = None
+        self._use: dict[int, bool] = {}  # id(labels layer) -> included
+        self._image_pick: dict[int, str] = {}  # id(labels layer) -> image layer name
+
+        self.pairs_table = QTableWidget(0, len(self.COLS))
+        self.pairs_table.setHorizontalHeaderLabels(list(self.COLS))
+        self.pairs_table.verticalHeader().setVisible(False)
+        header = self.pairs_table.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+        header.setSectionResizeMode(0, QHeaderView.ResizeMode.ResizeToContents)
+        self.pairs_table.itemChanged.connect(self._on_item_changed)
+
+        self.model_combo = ModelCombo("segmenter")
+        self.model_combo.setToolTip("the model to start from")
+        self.auto_epochs = QCheckBox("auto")
+        self.auto_epochs.setChecked(True)
+        self.epochs = QSpinBox()
+        self.epochs.setRange(1, 500)
+        self.epochs.setValue(8)
+        self.epochs.setEnabled(False)
+        self.auto_epochs.toggled.connect(lambda on: self.epochs.setEnabled(not on))
+        self.device_combo = DeviceCombo()
+        self.buttons = RunButtons("Train")
+        self.buttons.run.clicked.connect(self.train)
+        self.buttons.cancel.clicked.connect(self.cancel)
+        self.progress = make_progress()
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        self._relay = _Relay(self)
+        self._relay.progressed.connect(self._on_progress)
+
+        ep = QHBoxLayout()
+        ep.addWidget(self.auto_epochs)
+        ep.addWidget(self.epochs, 1)
+        form = QFormLayout()
+        form.addRow("start from", self.model_combo)
+        form.addRow("epochs", ep)
+        form.addRow("device", self.device_combo)
+        lay = QVBoxLayout(self)
+        lay.addWidget(QLabel("Corrected labels to learn from"))
+        lay.addWidget(self.pairs_table)
+        lay.addLayout(form)
+        lay.addWidget(self.buttons)
+        lay.addWidget(self.progress)
+        lay.addWidget(self.status)
+        lay.addStretch(1)
+
+        napari_viewer.layers.events.inserted.connect(self._on_layers_changed)
+        napari_viewer.layers.events.removed.connect(self._on_layers_changed)
+        for layer in napari_viewer.layers:
+            layer.events.name.connect(self._on_layers_changed)
+        self._sync_base_model()
+        self.refresh_pairs()
+        register(self)
+
+    # ------------------------------------------------------------ pairs
+    def _on_layers_changed(self, event=None) -> None:
+        if not alive(self):
+            return
+        value = getattr(event, "value", None)
+        if getattr(event, "type", None) == "inserted" and value is not None:
+            value.events.name.connect(self._on_layers_changed)
+        self.refresh_pairs()
+
+    def _images(self) -> list:
+        return [lyr for lyr in self.viewer.layers if isinstance(lyr, Image)]
+
+    def _labels_layers(self) -> list:
+        return [lyr for lyr in self.viewer.layers if isinstance(lyr, Labels)]
+
+    def _default_image(self, labels_layer) -> str | None:
+        name = wbc_meta(labels_layer).get("image_layer")
+        images = {lyr.name: lyr for lyr in self._images()}
+        if name in images:
+            return name
+        shape = tuple(np.shape(labels_layer.data)[-2:])
+        for lyr in images.values():
+            if tuple(layer_image(lyr).shape[:2]) == shape:
+                return lyr.name
+        return None
+
+    def refresh_pairs(self) -> None:
+        """Rebuild the list of labels layers with their images (keeps your ticks and picks)."""
+        table = self.pairs_table
+        table.blockSignals(True)
+        try:
+            labels_layers = self._labels_layers()
+            table.setRowCount(len(labels_layers))
+            image_names = [lyr.name for lyr in self._images()]
+            for r, lab in enumerate(labels_layers):
+                key = id(lab)
+                if key not in self._use:
+                    self._use[key] = bool(wbc_meta(lab).get("image_layer") in image_names)
+                pick = self._image_pick.get(key)
+                if pick not in image_names:
+                    pick = self._default_image(lab)
+                    if pick is not None:
+                        self._image_pick[key] = pick
+                use = QTableWidgetItem()
+                use.setFlags(Qt.ItemFlag.ItemIsUserCheckable | Qt.ItemFlag.ItemIsEnabled)
+                use.setCheckState(Qt.CheckState.Checked if self._use[key] else Qt.CheckState.Unchecked)
+                use.setData(Qt.ItemDataRole.UserRole, key)
+                table.setItem(r, 0, use)
+                name = QTableWidgetItem(lab.name)
+                name.setFlags(Qt.ItemFlag.ItemIsEnabled)
+                table.setItem(r, 1, name)
+                combo = QComboBox()
+                combo.addItem(NO_IMAGE)
+                combo.addItems(image_names)
+                if pick is not None:
+                    combo.setCurrentText(pick)
+                combo.currentTextChanged.connect(lambda text, key=key: self._on_image_picked(key, text))
+                table.setCellWidget(r, 2, combo)
+            alive_keys = {id(lyr) for lyr in labels_layers}
+            for d in (self._use, self._image_pick):
+                for k in [k for k in d if k not in alive_keys]:
+                    del d[k]
+        finally:
+            table.blockSignals(False)
+
+    def _on_item_changed(self, item) -> None:
+        if item.column() == 0:
+            key = item.data(Qt.ItemDataRole.UserRole)
+            self._use[key] = item.checkState() == Qt.CheckState.Checked
+
+    def _on_image_picked(self, key: int, text: str) -> None:
+        if text == NO_IMAGE:
+            self._image_pick.pop(key, None)
+        else:
+            self._image_pick[key] = text
+
+    def set_pair(self, labels_layer, image_layer=None, use: bool = True) -> None:
+        """Include (or not) ``labels_layer``, paired with ``image_layer`` (by layer or name)."""
+        key = id(labels_layer)
+        self._use[key] = bool(use)
+        if image_layer is not None:
+            self._image_pick[key] = getattr(image_layer, "name", image_layer)
+        self.refresh_pairs()
+
+    def pairs(self) -> list[tuple]:
+        """The included ``(labels_layer, image_layer or None)`` pairs."""
+        images = {lyr.name: lyr for lyr in self._images()}
+        out = []
+        for lab in self._labels_layers():
+            if self._use.get(id(lab)):
+                out.append((lab, images.get(self._image_pick.get(id(lab)))))
+        return out
+
+    # ------------------------------------------------------------ base model
+    def _sync_base_model(self) -> None:
+        from .segment import SegmentWidget
+
+        for w in find_widgets(self.viewer, SegmentWidget)[-1:]:
+            p = w.model_combo.model_path()
+            if p is not None:
+                try:
+                    self.model_combo.add_model(p, select=True)
+                except ValueError:
+                    pass
+
+    # ------------------------------------------------------------ training
+    @property
+    def running(self) -> bool:
+        return self.worker is not None
+
+    def _collect(self):
+        """``(images, labels, names)`` of the included pairs, or raise ValueError saying what is wrong."""
+        pairs = self.pairs()
+        if not pairs:
+            raise ValueError("tick at least one labels layer to learn from")
+        images, labels, names = [], [], []
+        for lab, img in pairs:
+            if img is None:
+                raise ValueError(f"choose the image that labels {lab.name!r} belong to")
+            arr = layer_image(img)
+            data = np.asarray(lab.data)
+            if data.ndim != 2:
+                raise ValueError(f"labels {lab.name!r} have shape {data.shape}; expected one 2-D plane")
+            if tuple(arr.shape[:2]) != data.shape:
+                raise ValueError(
+                    f"labels {lab.name!r} {data.shape} and image {img.name!r} {arr.shape[:2]} differ in size"
+                )
+            if not data.any():
+                raise ValueError(f"labels {lab.name!r} hold no cell")
+            images.append(arr)
+            labels.append(np.array(data, copy=True))
+            names.append(lab.name)
+        return images, labels, names
+
+    def train(self):
+        """Start fine-tuning on the included pairs; returns the worker (None when nothing started)."""
+        if self.running:
+            return None
+        try:
+            images, labels, names = self._collect()
+        except ValueError as e:
+            show_error(error_message("Train", e))
+            return None
+        base = self.model_combo.model_path()
+        if base is None:
+            show_error("Train: no model to start from (the shipped model is missing); choose one with 'Browse...'")
+            return None
+        epochs = None if self.auto_epochs.isChecked() else int(self.epochs.value())
+        self._stop = stop = threading.Event()
+        self._job = {"base": Path(base), "names": names}
+        self.buttons.set_busy(True)
+        self.progress.setRange(0, 0)
+        self.progress.setFormat("scoring the starting model...")
+        self.status.setText(f"training on {', '.join(names)}...")
+        relay = self._relay
+
+        def progress(epoch, total, metrics):
+            try:
+                relay.progressed.emit(int(epoch), int(total), dict(metrics))
+            except RuntimeError:  # the widget was closed: stop, writing nothing
+                stop.set()
+
+        self.worker = start_worker(
+            _finetune_job,
+            images,
+            labels,
+            base=base,
+            epochs=epochs,
+            device=self.device_combo.device(),
+            progress=progress,
+            should_stop=stop.is_set,
+            on_return=self._on_return,
+            on_error=self._on_error,
+            on_finish=self._on_finish,
+        )
+        return self.worker
+
+    def cancel(self) -> None:
+        """Ask training to stop; nothing is written and the previous model stays."""
+        if self.worker is not None:
+            self._stop.set()
+            self.status.setText("cancelling...")
+
+    def _on_progress(self, epoch: int, total: int, metrics: dict) -> None:
+        self.progress.setRange(0, max(total, 1))
+        self.progress.setValue(epoch)
+        loss = metrics.get("loss")
+        text = f"epoch {epoch}/{total}"
+        if loss is not None:
+            text += f" · loss {loss:.3f}"
+        text += f" · val Dice {_dice_text(metrics.get('matched_dice'))}"
+        if metrics.get("before_dice") is not None:
+            text += f" (before {_dice_text(metrics['before_dice'])})"
+        self.progress.setFormat(text)
+
+    def _on_return(self, path) -> None:
+        path = Path(path)
+        base = self._job["base"]
+        if path.resolve() == base.resolve():
+            msg = f"Train: no improvement on the held-out cells; the base model {base.name!r} is kept"
+            self.status.setText(msg)
+            show_warning(msg)
+            return
+        from napari_wbc.core.models import read_card
+
+        try:
+            ft = read_card(path).get("finetune", {}) or {}
+        except ValueError:
+            ft = {}
+        before = (ft.get("holdout_before") or {}).get("matched_dice")
+        after = (ft.get("holdout_after") or {}).get("matched_dice")
+        if before is None and after is None:
+            dice = "no held-out cells to validate on"
+        else:
+            dice = f"validation Dice {_dice_text(before)} -> {_dice_text(after)}"
+        msg = f"Train: new model {path.name} ({dice})"
+        self.status.setText(msg)
+        self.model_combo.add_model(path, select=False)
+        from .segment import SegmentWidget
+
+        for w in find_widgets(self.viewer, SegmentWidget):
+            try:
+                w.add_model(path, select=True)
+            except ValueError as e:
+                show_error(error_message("Train: could not add the new model to Segment", e))
+        show_info(msg)
+
+    def _on_error(self, exc) -> None:
+        from napari_wbc.core.finetune import FinetuneCancelled
+
+        if isinstance(exc, FinetuneCancelled):
+            self.status.setText("cancelled, previous model kept")
+            show_info("Train: cancelled, previous model kept")
+            return
+        self.status.setText("failed")
+        show_error(error_message("Train failed", exc))
+
+    def _on_finish(self) -> None:
+        self.worker = None
+        self.buttons.set_busy(False)
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+        self.progress.setFormat("")
+
+
+def _finetune_job(images, labels, **kwargs) -> Path:
+    """Run by the worker (a plain function: finetune reports through its callback)."""
+    from napari_wbc.core.finetune import finetune
+
+    return finetune(images, labels, **kwargs)

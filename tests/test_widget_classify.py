@@ -1,0 +1,146 @@
+"""Classify WBCs widget, opened through the manifest, on a tiny disc image with a tiny random classifier."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.usefixtures("user_models")
+
+PLUGIN = "napari-wbc"
+TIMEOUT = 10_000
+CLASSES = ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"]
+
+
+@pytest.fixture
+def cls(make_napari_viewer, tiny_classifier, disc_smear):
+    """``(viewer, widget, labels_layer)``: a labels layer made 'by Segment' for image 'smear'."""
+    viewer = make_napari_viewer()
+    image, labels = disc_smear
+    viewer.add_image(image, name="smear", rgb=True, scale=(0.5, 0.5))
+    from napari_wbc._widgets.segment import cell_features
+
+    lab = viewer.add_labels(
+        labels, name="smear WBC labels", scale=(0.5, 0.5), features=cell_features(labels),
+        metadata={"napari_wbc": {"image_layer": "smear"}},
+    )
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Classify WBCs")
+    widget.model_combo.add_model(tiny_classifier, select=True)
+    widget.device_combo.set_device("cpu")
+    return viewer, widget, lab
+
+
+def run(qtbot, widget, **kwargs):
+    assert widget.classify(**kwargs) is not None
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT)
+
+
+def types_layer(viewer):
+    return viewer.layers["smear WBC labels types"]
+
+
+def shown_counts(widget) -> dict:
+    t = widget.count_table
+    return {t.item(r, 0).text(): int(t.item(r, 1).text()) for r in range(t.rowCount())}
+
+
+def test_classify_fills_features_points_and_counts(qtbot, cls):
+    viewer, widget, lab = cls
+    assert widget.labels_layer is lab and widget.image_combo.layer().name == "smear"
+    run(qtbot, widget)
+    f = lab.features
+    assert list(f["index"]) == list(f["label"]) == [1, 2, 3, 4]
+    for col in ("area", "centroid-0", "centroid-1", "cell_type", "confidence", "corrected", *[f"p_{c}" for c in CLASSES]):
+        assert col in f, col
+    assert set(f["cell_type"]) <= set(CLASSES)
+    assert not f["corrected"].any()
+    pts = types_layer(viewer)
+    assert len(pts.data) == 4
+    np.testing.assert_allclose(pts.scale, lab.scale)
+    assert list(pts.text.values) == list(f["cell_type"])
+    counts = shown_counts(widget)
+    assert list(counts)[:5] == CLASSES and sum(counts.values()) == 4
+    assert widget.total_label.text() == "total WBCs: 4"
+
+
+def test_correction_is_kept_on_rerun(qtbot, cls):
+    viewer, widget, lab = cls
+    run(qtbot, widget)
+    t2 = lab.features.set_index("label").loc[2, "cell_type"]
+    new_type = next(c for c in CLASSES if c != t2)
+    lab.selected_label = 2  # picking a cell follows the layer's selected label
+    assert widget.cell_spin.value() == 2
+    widget.type_combo.setCurrentText(new_type)
+    widget.set_type_button.click()
+    row = lab.features.set_index("label").loc[2]
+    assert row["cell_type"] == new_type and bool(row["corrected"])
+    assert types_layer(viewer).text.values[1] == new_type
+    assert shown_counts(widget)[new_type] == int((lab.features["cell_type"] == new_type).sum())
+    run(qtbot, widget)  # the model would say t2 again; the correction stays
+    row = lab.features.set_index("label").loc[2]
+    assert row["cell_type"] == new_type and bool(row["corrected"])
+    assert lab.features["corrected"].sum() == 1
+
+
+def test_edits_classify_only_new_cells(qtbot, cls, monkeypatch):
+    import napari_wbc.core.classify as core_classify
+
+    viewer, widget, lab = cls
+    run(qtbot, widget)
+    asked = []
+    real = core_classify.iter_classify
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs.get("ids"))
+        yield from real(*args, **kwargs)
+
+    monkeypatch.setattr(core_classify, "iter_classify", spy)
+    yy, xx = np.mgrid[:64, :64]
+    disc = np.nonzero((yy - 31) ** 2 + (xx - 31) ** 2 <= 16)
+    lab.data_setitem(disc, 7)  # the user paints a new cell (emits the paint event)
+    qtbot.waitUntil(lambda: 7 in set(lab.features["label"]) and pd.notna(
+        lab.features.set_index("label").loc[7, "cell_type"]), timeout=TIMEOUT)
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT)
+    assert asked == [[7]]
+    assert len(types_layer(viewer).data) == 5
+    lab.fill((14, 14), 0)  # erase cell 1 (the fill tool, data coordinates)
+    qtbot.waitUntil(lambda: 1 not in set(lab.features["label"]), timeout=TIMEOUT)
+    assert sorted(lab.features["label"]) == [2, 3, 4, 7]
+    assert len(types_layer(viewer).data) == 4
+    assert widget.total_label.text() == "total WBCs: 4"
+    assert asked == [[7]]  # erasing classifies nothing
+
+
+def test_export_csv(qtbot, cls, tmp_path):
+    viewer, widget, lab = cls
+    run(qtbot, widget)
+    widget.set_type(3, "eosinophil")
+    written = widget.export_csv(tmp_path / "cells.csv")
+    assert [p.name for p in written] == ["cells.csv", "cells_counts.csv"]
+    cells = pd.read_csv(written[0])
+    assert list(cells["label"]) == [1, 2, 3, 4]
+    assert cells.set_index("label").loc[3, "cell_type"] == "eosinophil"
+    assert bool(cells.set_index("label").loc[3, "corrected"])
+    counts = pd.read_csv(written[1]).set_index("cell_type")
+    assert counts.loc["total", "count"] == 4
+    assert counts.loc[CLASSES, "count"].sum() == 4
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+
+
+def test_segment_then_classify_in_one_click(qtbot, make_napari_viewer, tiny_segmenter, tiny_classifier, disc_smear):
+    viewer = make_napari_viewer()
+    viewer.add_image(disc_smear[0], name="smear", rgb=True)
+    _, seg = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment WBCs")
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Classify WBCs")
+    widget.model_combo.add_model(tiny_classifier, select=True)
+    seg.add_model(tiny_segmenter)
+    seg.device_combo.set_device("cpu")
+    seg.set_diameter(16)
+    seg.classify_check.setChecked(True)
+    seg.segment()
+    qtbot.waitUntil(lambda: not seg.running, timeout=TIMEOUT)
+    lab = viewer.layers["smear WBC labels"]
+    assert widget.labels_layer is lab
+    if len(lab.features):  # a random network may find no cell; when it does, they are typed
+        assert lab.features["cell_type"].notna().all()
+        assert len(viewer.layers["smear WBC labels types"].data) == len(lab.features)

@@ -1,0 +1,133 @@
+"""Segment WBCs widget, opened through the manifest, on tiny images with a tiny random model."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.usefixtures("user_models")
+
+PLUGIN = "napari-wbc"
+TIMEOUT = 10_000
+
+
+@pytest.fixture
+def seg(make_napari_viewer, tiny_segmenter, disc_smear):
+    """``(viewer, widget, image_layer)`` with the tiny model chosen, cpu, diameter 16 px."""
+    viewer = make_napari_viewer()
+    image, _ = disc_smear
+    layer = viewer.add_image(image, name="smear", rgb=True, scale=(0.5, 0.5), translate=(10.0, 20.0))
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment WBCs")
+    widget.add_model(tiny_segmenter, select=True)
+    widget.device_combo.set_device("cpu")
+    widget.set_diameter(16)
+    return viewer, widget, layer
+
+
+def run(qtbot, widget):
+    worker = widget.segment()
+    assert worker is not None
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT)
+    return worker
+
+
+def wbc_labels(viewer):
+    from napari.layers import Labels
+
+    return [lyr for lyr in viewer.layers if isinstance(lyr, Labels)]
+
+
+def test_widget_lists_image_layers_and_models(seg, tiny_segmenter):
+    viewer, widget, layer = seg
+    assert widget.image_combo.layer() is layer
+    viewer.add_image(np.zeros((32, 32)), name="other")
+    assert [widget.image_combo.itemText(i) for i in range(widget.image_combo.count())] == ["smear", "other"]
+    viewer.layers.remove("other")
+    assert widget.image_combo.count() == 1
+    assert widget.model_combo.model_path() == tiny_segmenter
+    assert widget.model_combo.itemText(widget.model_combo.count() - 1) == "Browse..."
+    devices = [widget.device_combo.itemText(i) for i in range(widget.device_combo.count())]
+    assert devices[0] == "auto" and devices[-1] == "cpu"
+
+
+def test_segment_adds_labels_layer(qtbot, seg, tiny_segmenter):
+    viewer, widget, _ = seg
+    run(qtbot, widget)
+    (lab,) = wbc_labels(viewer)
+    assert lab.name == "smear WBC labels"
+    assert lab.data.shape == (64, 64)
+    np.testing.assert_allclose(lab.scale, (0.5, 0.5))
+    np.testing.assert_allclose(lab.translate, (10.0, 20.0))
+    feats = lab.features
+    for col in ("index", "label", "area", "centroid-0", "centroid-1"):
+        assert col in feats
+    ids = np.unique(lab.data[lab.data > 0])
+    assert sorted(feats["index"]) == sorted(feats["label"]) == list(ids)
+    meta = lab.metadata["napari_wbc"]
+    assert meta["image_layer"] == "smear"
+    assert meta["model"] == str(tiny_segmenter)
+    assert meta["diameter"] == 16
+    assert widget.buttons.run.isEnabled()
+
+
+def test_rerun_keeps_edited_layer(qtbot, seg):
+    viewer, widget, _ = seg
+    run(qtbot, widget)
+    run(qtbot, widget)  # untouched: replaced in place
+    assert [lyr.name for lyr in wbc_labels(viewer)] == ["smear WBC labels"]
+    first = wbc_labels(viewer)[0]
+    first.paint((5, 5), 99)  # the user edits it
+    edited = first.data.copy()
+    run(qtbot, widget)
+    assert [lyr.name for lyr in wbc_labels(viewer)] == ["smear WBC labels", "smear WBC labels [2]"]
+    np.testing.assert_array_equal(first.data, edited)
+
+
+def test_cancel_adds_no_layer(qtbot, seg, monkeypatch):
+    import napari_wbc.core.segment as core_segment
+
+    viewer, widget, _ = seg
+    real = core_segment.iter_segment
+    release = threading.Event()
+
+    def slow_iter_segment(*args, **kwargs):
+        for item in real(*args, **kwargs):
+            if item[0] == "labels":
+                release.wait(TIMEOUT / 1000)  # hold the result until the test has cancelled
+            yield item
+
+    monkeypatch.setattr(core_segment, "iter_segment", slow_iter_segment)
+    widget.segment()
+    qtbot.waitUntil(lambda: widget.progress.maximum() > 0 and widget.progress.value() >= 1, timeout=TIMEOUT)
+    assert not widget.buttons.run.isEnabled() and widget.buttons.cancel.isEnabled()
+    widget.cancel()
+    release.set()
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT)
+    assert "cancelled" in widget.status.text()
+    assert wbc_labels(viewer) == []
+    assert widget.buttons.run.isEnabled()
+
+
+def test_bad_model_reports_error(qtbot, seg, tmp_path, monkeypatch):
+    import napari_wbc._widgets.segment as seg_mod
+
+    viewer, widget, _ = seg
+    errors = []
+    monkeypatch.setattr(seg_mod, "show_error", errors.append)
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"not a model")
+    bad.with_suffix(".json").write_text('{"kind": "segmenter", "arch": {"name": "Unet"}}')
+    widget.model_combo.blockSignals(True)
+    widget.model_combo.insertItem(0, "broken", str(bad))
+    widget.model_combo.setCurrentIndex(0)
+    widget.model_combo.blockSignals(False)
+    run(qtbot, widget)
+    assert errors and "broken.safetensors" in errors[0]
+    assert wbc_labels(viewer) == []
+
+
+def test_add_model_checks_the_file(seg, tmp_path):
+    _, widget, _ = seg
+    with pytest.raises(ValueError, match="does not exist"):
+        widget.add_model(tmp_path / "missing.safetensors")

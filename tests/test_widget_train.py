@@ -1,0 +1,99 @@
+"""Train from corrections widget, opened through the manifest, fine-tuning a tiny random model on a disc image."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+PLUGIN = "napari-wbc"
+TIMEOUT = 60_000  # a few seconds alone; generous for a busy machine
+
+
+@pytest.fixture
+def quick_finetune(monkeypatch):
+    """Epochs of 2 steps of 2 crops, and no hold-out (a random net cannot beat another on it)."""
+    import napari_wbc.core.finetune as ft
+
+    monkeypatch.setattr(ft, "STEPS_PER_EPOCH", 2)
+    monkeypatch.setattr(ft, "BATCH_SIZE", 2)
+    monkeypatch.setattr(ft, "_split_holdout", lambda samples, rng: (samples, []))
+
+
+@pytest.fixture
+def tr(make_napari_viewer, tiny_segmenter, disc_smear, user_models, quick_finetune, monkeypatch):
+    """``(viewer, train_widget, segment_widget, labels_layer, messages)``."""
+    import napari_wbc._widgets.train as train_mod
+
+    messages = []
+    for name in ("show_info", "show_warning", "show_error"):
+        monkeypatch.setattr(train_mod, name, lambda msg, name=name: messages.append((name, msg)))
+    viewer = make_napari_viewer()
+    image, labels = disc_smear
+    viewer.add_image(image, name="smear", rgb=True)
+    lab = viewer.add_labels(labels, name="smear WBC labels", metadata={"napari_wbc": {"image_layer": "smear"}})
+    _, seg = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment WBCs")
+    seg.add_model(tiny_segmenter)
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Train from corrections")
+    widget.device_combo.set_device("cpu")
+    return viewer, widget, seg, lab, messages
+
+
+def test_pairs_follow_layers(tr):
+    viewer, widget, seg, lab, _ = tr
+    assert widget.model_combo.model_path() == seg.model_combo.model_path()  # starts from Segment's model
+    assert widget.pairs() == [(lab, viewer.layers["smear"])]  # paired through the metadata
+    other = viewer.add_labels(np.zeros((64, 64), np.int32), name="hand made")
+    assert [p[0] for p in widget.pairs()] == [lab]  # not ticked by default
+    widget.set_pair(other, "smear")
+    assert widget.pairs() == [(lab, viewer.layers["smear"]), (other, viewer.layers["smear"])]
+    assert widget.pairs_table.rowCount() == 2
+    viewer.layers.remove(other)
+    assert widget.pairs_table.rowCount() == 1
+
+
+def test_train_adds_model_to_segment(qtbot, tr, user_models):
+    viewer, widget, seg, lab, messages = tr
+    widget.auto_epochs.setChecked(False)
+    widget.epochs.setValue(1)
+    widget.train()
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT)
+    models = list(user_models.glob("*.safetensors"))
+    assert len(models) == 1 and models[0].with_suffix(".json").exists()
+    assert seg.model_combo.model_path() == models[0]  # added to Segment and selected
+    assert ("show_info", f"Train: new model {models[0].name} (no held-out cells to validate on)") in messages
+    assert "epoch" not in widget.progress.format()  # reset when done
+    assert widget.buttons.run.isEnabled()
+
+
+def test_no_improvement_keeps_base(qtbot, tr, monkeypatch):
+    import napari_wbc.core.finetune as ft
+
+    viewer, widget, seg, lab, messages = tr
+    base = widget.model_combo.model_path()
+    monkeypatch.setattr(ft, "finetune", lambda images, labels, base=None, **kw: Path(base))
+    widget.train()
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT)
+    assert messages and messages[-1][0] == "show_warning" and "no improvement" in messages[-1][1]
+    assert seg.model_combo.model_path() == base
+
+
+def test_cancel_writes_nothing(qtbot, tr, user_models):
+    viewer, widget, seg, lab, messages = tr
+    widget.auto_epochs.setChecked(False)
+    widget.epochs.setValue(500)
+    widget.train()
+    qtbot.waitUntil(lambda: widget.progress.format().startswith("epoch"), timeout=TIMEOUT)
+    assert not widget.buttons.run.isEnabled()
+    widget.cancel()
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT)
+    assert ("show_info", "Train: cancelled, previous model kept") in messages
+    assert not user_models.exists() or not any(user_models.iterdir())
+
+
+def test_bad_pair_is_refused(tr):
+    viewer, widget, seg, lab, messages = tr
+    viewer.add_image(np.zeros((32, 32)), name="small")
+    widget.set_pair(lab, "small")
+    assert widget.train() is None
+    assert messages[-1][0] == "show_error" and "differ in size" in messages[-1][1]
