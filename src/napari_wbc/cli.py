@@ -357,7 +357,7 @@ def cmd_train(args) -> int:
             out = out.with_suffix(".safetensors")
         if out.exists():
             raise UsageError(f"--out {str(out)!r} exists; choose a new file name (models are never overwritten)")
-    _check_device(args.device)
+    dev = str(_check_device(args.device))
     pairs, lone_images, lone_masks = pair_images_masks(args.images_dir, args.masks_dir)
     if not pairs:
         raise UsageError(
@@ -384,7 +384,7 @@ def cmd_train(args) -> int:
         images.append(a)
         labels.append(lab)
     n_cells = sum(int(len(np.unique(lab)) - (lab.min() == 0)) for lab in labels)
-    print(f"training on {len(pairs)} image(s), {n_cells} cell(s); device {args.device}", file=sys.stderr)
+    print(f"training on {len(pairs)} image(s), {n_cells} cell(s); device {dev}", file=sys.stderr)
     t0 = time.time()
 
     def progress(epoch, total, metrics):
@@ -403,7 +403,7 @@ def cmd_train(args) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            path = finetune(images, labels, base=base, epochs=args.epochs, device=args.device,
+            path = finetune(images, labels, base=base, epochs=args.epochs, device=dev,
                             output=args.out, progress=progress)
         except ValueError as e:
             _err(f"training failed: {e}")
