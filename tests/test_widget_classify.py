@@ -1,6 +1,8 @@
 """Classify WBCs widget, opened through the manifest, on a tiny disc image with a tiny random classifier."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -68,8 +70,13 @@ def test_correction_is_kept_on_rerun(qtbot, cls):
     run(qtbot, widget)
     t2 = lab.features.set_index("label").loc[2, "cell_type"]
     new_type = next(c for c in CLASSES if c != t2)
-    lab.selected_label = 2  # picking a cell follows the layer's selected label
+    click = SimpleNamespace(position=(14 * 0.5, 48 * 0.5), view_direction=None, dims_displayed=[0, 1])
+    assert widget._on_click in lab.mouse_drag_callbacks
+    widget._on_click(lab, click)  # a click on cell 2 (world coordinates, pan/zoom mode) picks it
     assert widget.cell_spin.value() == 2
+    lab.selected_label = 3  # so does the layer's selected label
+    assert widget.cell_spin.value() == 3
+    lab.selected_label = 2
     widget.type_combo.setCurrentText(new_type)
     widget.set_type_button.click()
     row = lab.features.set_index("label").loc[2]
@@ -109,6 +116,10 @@ def test_edits_classify_only_new_cells(qtbot, cls, monkeypatch):
     assert len(types_layer(viewer).data) == 4
     assert widget.total_label.text() == "total WBCs: 4"
     assert asked == [[7]]  # erasing classifies nothing
+    lab.undo()  # the cell comes back: it is classified again, alone
+    qtbot.waitUntil(lambda: 1 in set(lab.features["label"]) and not widget.running, timeout=TIMEOUT)
+    qtbot.waitUntil(lambda: len(types_layer(viewer).data) == 5, timeout=TIMEOUT)
+    assert asked == [[7], [1]]
 
 
 def test_export_csv(qtbot, cls, tmp_path):

@@ -131,3 +131,19 @@ def test_add_model_checks_the_file(seg, tmp_path):
     _, widget, _ = seg
     with pytest.raises(ValueError, match="does not exist"):
         widget.add_model(tmp_path / "missing.safetensors")
+
+
+def test_menu_command_segments_selected_image(qtbot, make_napari_viewer, tiny_segmenter, disc_smear):
+    from napari._app_model import get_app_model
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((16, 16)), name="other")
+    viewer.add_image(disc_smear[0], name="smear", rgb=True)  # selected (last added)
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment WBCs")
+    widget.add_model(tiny_segmenter)
+    widget.device_combo.set_device("cpu")
+    widget.set_diameter(16)
+    get_app_model().commands.execute_command("napari-wbc.segment_active").result()
+    qtbot.waitUntil(lambda: "smear WBC labels" in viewer.layers, timeout=TIMEOUT)
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT)
+    assert [lyr.name for lyr in wbc_labels(viewer)] == ["smear WBC labels"]

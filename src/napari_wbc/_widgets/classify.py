@@ -36,6 +36,7 @@ from ._common import (
     ModelCombo,
     RunButtons,
     alive,
+    data_hash,
     error_message,
     layer_image,
     make_progress,
@@ -236,6 +237,7 @@ class ClassifyWidget(QWidget):
         self.worker = None
         self._layer = None  # the labels layer whose events we follow
         self._pending_sync = False
+        self._synced_hash = None  # digest of the labels the table was last brought up to date with
 
         self.labels_combo = LayerCombo(napari_viewer, Labels, follow_new=True)
         self.image_combo = LayerCombo(napari_viewer, Image)
@@ -321,6 +323,7 @@ class ClassifyWidget(QWidget):
             for name, slot in self._layer_slots():
                 getattr(layer.events, name).connect(slot)
             layer.mouse_drag_callbacks.append(self._on_click)
+            self._synced_hash = data_hash(layer.data)
             image_name = wbc_meta(layer).get("image_layer")
             if image_name in self.viewer.layers and isinstance(self.viewer.layers[image_name], Image):
                 self.image_combo.set_layer(self.viewer.layers[image_name])
@@ -331,6 +334,7 @@ class ClassifyWidget(QWidget):
         return [
             ("paint", self._on_labels_edited),
             ("data", self._on_labels_edited),
+            ("set_data", self._on_labels_edited),  # also undo/redo (and plain refreshes: hash-checked)
             ("features", self._on_features),
             ("selected_label", self._on_selected_label),
         ]
@@ -526,6 +530,10 @@ class ClassifyWidget(QWidget):
         if self.running:
             self._pending_sync = True
             return
+        digest = data_hash(layer.data)
+        if digest == self._synced_hash:
+            return
+        self._synced_hash = digest
         had_types = is_classified(layer.features)
         feats, new, removed = remeasure(layer.features, layer.data)
         layer.features = feats

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info
+from napari.viewer import Viewer
 from qtpy.QtWidgets import QCheckBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QLabel, QVBoxLayout, QWidget
 
 from ._common import (
@@ -305,3 +306,22 @@ class SegmentWidget(QWidget):
             layer.metadata = {**layer.metadata, META_KEY: meta}
             self.viewer.layers.selection.active = layer
         return layer
+
+
+def segment_active_image(viewer: Viewer):
+    """Menu command (Layers > Segment): segment the selected image with the Segment widget's settings.
+
+    Opens (or reuses) the Segment WBCs dock widget so progress and Cancel are at
+    hand; returns the worker, or None when there is no image to segment.
+    """
+    viewer = unwrap_viewer(viewer)
+    layer = viewer.layers.selection.active
+    if not isinstance(layer, Image):
+        images = [lyr for lyr in viewer.layers if isinstance(lyr, Image)]
+        if len(images) != 1:
+            show_error("Segment WBCs: select the image layer to segment" if images else "Segment WBCs: open an image first")
+            return None
+        layer = images[0]
+    _, widget = viewer.window.add_plugin_dock_widget("napari-wbc", "Segment WBCs")
+    widget.image_combo.set_layer(layer)
+    return widget.segment()

@@ -143,7 +143,8 @@ class TrainWidget(QWidget):
             return name
         shape = tuple(np.shape(labels_layer.data)[-2:])
         for lyr in images.values():
-            if tuple(layer_image(lyr).shape[:2]) == shape:
+            data = lyr.data[0] if lyr.multiscale else lyr.data
+            if tuple(data.shape[:2]) == shape:  # shape only: never loads a lazy image
                 return lyr.name
         return None
 
