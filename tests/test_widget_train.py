@@ -97,3 +97,30 @@ def test_bad_pair_is_refused(tr):
     widget.set_pair(lab, "small")
     assert widget.train() is None
     assert messages[-1][0] == "show_error" and "differ in size" in messages[-1][1]
+
+
+def test_progress_and_dice_message(qtbot, tr, user_models, monkeypatch):
+    import json
+
+    import napari_wbc.core.finetune as ft
+    from napari_wbc.core.testing import make_tiny_segmenter
+
+    viewer, widget, seg, lab, messages = tr
+
+    def fake_finetune(images, labels, progress=None, **kwargs):
+        progress(1, 2, {"loss": 0.5, "matched_dice": 0.7, "before_dice": 0.6})
+        out = make_tiny_segmenter(user_models / "wbc_unet_ft_test.safetensors")
+        card = json.loads(out.with_suffix(".json").read_text())
+        card["finetune"] = {"holdout_before": {"matched_dice": 0.6}, "holdout_after": {"matched_dice": 0.7}}
+        out.with_suffix(".json").write_text(json.dumps(card))
+        return out
+
+    monkeypatch.setattr(ft, "finetune", fake_finetune)
+    shown = []
+    widget._relay.progressed.connect(lambda *a: shown.append(widget.progress.format()))
+    widget.train()
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT)
+    assert shown == ["epoch 1/2 · loss 0.500 · val Dice 0.700 (before 0.600)"]
+    assert messages[-1] == ("show_info", "Train: new model wbc_unet_ft_test.safetensors (validation Dice 0.600 -> 0.700)")
+    assert seg.model_combo.model_path().name == "wbc_unet_ft_test.safetensors"
+    assert seg.model_combo.currentText() == "yours: wbc_unet_ft_test"

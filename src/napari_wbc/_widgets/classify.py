@@ -256,6 +256,11 @@ class ClassifyWidget(QWidget):
         self.count_table.verticalHeader().setVisible(False)
         self.count_table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
         self.count_table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
+        rows = len(class_names()) + 1  # every class visible without scrolling (+ unclassified)
+        self.count_table.setMinimumHeight(
+            self.count_table.horizontalHeader().sizeHint().height()
+            + rows * self.count_table.verticalHeader().defaultSectionSize() + 4
+        )
         self.total_label = QLabel("total WBCs: 0")
 
         self.cell_spin = QSpinBox()
