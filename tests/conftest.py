@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+# tiny networks gain nothing from threads, and oversubscribed OpenMP threads are slow
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("NAPARI_WBC_DATA", REPO_ROOT.parent / "shared" / "data"))

@@ -73,6 +73,25 @@ def make_sample(image, labels, *, diameter=None, weight=None, name="") -> Sample
     return Sample(rgb, labels, float(diameter), weight, name, centres, probe)
 
 
+def rescaled(sample: Sample, target: float) -> Sample:
+    """The sample resized once so a WBC is ``target`` px across (crops then need only small resizes)."""
+    from skimage.transform import resize
+
+    f = target / sample.diameter
+    if 0.9 < f < 1.1:
+        return sample
+    h, w = sample.labels.shape
+    shape = (max(int(round(h * f)), 8), max(int(round(w * f)), 8))
+    rgb = resize(sample.rgb, shape, order=1, anti_aliasing=f < 1, preserve_range=True).astype(np.float32)
+    lab = resize(sample.labels, shape, order=0, anti_aliasing=False, preserve_range=True).astype(np.int32)
+    wgt = None
+    if sample.weight is not None:
+        wgt = resize(sample.weight, shape, order=0, anti_aliasing=False, preserve_range=True).astype(np.float32)
+    fy, fx = shape[0] / h, shape[1] / w
+    centres = sample.centres * np.array([fy, fx]) if len(sample.centres) else sample.centres
+    return Sample(rgb, lab, sample.diameter * (fy + fx) / 2, wgt, sample.name, centres, sample.probe)
+
+
 # ---------------------------------------------------------------- augmentation
 _YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float32)
 _YIQ_INV = np.linalg.inv(_YIQ).astype(np.float32)
@@ -113,7 +132,7 @@ def _crop_rescaled(arr, cy, cx, src, out, order, cval):
         win[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = arr[sy0:sy1, sx0:sx1]
     if s == out:
         return win
-    return resize(win, (out, out) + arr.shape[2:], order=order, preserve_range=True, anti_aliasing=(order > 0 and s > out), mode="edge").astype(arr.dtype)
+    return resize(win, (out, out) + arr.shape[2:], order=order, preserve_range=True, anti_aliasing=(order > 0 and s > 1.5 * out), mode="edge").astype(arr.dtype)
 
 
 def distance_target(labels: np.ndarray) -> np.ndarray:
@@ -249,6 +268,7 @@ def train_segmenter(
     rng = np.random.default_rng(seed)
     net.to(dev)
     target = float(card.get("target_diameter", TARGET_DIAMETER))
+    train = [rescaled(s, target) for s in train]
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 2), pct_start=0.1)
     history = []
@@ -273,7 +293,7 @@ def train_segmenter(
         loss.backward()
         opt.step()
         sched.step()
-        running.append(float(loss))
+        running.append(float(loss.detach()))
         if step % eval_every == 0 or step == steps:
             m = evaluate(net, card, val, dev) if val else {"matched_dice": 0.0, "f1": 0.0}
             rec = {"step": step, "loss": float(np.mean(running)), "time_s": time.time() - t0, **m}

@@ -1,0 +1,108 @@
+"""finetune(): contract, atomic writes, bad input (tiny random network, CPU)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import napari_wbc
+from napari_wbc.core import finetune as F
+from napari_wbc.core.models import read_card
+from napari_wbc.core.testing import make_tiny_segmenter
+
+
+def _pair(seed=0, shape=(64, 64), n=3):
+    rng = np.random.default_rng(seed)
+    img = np.full(shape + (3,), 230, np.uint8)
+    lab = np.zeros(shape, np.int32)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    for i in range(1, n + 1):
+        cy, cx = rng.integers(10, shape[0] - 10), rng.integers(10, shape[1] - 10)
+        m = (yy - cy) ** 2 + (xx - cx) ** 2 < 36
+        img[m] = (90, 40, 140)
+        lab[m] = i
+    return img, lab
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return make_tiny_segmenter(tmp_path / "base.safetensors", target_diameter=16)
+
+
+@pytest.fixture(autouse=True)
+def user_dir(tmp_path, monkeypatch):
+    d = tmp_path / "userdata"
+    monkeypatch.setattr(F, "user_models_dir", lambda: d)
+    return d
+
+
+def test_finetune_returns_loadable_model(tiny, tmp_path, user_dir):
+    imgs, labs = zip(*[_pair(i) for i in range(3)])
+    seen = []
+    out = napari_wbc.finetune(list(imgs), list(labs), base=tiny, epochs=1, device="cpu",
+                              progress=lambda e, t, m: seen.append((e, t)))
+    assert out.exists() and out.suffix == ".safetensors"
+    if out != tiny:  # a new model: in the user's data folder, with a card
+        assert out.parent == user_dir
+        card = read_card(out)
+        assert card["finetune"]["base"] == str(tiny)
+        assert card["finetune"]["epochs"] == 1
+    assert seen and seen[-1] == (1, 1)
+    lab = napari_wbc.segment(imgs[0], model=out, device="cpu", diameter=12)
+    assert lab.shape == imgs[0].shape[:2]
+
+
+def test_binary_mask_and_explicit_output(tiny, tmp_path):
+    img, lab = _pair(1, shape=(80, 96))
+    out = tmp_path / "mine.safetensors"
+    p = napari_wbc.finetune([img], [lab > 0], base=tiny, epochs=1, device="cpu", output=out)
+    assert p in (out, tiny)
+
+
+def test_never_overwrites(tiny, tmp_path):
+    img, lab = _pair()
+    existing = tmp_path / "exists.safetensors"
+    existing.write_bytes(b"user model")
+    with pytest.raises(ValueError, match="exists"):
+        napari_wbc.finetune([img], [lab], base=tiny, epochs=1, device="cpu", output=existing)
+    assert existing.read_bytes() == b"user model"
+
+
+def test_exception_mid_training_leaves_nothing(tiny, tmp_path, user_dir, monkeypatch):
+    from napari_wbc.core import train as T
+
+    img, lab = _pair()
+    before = tiny.read_bytes()
+
+    def boom(*a, **k):
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(T, "seg_loss", boom)
+    out = tmp_path / "new.safetensors"
+    with pytest.raises(RuntimeError, match="power cut"):
+        napari_wbc.finetune([img, img], [lab, lab], base=tiny, epochs=1, device="cpu", output=out)
+    assert not out.exists() and not out.with_suffix(".json").exists()
+    assert not user_dir.exists() or not any(user_dir.iterdir())
+    assert tiny.read_bytes() == before
+
+
+def test_cancel_writes_nothing(tiny, tmp_path):
+    img, lab = _pair()
+    out = tmp_path / "c.safetensors"
+    with pytest.raises(F.FinetuneCancelled):
+        napari_wbc.finetune([img], [lab], base=tiny, epochs=2, device="cpu", output=out, should_stop=lambda: True)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "images, labels, match",
+    [
+        ([np.zeros((64, 64, 3), np.uint8)], [np.zeros((64, 60), int)], "shape"),
+        ([np.zeros((64, 64, 3), np.uint8)], [np.zeros((64, 64), int)], "no labelled pixel"),
+        ([np.zeros((8, 8, 3), np.uint8)], [np.ones((8, 8), int)], "too small"),
+        ([np.zeros((64, 64, 3), np.uint8)] * 2, [np.ones((64, 64), int)], "one label array per image"),
+        ([], [], "empty"),
+    ],
+)
+def test_bad_input(tiny, images, labels, match):
+    with pytest.raises(ValueError, match=match):
+        napari_wbc.finetune(images, labels, base=tiny, epochs=1, device="cpu")

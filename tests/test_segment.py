@@ -1,0 +1,185 @@
+"""segment(): contract, tiling, bad input (tiny random networks, CPU)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import napari_wbc
+from napari_wbc.core import segment as S
+from napari_wbc.core.testing import make_tiny_segmenter
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_segmenter(tmp_path_factory.mktemp("m") / "tiny.safetensors", target_diameter=16)
+
+
+def _discs(shape=(96, 128), centres=((30, 30), (60, 90)), r=10):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    img = np.full(shape + (3,), 230, np.uint8)
+    for cy, cx in centres:
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = (90, 40, 140)
+    return img
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+@pytest.mark.parametrize("channels", [None, 3, 4])
+def test_contract_shape_dtype(tiny, dtype, channels):
+    img = _discs().astype(dtype)
+    if channels is None:
+        img = img[..., 0]
+    elif channels == 4:
+        img = np.concatenate([img, np.full(img.shape[:2] + (1,), 255, img.dtype)], -1)
+    lab = napari_wbc.segment(img, model=tiny, device="cpu", diameter=20)
+    assert lab.shape == img.shape[:2]
+    assert lab.dtype == np.int32
+    ids = np.unique(lab)
+    assert ids[0] >= 0
+    # labels are 0..N without gaps
+    assert set(ids[ids > 0]) == set(range(1, lab.max() + 1))
+
+
+def test_diameter_auto_runs(tiny):
+    lab = napari_wbc.segment(_discs(), model=tiny, device="cpu")
+    assert lab.shape == (96, 128)
+
+
+def test_instances_from_maps_splits_touching_cells():
+    # two touching discs: one foreground component, two distance peaks
+    yy, xx = np.mgrid[:60, :100]
+    d1 = np.clip(1 - np.hypot(yy - 30, xx - 35) / 20, 0, 1)
+    d2 = np.clip(1 - np.hypot(yy - 30, xx - 68) / 20, 0, 1)
+    dist = np.maximum(d1, d2)
+    fg = (dist > 0).astype(np.uint8) * 255
+    lab = S.instances_from_maps(fg, (dist * 255).astype(np.uint8), min_area=50)
+    assert lab.max() == 2
+    assert lab[30, 35] != lab[30, 68]
+
+
+def test_instances_from_maps_drops_small_objects():
+    fg = np.zeros((50, 50), np.uint8)
+    fg[5:8, 5:8] = 255  # 9 px "platelet"
+    fg[20:40, 20:40] = 255  # 400 px cell
+    dist = fg.copy()
+    lab = S.instances_from_maps(fg, dist, min_area=50)
+    assert lab.max() == 1 and lab[30, 30] == 1 and lab[6, 6] == 0
+
+
+def test_tiled_equals_untiled_probabilities(tiny):
+    """Tiles keep only their centres: away from the receptive field's reach the seams vanish."""
+    from napari_wbc.core.device import resolve_device
+    from napari_wbc.core.models import load_model
+
+    rng = np.random.default_rng(1)
+    x = rng.random((200, 260, 3)).astype(np.float32)
+    net, _ = load_model(tiny, "segmenter", "cpu")
+    dev = resolve_device("cpu")
+
+    def run(tile):
+        for item in S.iter_probabilities(x, net, dev, tile=tile, margin=64, batch_size=3):
+            if item[0] == "probs":
+                return item[1].astype(int), item[2].astype(int)
+
+    fg1, d1 = run(tile=1024)  # one window
+    fg2, d2 = run(tile=192)  # 2x3 windows with 64 px margins
+    assert np.abs(fg1 - fg2).max() <= 2  # uint8 probability units (1/255)
+    assert np.abs(d1 - d2).max() <= 2
+
+
+def test_tiled_labels_equal_untiled(tmp_path):
+    """Same labels from one window and from many tiles (a decisive random net: head scaled up)."""
+    import torch
+
+    from napari_wbc.core.models import build_network, read_card, save_model
+
+    p = make_tiny_segmenter(tmp_path / "t.safetensors", target_diameter=16, seed=3)
+    card = read_card(p)
+    net = build_network(card["arch"])
+    from safetensors.torch import load_file
+
+    net.load_state_dict(load_file(str(p)))
+    with torch.no_grad():
+        for prm in net.segmentation_head.parameters():
+            prm.mul_(40.0)
+    p2 = save_model(net, card, tmp_path / "decisive.safetensors")
+    img = np.tile(_discs(), (3, 3, 1))
+    out = {}
+    for tile in (2048, 256):  # one window vs several windows with 64 px margins
+        for item in S.iter_segment(img, model=p2, device="cpu", diameter=20, tile=tile):
+            if item[0] == "labels":
+                out[tile] = item[1]
+    a, b = out[2048], out[256]
+    assert 0 < (a > 0).mean() < 1
+    # seams move a few boundary pixels at most (receptive field > margin); cells stay the same
+    assert ((a > 0) == (b > 0)).mean() > 0.995
+    assert a.max() == b.max()
+
+
+def test_progress_reports_tiles(tiny):
+    calls = []
+    napari_wbc.segment(np.tile(_discs(), (4, 4, 1)), model=tiny, device="cpu", diameter=16, progress=lambda d, t: calls.append((d, t)))
+    assert calls[0][0] == 0 and calls[-1][0] == calls[-1][1] >= 1
+
+
+def test_generator_can_stop_early(tiny):
+    gen = S.iter_segment(np.tile(_discs(), (4, 4, 1)), model=tiny, device="cpu", diameter=16, tile=128)
+    first = [next(gen) for _ in range(2)]
+    gen.close()  # cancel: nothing returned, no error
+    assert first[0][0] == "diameter"
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (np.zeros((0, 0, 3), np.uint8), "empty"),
+        (np.zeros((4, 32, 32, 3), np.uint8), "shape"),
+        (np.zeros((32, 32, 5), np.uint8), "shape"),
+        (np.full((32, 32, 3), np.nan, np.float32), "NaN"),
+        (np.zeros((32, 32, 3), bool), "dtype"),
+        (np.zeros((32, 32, 3), complex), "dtype"),
+        (np.zeros((4, 4, 3), np.uint8), "too small"),
+    ],
+)
+def test_bad_input(tiny, bad, match):
+    with pytest.raises(ValueError, match=match):
+        napari_wbc.segment(bad, model=tiny, device="cpu")
+
+
+@pytest.mark.parametrize("d", [0, -5, float("nan"), "big"])
+def test_bad_diameter(tiny, d):
+    with pytest.raises(ValueError, match="diameter"):
+        napari_wbc.segment(_discs(), model=tiny, device="cpu", diameter=d)
+
+
+def test_bad_model_and_device(tmp_path, tiny):
+    with pytest.raises(ValueError, match="does not exist"):
+        napari_wbc.segment(_discs(), model=tmp_path / "nope.safetensors", device="cpu")
+    with pytest.raises(ValueError, match="not available|not a valid"):
+        napari_wbc.segment(_discs(), model=tiny, device="tpu9")
+
+
+def test_cell_table():
+    lab = np.zeros((20, 20), np.int32)
+    lab[2:5, 2:6] = 3
+    lab[10:12, 10:11] = 7
+    t = S.cell_table(lab)
+    assert list(t["label"]) == [3, 7]
+    assert list(t["area"]) == [12, 2]
+    assert {"centroid-0", "centroid-1", "bbox-0", "bbox-3"} <= set(t.columns)
+    assert len(S.cell_table(np.zeros((5, 5), int))) == 0
+
+
+def test_estimate_diameter_scales_with_zoom():
+    from skimage.transform import rescale
+
+    from napari_wbc.core.scale import estimate_diameter
+
+    rng = np.random.default_rng(0)
+    img = np.full((300, 300, 3), 235, np.uint8)
+    yy, xx = np.mgrid[:300, :300]
+    for _ in range(40):  # "red cells" of radius 9
+        cy, cx = rng.integers(10, 290, 2)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < 81] = (200, 120, 130)
+    d1 = estimate_diameter(img)
+    d2 = estimate_diameter((rescale(img, 2, channel_axis=-1, preserve_range=True)).astype(np.uint8))
+    assert 1.6 < d2 / d1 < 2.4
