@@ -31,6 +31,11 @@ def card_path(path) -> Path:
 def resolve_model_path(model, kind: str) -> Path:
     """``None`` -> the shipped model of ``kind``; otherwise a checked path to a .safetensors file."""
     if model is None:
+        if not SHIPPED[kind].exists():
+            raise ValueError(
+                f"the shipped {kind} model is not installed ({SHIPPED[kind].name} missing); "
+                "reinstall napari-wbc or pass a model file"
+            )
         return SHIPPED[kind]
     p = Path(model).expanduser()
     if p.suffix == ".json":

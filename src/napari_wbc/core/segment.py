@@ -230,8 +230,9 @@ def iter_segment(
 ) -> Iterator:
     """The work of :func:`segment` as a generator, for progress and cancel.
 
-    Yields ``("progress", done, total)`` per tile and ``("diameter", d)`` once
-    known; the last item is ``("labels", labels)``. Closing the generator
+    Yields ``("progress", done, total)`` per tile, ``("diameter", d)`` once
+    known and ``("stage", text)`` before post-processing steps; the last item
+    is ``("labels", labels)``. Closing the generator
     (``.close()``) between items stops the work with nothing half made.
     """
     from .device import resolve_device
@@ -270,6 +271,7 @@ def iter_segment(
             else:
                 yield item
         del x
+        yield ("stage", "separating cells")
         min_area = MIN_AREA_FRACTION * np.pi * (target / 2) ** 2
         small = instances_from_maps(fg, dist, min_area)
         if not (estimated and refine and attempt == 0 and small.max() > 0):
@@ -281,6 +283,7 @@ def iter_segment(
         if 0.8 <= ratio <= 1.25:
             break
         d = float(np.clip(d * ratio, 8.0, 1000.0))
+    yield ("stage", "outlining cells at full resolution")
     labels = upsample_instances(small, fg, (H, W))
     yield ("labels", _relabel_sequential(labels))
 
