@@ -223,6 +223,8 @@ class SegmentWidget(QWidget):
         kind = item[0]
         if kind == "diameter":
             self.status.setText(f"segmenting {self._job['image']} (WBC diameter {item[1]:.0f} px)...")
+        elif kind == "stage":
+            self.status.setText(f"{self._job['image']}: {item[1]}...")
         elif kind in ("progress", "classify"):
             done, total = int(item[1]), max(int(item[2]), 1)
             self.progress.setRange(0, total)
