@@ -24,9 +24,11 @@ from napari_wbc.core import train as T  # noqa: E402
 from napari_wbc.core.models import build_network, save_model  # noqa: E402
 
 
-def load(split):
+def load(split, exclude=()):
     samples = []
     for src in (wbc_data.sigtuple_patches, wbc_data.sigtuple_smears, wbc_data.tecom):
+        if src.__name__ in exclude:
+            continue
         for img, mask, sp in src():
             if sp != split:
                 continue
@@ -69,6 +71,8 @@ def main(argv=None):
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--no-bccd", action="store_true", help="do not use BCCD weak negatives")
+    ap.add_argument("--exclude", nargs="*", default=[], choices=["tecom", "sigtuple_patches", "sigtuple_smears"],
+                    help="leave a data set out (for the fine-tuning benchmark's unseen domain)")
     ap.add_argument("--out", default="src/napari_wbc/models/wbc_unet.safetensors")
     a = ap.parse_args(argv)
     import torch
@@ -76,7 +80,7 @@ def main(argv=None):
     if a.threads:
         torch.set_num_threads(a.threads)
     t0 = time.time()
-    train, val = load("train"), load("val")
+    train, val = load("train", a.exclude), load("val", a.exclude)
     bccd = [] if a.no_bccd else load_bccd_weak()
     # BCCD weak samples: one in four batches' draws, by repetition weight
     train_all = train + bccd
