@@ -120,6 +120,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a model file is for everyone who can read the folder
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -21,6 +21,10 @@ import numpy as np
 PROB_THRESHOLD = 0.5
 SEED_THRESHOLD = 0.5
 MIN_AREA_FRACTION = 0.2  # of the area of a disk of the expected WBC diameter
+# with diameter=None: re-run at a corrected scale when the cells found are off the
+# network's working size by more than this factor (at most REFINE_PASSES extra runs)
+REFINE_TOLERANCE = 0.25
+REFINE_PASSES = 1
 
 
 def check_image(image) -> np.ndarray:
@@ -259,7 +263,7 @@ def iter_segment(
     estimated = diameter is None
     d = estimate_diameter(rgb) if estimated else diameter
     H, W = rgb.shape[:2]
-    for attempt in range(2):
+    for attempt in range(REFINE_PASSES + 1):
         yield ("diameter", d)
         s = target / d
         h, w = max(int(round(H * s)), 8), max(int(round(W * s)), 8)
@@ -274,13 +278,13 @@ def iter_segment(
         yield ("stage", "separating cells")
         min_area = MIN_AREA_FRACTION * np.pi * (target / 2) ** 2
         small = instances_from_maps(fg, dist, min_area)
-        if not (estimated and refine and attempt == 0 and small.max() > 0):
+        if not (estimated and refine and attempt < REFINE_PASSES and small.max() > 0):
             break
         # self-consistency: cells should come out ~target px across at this scale
         areas = np.bincount(small.ravel())[1:]
         measured = float(np.sqrt(4 * np.median(areas[areas > 0]) / np.pi))
         ratio = measured / target
-        if 0.8 <= ratio <= 1.25:
+        if 1 / (1 + REFINE_TOLERANCE) <= ratio <= 1 + REFINE_TOLERANCE:
             break
         d = float(np.clip(d * ratio, 8.0, 1000.0))
     yield ("stage", "outlining cells at full resolution")
