@@ -358,6 +358,25 @@ def _guarded(gen_func, *args, **kwargs):
         raise WorkError(str(e) or type(e).__name__) from e
 
 
+def import_engine() -> None:
+    """Import torch and segmentation-models-pytorch on the calling (GUI) thread.
+
+    timm (through smp) makes torch import triton, whose bundled LLVM crashes
+    the process when Mesa's llvmpipe OpenGL (also LLVM) is already loaded, as
+    in napari on VMs, remote desktops and Xvfb (seen: segfault in
+    ``triton/knobs.py``). napari-wbc never uses triton (no ``torch.compile``),
+    so in the GUI it is marked absent before torch looks for it; set
+    ``NAPARI_WBC_ALLOW_TRITON=1`` to keep it. Later calls are free.
+    """
+    import os
+    import sys
+
+    if "triton" not in sys.modules and not os.environ.get("NAPARI_WBC_ALLOW_TRITON"):
+        sys.modules["triton"] = None  # import triton -> ImportError: torch treats it as missing
+    import segmentation_models_pytorch  # noqa: F401
+    import torch  # noqa: F401
+
+
 def start_worker(
     func: Callable,
     *args,
@@ -377,6 +396,8 @@ def start_worker(
     import inspect
 
     from napari.qt.threading import FunctionWorker, GeneratorWorker
+
+    import_engine()
 
     if inspect.isgeneratorfunction(func):
         worker = GeneratorWorker(_guarded, func, *args, **kwargs)
