@@ -29,13 +29,17 @@ def foreground(rgb_small: np.ndarray) -> np.ndarray:
 
     x = rgb_small / max(float(rgb_small.max()), 1e-6)
     lum = x.mean(-1)
-    bright = lum >= np.percentile(lum, 90)
+    # out-of-field areas (black vignetting, slide edges) are neither cells nor background
+    in_field = lum > 0.25 * np.percentile(lum, 99)
+    if in_field.sum() < 0.05 * lum.size:
+        in_field = np.ones_like(in_field)
+    bright = (lum >= np.percentile(lum[in_field], 90)) & in_field
     bg = np.median(x[bright], axis=0)
     d = np.sqrt(((x - bg) ** 2).sum(-1))
     d = ndi.gaussian_filter(d, 1.0)
     if d.max() - d.min() < 1e-3:
         return np.zeros(d.shape, bool)
-    fg = d > threshold_otsu(d)
+    fg = (d > threshold_otsu(d[in_field])) & in_field
     fg = ndi.binary_fill_holes(ndi.binary_opening(fg, iterations=1))
     return fg
 
