@@ -175,3 +175,23 @@ def test_not_an_image_names_the_file(tmp_path):
     fake.write_text("not a png")
     with pytest.raises(ImageReadError, match="fake.png"):
         napari_get_reader(str(fake))(str(fake))
+
+
+def test_cli_outputs_open_as_labels_with_table(tmp_path):
+    """The batch tool's ``x_labels.tif`` + ``x_cells.csv`` open as one labels layer with features."""
+    import pandas as pd
+    import tifffile
+
+    from napari_wbc._reader import napari_get_reader
+
+    lab = np.zeros((20, 30), np.uint16)
+    lab[2:6, 3:9] = 1
+    lab[10:15, 10:20] = 2
+    tifffile.imwrite(tmp_path / "smear_labels.tif", lab)
+    pd.DataFrame({"label": [1, 2], "cell_type": ["neutrophil", "lymphocyte"]}).to_csv(tmp_path / "smear_cells.csv", index=False)
+    layers = napari_get_reader(str(tmp_path / "smear_labels.tif"))(str(tmp_path / "smear_labels.tif"))
+    assert len(layers) == 1
+    data, kwargs, kind = layers[0]
+    assert kind == "labels" and data.max() == 2
+    assert list(kwargs["features"]["index"]) == [1, 2]
+    assert list(kwargs["features"]["cell_type"]) == ["neutrophil", "lymphocyte"]

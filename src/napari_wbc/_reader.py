@@ -71,7 +71,9 @@ def is_mask_path(path) -> bool:
 def _read_one(path: Path) -> list[tuple]:
     meta = {"path": str(path)}
     cells_csv = path.with_name(f"{path.stem}_cells.csv")
-    if path.suffix.lower() in (".tif", ".tiff") and cells_csv.is_file():
+    if path.stem.endswith("_labels") and not cells_csv.is_file():  # the CLI's x_labels.tif + x_cells.csv
+        cells_csv = path.with_name(f"{path.stem[: -len('_labels')]}_cells.csv")
+    if path.suffix.lower() in (".tif", ".tiff") and (cells_csv.is_file() or path.stem.endswith("_labels")):
         return [_saved_labels_layer(path, cells_csv)]
     if is_mask_path(path):
         name = path.stem if any(path.stem.lower().endswith(s) for s in MASK_SUFFIXES) else f"{path.stem} mask"
@@ -106,7 +108,11 @@ def _saved_labels_layer(path: Path, cells_csv: Path) -> tuple:
         )
     kwargs = {"name": path.stem, "metadata": {"path": str(path)}}
     try:
-        kwargs["features"] = pd.read_csv(cells_csv)
+        if cells_csv.is_file():
+            features = pd.read_csv(cells_csv)
+            if "index" not in features.columns and "label" in features.columns:
+                features.insert(0, "index", features["label"])  # napari's label-id column
+            kwargs["features"] = features
     except (OSError, ValueError) as e:  # pandas' parser errors are ValueErrors
         warnings.warn(f"Opened {path.name!r} without its table {cells_csv.name!r}: {e}", stacklevel=3)
     return (labels.astype(np.int32 if labels.max(initial=0) < 2**31 else np.int64), kwargs, "labels")
