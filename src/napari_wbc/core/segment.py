@@ -23,8 +23,8 @@ SEED_THRESHOLD = 0.5
 MIN_AREA_FRACTION = 0.2  # of the area of a disk of the expected WBC diameter
 # with diameter=None: re-run at a corrected scale when the cells found are off the
 # network's working size by more than this factor (at most REFINE_PASSES extra runs)
-REFINE_TOLERANCE = 0.25
-REFINE_PASSES = 1
+REFINE_TOLERANCE = 0.15
+REFINE_PASSES = 2
 
 
 def check_image(image) -> np.ndarray:
