@@ -106,3 +106,35 @@ def test_cancel_writes_nothing(tiny, tmp_path):
 def test_bad_input(tiny, images, labels, match):
     with pytest.raises(ValueError, match=match):
         napari_wbc.finetune(images, labels, base=tiny, epochs=1, device="cpu")
+
+
+def test_cell_types_finetune_the_classifier(tmp_path):
+    """cell_types -> a classifier file beside the segmenter, recorded in its card, usable by classify()."""
+    import json
+
+    from napari_wbc.core.models import card_path
+    from napari_wbc.core.testing import make_tiny_classifier
+
+    cls = make_tiny_classifier(tmp_path / "cls.safetensors")
+    seg = make_tiny_segmenter(tmp_path / "seg.safetensors", target_diameter=16)
+    card = json.loads(card_path(seg).read_text())
+    card["classifier"] = str(cls)  # a segmenter/classifier pair
+    card_path(seg).write_text(json.dumps(card))
+    imgs, labs = zip(*[_pair(i, n=3) for i in range(3)])
+    types = [{1: "neutrophil", 2: "lymphocyte", 3: "monocyte"}] * 3
+    out = napari_wbc.finetune(list(imgs), list(labs), base=seg, epochs=1, device="cpu",
+                              output=tmp_path / "ft.safetensors", cell_types=types)
+    cls_new = read_card(out)["classifier"]
+    assert cls_new.endswith(".safetensors")
+    table = napari_wbc.classify(imgs[0], labs[0], model=cls_new, device="cpu")
+    assert list(table["label"]) == [1, 2, 3]
+
+
+def test_cell_types_bad_type(tmp_path):
+    from napari_wbc.core.classifier_finetune import finetune_classifier
+    from napari_wbc.core.testing import make_tiny_classifier
+
+    cls = make_tiny_classifier(tmp_path / "cls.safetensors")
+    img, lab = _pair()
+    with pytest.raises(ValueError, match="platelet"):
+        finetune_classifier([img], [lab], [{1: "platelet"}], base=cls, output=tmp_path / "o.safetensors", device="cpu")

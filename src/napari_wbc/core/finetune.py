@@ -207,7 +207,7 @@ def finetune(
     )
     if should_stop is not None and should_stop():
         raise FinetuneCancelled("fine-tuning was cancelled; no model file was written")
-    if val and best_state is None:
+    if val and best_state is None and cell_types is None:
         warnings.warn(
             f"fine-tuning did not improve on the base model on the held-out data "
             f"(matched Dice x F1 before {before['matched_dice'] * before['f1']:.3f}); keeping the base model {base_path.name}",
@@ -237,11 +237,13 @@ def finetune(
     })
     new_card.pop("training", None)
     if cell_types is not None:
-        from . import classify as _cls
+        from .classifier_finetune import finetune_classifier
 
-        if not hasattr(_cls, "finetune_classifier"):
-            raise NotImplementedError("classifier fine-tuning is not available in this version")
         cls_path = out_path.with_name(out_path.stem + "_classifier.safetensors")
-        _cls.finetune_classifier(images, labels, cell_types, output=cls_path, device=dev, should_stop=should_stop)
-        new_card["classifier"] = str(cls_path)
+        labs = [_as_labels(lab, i) for i, lab in enumerate(labels)]
+        # start from the classifier that goes with the base segmenter (a fine-tuned pair), else the shipped one
+        cls_base = card.get("classifier") if card.get("classifier") and Path(card["classifier"]).exists() else None
+        got = finetune_classifier(images, labs, cell_types, base=cls_base, output=cls_path, device=dev,
+                                  should_stop=should_stop)
+        new_card["classifier"] = str(got)
     return save_model(net, new_card, out_path)

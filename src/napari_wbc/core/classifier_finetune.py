@@ -1,0 +1,141 @@
+"""Fine-tuning the cell-type classifier from corrected types (``finetune(cell_types=...)``)."""
+from __future__ import annotations
+
+import datetime
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+
+def _cell_inputs(images, labels, cell_types, card):
+    """Network inputs (N x 4 x S x S) and class indices of every typed cell."""
+    from .classify import CLASSES, DEFAULT_BACKGROUND, DEFAULT_CONTEXT, DEFAULT_DILATION, _regions, cell_input
+    from .segment import channel_ranges, check_image
+
+    classes = list(card.get("classes", CLASSES))
+    size = int(card.get("input_size", 64))
+    context = float(card.get("context", DEFAULT_CONTEXT))
+    background = float(card.get("background_value", DEFAULT_BACKGROUND))
+    dilation = int(card.get("mask_dilation", DEFAULT_DILATION))
+    norm = card.get("normalisation", {}) or {}
+    xs, ys = [], []
+    for i, (im, lab, types) in enumerate(zip(images, labels, cell_types)):
+        if not types:
+            continue
+        rgb = check_image(im)
+        lab = np.asarray(lab)
+        if lab.shape != rgb.shape[:2]:
+            raise ValueError(f"labels[{i}] has shape {lab.shape} but images[{i}] is {rgb.shape[:2]}")
+        for k, t in types.items():
+            if t not in classes:
+                raise ValueError(f"cell_types[{i}][{k!r}] = {t!r} is not a known type ({', '.join(classes)})")
+        ranges = channel_ranges(rgb, float(norm.get("low", 0.5)), float(norm.get("high", 99.5)))
+        rgbf = rgb.astype(np.float32)
+        ids, slices, areas = _regions(lab.astype(np.int64), [int(k) for k in types])
+        for j, cid in enumerate(ids):
+            xs.append(cell_input(rgbf, ranges, lab, int(cid), slices[j], areas[j], size=size, context=context,
+                                 background=background, dilation=dilation))
+            t = types.get(int(cid), types.get(str(int(cid))))
+            ys.append(classes.index(t))
+    if not xs:
+        raise ValueError("cell_types names no cell; expected {label: type} for at least one labelled cell")
+    return np.stack(xs).astype(np.float32), np.asarray(ys, np.int64)
+
+
+def _augment(x, rng):
+    """Quarter turns, flips and a small colour change of the RGB channels (not the mask)."""
+    x = np.rot90(x, rng.integers(4), axes=(1, 2))
+    if rng.random() < 0.5:
+        x = x[:, :, ::-1]
+    x = x.copy()
+    x[:3] = x[:3] * rng.uniform(0.9, 1.1, (3, 1, 1)).astype(np.float32) + rng.uniform(-0.05, 0.05, (3, 1, 1)).astype(np.float32)
+    return x
+
+
+def finetune_classifier(images, labels, cell_types, *, base=None, output, device=None, epochs=None,
+                        should_stop=None, seed: int = 0) -> Path:
+    """Fine-tune the classifier on ``cell_types`` (per image ``{label: type}``); return the model path.
+
+    A stratified ~25% of the typed cells is held out (when there are at least 4);
+    the best epoch by hold-out accuracy is kept, and the base model's path comes
+    back (with a warning) when no epoch beat it. ``output`` must not exist.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    from .device import resolve_device
+    from .finetune import FinetuneCancelled
+    from .models import build_network, read_card, resolve_model_path, save_model
+
+    output = Path(output)
+    if output.exists():
+        raise ValueError(f"output {str(output)!r} exists; choose a new file name (models are never overwritten)")
+    base_path = resolve_model_path(base, "classifier")
+    card = read_card(base_path)
+    x, y = _cell_inputs(images, labels, cell_types, card)
+    rng = np.random.default_rng(seed)
+    val_idx = []
+    if len(y) >= 4:
+        for c in np.unique(y):
+            idx = rng.permutation(np.nonzero(y == c)[0])
+            val_idx += list(idx[: int(round(0.25 * len(idx)))])
+    val_idx = np.array(sorted(val_idx), int)
+    tr_idx = np.setdiff1d(np.arange(len(y)), val_idx)
+    if len(tr_idx) == 0:
+        tr_idx, val_idx = np.arange(len(y)), np.array([], int)
+    dev = resolve_device(device)
+    torch.manual_seed(seed)
+    net = build_network(card["arch"])
+    net.load_state_dict(load_file(str(base_path)))
+    net.to(dev)
+
+    def accuracy():
+        if len(val_idx) == 0:
+            return None
+        net.eval()
+        with torch.inference_mode():
+            p = net(torch.from_numpy(x[val_idx]).to(dev)).argmax(1).cpu().numpy()
+        return float((p == y[val_idx]).mean())
+
+    before = accuracy()
+    best, best_state = before if before is not None else -1.0, None
+    epochs = int(epochs) if epochs is not None else 10
+    steps = max(4, int(np.ceil(len(tr_idx) / 16)) * 4)
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-4, weight_decay=1e-4)
+    counts = np.bincount(y[tr_idx], minlength=int(y.max()) + 1).astype(np.float64)
+    wts = 1.0 / np.maximum(counts[y[tr_idx]], 1)  # class-balanced sampling
+    wts /= wts.sum()
+    t0 = time.time()
+    history = []
+    for ep in range(1, epochs + 1):
+        net.train()
+        for _ in range(steps):
+            if should_stop is not None and should_stop():
+                raise FinetuneCancelled("classifier fine-tuning was cancelled; no model file was written")
+            b = rng.choice(tr_idx, size=min(16, len(tr_idx) * 2), p=wts)
+            xb = torch.from_numpy(np.stack([_augment(x[i], rng) for i in b])).to(dev)
+            loss = torch.nn.functional.cross_entropy(net(xb), torch.from_numpy(y[b]).to(dev))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        acc = accuracy()
+        history.append({"epoch": ep, "loss": float(loss.detach()), "holdout_accuracy": acc})
+        if acc is None or acc > best:
+            best = acc if acc is not None else best
+            best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+    if len(val_idx) and best_state is None:
+        warnings.warn(f"classifier fine-tuning did not beat the base model on held-out cells "
+                      f"(accuracy {before:.2f}); keeping {base_path.name}", stacklevel=2)
+        return base_path
+    net.load_state_dict(best_state)
+    new_card = {k: v for k, v in card.items() if k != "training"}
+    new_card.update({
+        "name": output.stem,
+        "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        "finetune": {"base": str(base_path), "n_cells": int(len(y)), "n_holdout": int(len(val_idx)),
+                     "epochs": epochs, "holdout_accuracy_before": before, "holdout_accuracy_after": best if len(val_idx) else None,
+                     "wall_time_s": round(time.time() - t0, 1), "history": history},
+    })
+    return save_model(net.cpu(), new_card, output)
