@@ -80,10 +80,11 @@ def test_tiled_equals_untiled_probabilities(tiny):
             if item[0] == "probs":
                 return item[1].astype(int), item[2].astype(int)
 
-    fg1, d1 = run(tile=1024)  # one window
+    fg1, d1 = run(tile=1024)  # one window (16 px of padding at the image border)
     fg2, d2 = run(tile=192)  # 2x3 windows with 64 px margins
-    assert np.abs(fg1 - fg2).max() <= 2  # uint8 probability units (1/255)
-    assert np.abs(d1 - d2).max() <= 2
+    inner = (slice(32, -32), slice(32, -32))  # the border sees different padding, not seams
+    assert np.abs(fg1 - fg2)[inner].max() <= 2  # uint8 probability units (1/255)
+    assert np.abs(d1 - d2)[inner].max() <= 2
 
 
 def test_tiled_labels_equal_untiled(tmp_path):

@@ -23,8 +23,9 @@ SEED_THRESHOLD = 0.5
 MIN_AREA_FRACTION = 0.2  # of the area of a disk of the expected WBC diameter
 # with diameter=None: re-run at a corrected scale when the cells found are off the
 # network's working size by more than this factor (at most REFINE_PASSES extra runs)
-REFINE_TOLERANCE = 0.15
-REFINE_PASSES = 2
+REFINE_TOLERANCE = 0.2
+REFINE_PASSES = 1
+REFINE_CLAMP = (0.7, 1.4)  # a correction never moves the red-cell estimate further than this
 
 
 def check_image(image) -> np.ndarray:
@@ -101,7 +102,8 @@ def iter_probabilities(
     core = tile - 2 * margin
     ys, xs = _tile_starts(h, tile, margin), _tile_starts(w, tile, margin)
     small = h + 2 * margin <= tile and w + 2 * margin <= tile
-    if small:  # one window just large enough, rounded up to the network stride
+    if small:  # one window just large enough (16 px of border context), rounded up to the network stride
+        margin = 16
         th = int(np.ceil((h + 2 * margin) / 32) * 32)
         tw = int(np.ceil((w + 2 * margin) / 32) * 32)
         ys, xs = [0], [0]
@@ -282,11 +284,13 @@ def iter_segment(
             break
         # self-consistency: cells should come out ~target px across at this scale
         areas = np.bincount(small.ravel())[1:]
-        measured = float(np.sqrt(4 * np.median(areas[areas > 0]) / np.pi))
-        ratio = measured / target
+        areas = areas[areas >= 0.35 * np.pi * (target / 2) ** 2]  # fragments say nothing about size
+        if len(areas) == 0:
+            break
+        ratio = float(np.sqrt(4 * np.median(areas) / np.pi)) / target
         if 1 / (1 + REFINE_TOLERANCE) <= ratio <= 1 + REFINE_TOLERANCE:
             break
-        d = float(np.clip(d * ratio, 8.0, 1000.0))
+        d = float(np.clip(d * np.clip(ratio, *REFINE_CLAMP), 8.0, 1000.0))
     yield ("stage", "outlining cells at full resolution")
     labels = upsample_instances(small, fg, (H, W))
     yield ("labels", _relabel_sequential(labels))
