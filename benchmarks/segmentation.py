@@ -168,6 +168,8 @@ def main(argv=None):
     ap.add_argument("--model", default=None, help="segmenter to test (default: shipped)")
     ap.add_argument("--train-classic-steps", type=int, default=600)
     ap.add_argument("--skip-classic", action="store_true")
+    ap.add_argument("--classic-weights", default=str(RUNS / "classic_unet.safetensors"),
+                    help="reuse the classic U-Net from here if it exists, else train it and save it here")
     ap.add_argument("--speed", action="store_true")
     ap.add_argument("--big", action="store_true", help="peak memory on a 10000x10000 smear (subprocess)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks_segmentation.md"))
@@ -186,7 +188,17 @@ def main(argv=None):
     methods = [("napari-wbc U-Net, diameter auto", ours_auto), ("napari-wbc U-Net, diameter known", ours_known), ("Otsu baseline", otsu)]
     classic = None
     if not a.skip_classic:
-        classic, ttrain = train_classic(a.train_classic_steps, log=lambda s: print(s, file=sys.stderr, flush=True))
+        from safetensors.torch import load_file, save_file
+
+        cw = Path(a.classic_weights)
+        if cw.exists():
+            classic, ttrain = classic_net(), float("nan")
+            classic.load_state_dict(load_file(str(cw)))
+            classic.eval()
+        else:
+            classic, ttrain = train_classic(a.train_classic_steps, log=lambda s: print(s, file=sys.stderr, flush=True))
+            cw.parent.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in classic.state_dict().items()}, str(cw))
         methods.append((f"classic U-Net 7.8M (grey 128px, Dice; {a.train_classic_steps} steps, {ttrain/60:.0f} min CPU)", lambda rgb, lab: classic_segment(classic, rgb)))
     lines += ["### Masks: matched-cell Dice (IoU >= 0.5 pairs) and detection", "",
               "| set | method | matched Dice | precision | recall | F1 | TP/FP/FN |", "|---|---|---|---|---|---|---|"]
