@@ -124,3 +124,22 @@ def test_progress_and_dice_message(qtbot, tr, user_models, monkeypatch):
     assert messages[-1] == ("show_info", "Train: new model wbc_unet_ft_test.safetensors (validation Dice 0.600 -> 0.700)")
     assert seg.model_combo.model_path().name == "wbc_unet_ft_test.safetensors"
     assert seg.model_combo.currentText() == "yours: wbc_unet_ft_test"
+
+
+def test_corrected_types_go_to_the_classifier(tr):
+    """Cells whose type was corrected by hand are passed as cell_types (4 or more), others are not."""
+    import pandas as pd
+
+    viewer, widget, seg, lab, _ = tr
+    ids = [int(i) for i in np.unique(lab.data) if i > 0]
+    assert widget._corrected_types() is None  # no types at all
+    n = len(ids)
+    lab.features = pd.DataFrame({
+        "index": ids, "label": ids, "cell_type": ["lymphocyte"] * n,
+        "corrected": [True] * min(n, 4) + [False] * max(n - 4, 0),
+    })
+    got = widget._corrected_types()
+    if n >= 4:
+        assert got == [{i: "lymphocyte" for i in ids[:4]}]
+    else:
+        assert got is None

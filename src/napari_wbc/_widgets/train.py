@@ -256,6 +256,24 @@ class TrainWidget(QWidget):
             names.append(lab.name)
         return images, labels, names
 
+    def _corrected_types(self) -> list[dict] | None:
+        """Per included pair ``{label: type}`` of the cells whose type was corrected by hand.
+
+        None when fewer than 4 corrected cells exist in all (too few to learn types from).
+        """
+        out = []
+        for lab, _ in self.pairs():
+            f = lab.features
+            types = {}
+            if {"corrected", "cell_type"} <= set(f.columns):
+                ids = f["label"] if "label" in f.columns else f.get("index")
+                present = set(np.unique(np.asarray(lab.data)))
+                for i, t, c in zip(ids, f["cell_type"], f["corrected"]):
+                    if bool(c) and isinstance(t, str) and int(i) in present:
+                        types[int(i)] = t
+            out.append(types)
+        return out if sum(len(t) for t in out) >= 4 else None
+
     def train(self):
         """Start fine-tuning on the included pairs; returns the worker (None when nothing started)."""
         if self.running:
@@ -270,12 +288,14 @@ class TrainWidget(QWidget):
             show_error("Train: no model to start from (the shipped model is missing); choose one with 'Browse...'")
             return None
         epochs = None if self.auto_epochs.isChecked() else int(self.epochs.value())
+        cell_types = self._corrected_types()
         self._stop = stop = threading.Event()
         self._job = {"base": Path(base), "names": names}
         self.buttons.set_busy(True)
         self.progress.setRange(0, 0)
         self.progress.setFormat("scoring the starting model...")
-        self.status.setText(f"training on {', '.join(names)}...")
+        self.status.setText(f"training on {', '.join(names)}"
+                            + (" (and the classifier on the corrected types)" if cell_types else "") + "...")
         relay = self._relay
 
         def progress(epoch, total, metrics):
@@ -293,6 +313,7 @@ class TrainWidget(QWidget):
             device=self.device_combo.device(),
             progress=progress,
             should_stop=stop.is_set,
+            cell_types=cell_types,
             on_return=self._on_return,
             on_error=self._on_error,
             on_finish=self._on_finish,
