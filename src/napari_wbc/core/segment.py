@@ -101,9 +101,10 @@ def iter_probabilities(
     # all tiles are full-size windows of the reflect/zero padded image
     core = tile - 2 * margin
     ys, xs = _tile_starts(h, tile, margin), _tile_starts(w, tile, margin)
-    small = h + 2 * margin <= tile and w + 2 * margin <= tile
-    if small:  # one window just large enough (16 px of border context), rounded up to the network stride
-        margin = 16
+    border = 16  # context beyond the image edge for a single window
+    small = h + 2 * border <= tile and w + 2 * border <= tile
+    if small:  # one window just large enough, rounded up to the network stride
+        margin = border
         th = int(np.ceil((h + 2 * margin) / 32) * 32)
         tw = int(np.ceil((w + 2 * margin) / 32) * 32)
         ys, xs = [0], [0]
@@ -230,7 +231,7 @@ def iter_segment(
     model=None,
     device=None,
     diameter=None,
-    tile: int = 512,
+    tile: int = 768,
     batch_size: int | None = None,
     refine: bool = True,
 ) -> Iterator:
@@ -260,7 +261,7 @@ def iter_segment(
         net, card = load_model(model, "segmenter", dev)
     target = float(card.get("target_diameter", 32.0))
     if batch_size is None:
-        batch_size = 8 if dev.type == "cuda" else 2
+        batch_size = 8 if dev.type == "cuda" else 1
     ranges = channel_ranges(rgb)
     estimated = diameter is None
     d = estimate_diameter(rgb) if estimated else diameter
