@@ -58,9 +58,20 @@ def estimate_rbc_radius(image: np.ndarray) -> float | None:
     return float(np.percentile(dist[fg], 90)) / 0.684 * step
 
 
+def _sample_crops(image: np.ndarray, size: int = 1024, grid: int = 3):
+    """Full-resolution crops on a grid: large smears are measured where the cells are resolved."""
+    h, w = image.shape[:2]
+    if max(h, w) <= 1.5 * size:
+        return [image]
+    ys = np.linspace(0, max(h - size, 0), grid).astype(int)
+    xs = np.linspace(0, max(w - size, 0), grid).astype(int)
+    return [image[y : y + size, x : x + size] for y in ys for x in xs]
+
+
 def estimate_diameter(image: np.ndarray, default: float = 50.0) -> float:
     """Expected WBC diameter in pixels of an HxWx3 image (``default`` when unsure)."""
-    r = estimate_rbc_radius(image)
+    radii = [r for r in (estimate_rbc_radius(c) for c in _sample_crops(image)) if r is not None]
+    r = float(np.median(radii)) if radii else None
     if r is None:
         return default
     return float(np.clip(2.0 * r * WBC_PER_RBC, MIN_DIAMETER, MAX_DIAMETER))

@@ -79,6 +79,26 @@ def _resize(x: np.ndarray, shape, order: int) -> np.ndarray:
     return resize(x, shape, order=order, preserve_range=True, anti_aliasing=False, mode="edge").astype(x.dtype)
 
 
+def _resize_image(rgb: np.ndarray, shape) -> np.ndarray:
+    """Resize an HxWx3 image with Pillow (bilinear, area-aware when shrinking), dtype-lean.
+
+    uint8 stays uint8; other dtypes go channel by channel through float32, so a
+    100-Mpx smear never needs a float64 copy.
+    """
+    from PIL import Image
+
+    h, w = int(shape[0]), int(shape[1])
+    if rgb.shape[:2] == (h, w):
+        return rgb
+    if rgb.dtype == np.uint8:
+        return np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).resize((w, h), Image.BILINEAR))
+    out = np.empty((h, w, rgb.shape[2]), np.float32)
+    for c in range(rgb.shape[2]):
+        ch = Image.fromarray(np.ascontiguousarray(rgb[..., c], dtype=np.float32))  # mode "F"
+        out[..., c] = np.asarray(ch.resize((w, h), Image.BILINEAR))
+    return out
+
+
 def _tile_starts(n: int, tile: int, margin: int) -> list[int]:
     """Starts of the kept (centre) windows, multiples of ``tile - 2*margin``."""
     core = tile - 2 * margin
@@ -270,7 +290,7 @@ def iter_segment(
         yield ("diameter", d)
         s = target / d
         h, w = max(int(round(H * s)), 8), max(int(round(W * s)), 8)
-        x = normalise(_resize(rgb, (h, w), order=1) if (h, w) != (H, W) else rgb, ranges)
+        x = normalise(_resize_image(rgb, (h, w)), ranges)
         fg = dist = None
         for item in iter_probabilities(x, net, dev, tile=tile, batch_size=batch_size):
             if item[0] == "probs":
