@@ -184,3 +184,18 @@ def test_estimate_diameter_scales_with_zoom():
     d1 = estimate_diameter(img)
     d2 = estimate_diameter((rescale(img, 2, channel_axis=-1, preserve_range=True)).astype(np.uint8))
     assert 1.6 < d2 / d1 < 2.4
+
+
+def test_estimate_diameter_on_a_large_smear_uses_full_resolution():
+    """A big smear tiled from a small one gets the same estimate (not one from a blurred thumbnail)."""
+    from napari_wbc.core.scale import estimate_diameter
+
+    rng = np.random.default_rng(1)
+    img = np.full((400, 400, 3), 235, np.uint8)
+    yy, xx = np.mgrid[:400, :400]
+    for _ in range(60):
+        cy, cx = rng.integers(10, 390, 2)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < 100] = (200, 120, 130)
+    d_small = estimate_diameter(img)
+    d_big = estimate_diameter(np.tile(img, (10, 10, 1)))  # 4000 x 4000
+    assert abs(d_big / d_small - 1) < 0.15
