@@ -32,6 +32,8 @@ def wait(cond, timeout=300):
 
 def shot(viewer, name):
     OUT.mkdir(exist_ok=True)
+    viewer.reset_view()
+    wait(lambda: True)
     viewer.window._qt_window.grab().save(str(OUT / name))
     print("saved", OUT / name)
 
