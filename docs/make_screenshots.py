@@ -35,6 +35,11 @@ def shot(viewer, name):
     viewer.reset_view()
     wait(lambda: True)
     viewer.window._qt_window.grab().save(str(OUT / name))
+    from PIL import Image  # 3/4 size, 256 colours: ~200 kB a screenshot
+
+    im = Image.open(OUT / name).convert("RGB")
+    im = im.resize((im.width * 3 // 4, im.height * 3 // 4), Image.LANCZOS)
+    im.quantize(256, method=Image.Quantize.MEDIANCUT).save(OUT / name, optimize=True)
     print("saved", OUT / name)
 
 
