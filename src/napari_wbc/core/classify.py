@@ -41,17 +41,29 @@ def window_side(area: float, bbox_extent: float, context: float) -> float:
     return max(context * diameter, float(bbox_extent) + 2.0, MIN_SIDE)
 
 
-def cut_window(arr: np.ndarray, cy: float, cx: float, side: float, fill) -> np.ndarray:
-    """The ``ceil(side)`` square of ``arr`` centred at (cy, cx), padded with ``fill`` outside."""
-    h, w = arr.shape[:2]
+def _bounds(h: int, w: int, cy: float, cx: float, side: float):
     s = max(int(np.ceil(side)), 1)
     y0 = int(np.floor(cy + 0.5 - s / 2.0))
     x0 = int(np.floor(cx + 0.5 - s / 2.0))
+    return s, y0, x0, max(y0, 0), max(x0, 0), min(y0 + s, h), min(x0 + s, w)
+
+
+def cut_window(arr: np.ndarray, cy: float, cx: float, side: float, fill) -> np.ndarray:
+    """The ``ceil(side)`` square of ``arr`` centred at (cy, cx), padded with ``fill`` outside."""
+    s, y0, x0, sy0, sx0, sy1, sx1 = _bounds(arr.shape[0], arr.shape[1], cy, cx, side)
     win = np.full((s, s) + arr.shape[2:], fill, dtype=arr.dtype)
-    sy0, sx0, sy1, sx1 = max(y0, 0), max(x0, 0), min(y0 + s, h), min(x0 + s, w)
     if sy1 > sy0 and sx1 > sx0:
         win[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = arr[sy0:sy1, sx0:sx1]
     return win
+
+
+def inside_window(shape, cy: float, cx: float, side: float) -> np.ndarray:
+    """Which pixels of :func:`cut_window`'s square lie inside an image of ``shape``."""
+    s, y0, x0, sy0, sx0, sy1, sx1 = _bounds(shape[0], shape[1], cy, cx, side)
+    inside = np.zeros((s, s), bool)
+    if sy1 > sy0 and sx1 > sx0:
+        inside[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = True
+    return inside
 
 
 def resize_square(x: np.ndarray, size: int) -> np.ndarray:
@@ -82,17 +94,15 @@ def finish_input(rgbn: np.ndarray, mask: np.ndarray, *, background: float, dilat
 
 
 def cell_input(rgb, ranges, labels, label_id, sl, area, *, size, context, background, dilation):
-    """The network input (4 x size x size float32) of one cell of a float HxWx3 image."""
+    """The network input (4 x size x size float32) of one cell of an HxWx3 image."""
     from .segment import normalise
 
     extent = max(sl[0].stop - sl[0].start, sl[1].stop - sl[1].start)
     cy = (sl[0].start + sl[0].stop - 1) / 2.0
     cx = (sl[1].start + sl[1].stop - 1) / 2.0
     side = window_side(area, extent, context)
-    win = cut_window(rgb, cy, cx, side, np.nan)  # rgb is float: NaN marks outside the image
-    outside = np.isnan(win[..., 0])
-    x = normalise(np.nan_to_num(win, nan=0.0), ranges)
-    x[outside] = background
+    x = normalise(cut_window(rgb, cy, cx, side, 0), ranges)  # any dtype: cast per window only
+    x[~inside_window(rgb.shape, cy, cx, side)] = background
     m = (cut_window(labels, cy, cx, side, 0) == label_id).astype(np.float32)
     return finish_input(resize_square(x, size), resize_square(m, size), background=background, dilation=dilation)
 
@@ -119,7 +129,13 @@ def _regions(labels: np.ndarray, ids) -> tuple[np.ndarray, list, np.ndarray]:
     """(ids, bbox slices, areas) of the wanted cells, ids sorted."""
     from scipy import ndimage as ndi
 
-    present, counts = np.unique(labels, return_counts=True)
+    top = int(labels.max()) if labels.size else 0
+    if top <= 4 * labels.size + 65536:  # fast path: ids not absurdly sparse
+        counts = np.bincount(labels.ravel().astype(np.intp, copy=False), minlength=top + 1)
+        present = np.nonzero(counts)[0]
+        counts = counts[present]
+    else:
+        present, counts = np.unique(labels, return_counts=True)
     keep = present > 0
     present, counts = present[keep], counts[keep]
     if ids is None:
@@ -211,10 +227,9 @@ def iter_classify(image, labels, *, model=None, device=None, ids=None, batch_siz
     context = float(card.get("context", DEFAULT_CONTEXT))
     background = float(card.get("background_value", DEFAULT_BACKGROUND))
     dilation = int(card.get("mask_dilation", DEFAULT_DILATION))
+    tta = min(max(int(card.get("tta", 1)), 1), 4)
     norm = card.get("normalisation", {}) or {}
     ranges = channel_ranges(rgb, float(norm.get("low", 0.5)), float(norm.get("high", 99.5)))
-    if rgb.dtype.kind != "f":
-        rgb = rgb.astype(np.float32)
     use_amp = dev.type == "cuda"
     probs = []
     for b, b0 in enumerate(range(0, len(want), batch_size)):
@@ -225,12 +240,16 @@ def iter_classify(image, labels, *, model=None, device=None, ids=None, batch_siz
         ])
         with torch.inference_mode():
             x = torch.from_numpy(batch).to(dev)
-            if use_amp:
-                with torch.autocast("cuda", dtype=torch.float16):
-                    logits = net(x)
-            else:
-                logits = net(x)
-            probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+            p = 0
+            for k in range(tta):  # test-time augmentation: mean softmax over quarter turns
+                xk = torch.rot90(x, k, dims=(2, 3)) if k else x
+                if use_amp:
+                    with torch.autocast("cuda", dtype=torch.float16):
+                        logits = net(xk)
+                else:
+                    logits = net(xk)
+                p = p + torch.softmax(logits.float(), dim=1)
+            probs.append((p / tta).cpu().numpy())
         yield ("progress", b + 1, total)
     yield ("table", _table(want, np.concatenate(probs), classes))
 

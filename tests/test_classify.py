@@ -1,0 +1,211 @@
+"""Cell typing (napari_wbc.core.classify) with tiny random networks on CPU."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from napari_wbc.core import classify as C
+from napari_wbc.core.models import SHIPPED
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from napari_wbc.core.testing import make_tiny_classifier
+
+    return make_tiny_classifier(tmp_path_factory.mktemp("cls") / "tiny.safetensors")
+
+
+def smear(h=48, w=56, dtype=np.uint8, channels=3, seed=0):
+    rng = np.random.default_rng(seed)
+    img = rng.integers(150, 230, (h, w, 3)).astype(np.float64)
+    img[10:22, 12:26] = (110, 60, 150)
+    img = img / 255.0
+    if channels == 4:
+        img = np.concatenate([img, np.ones((h, w, 1))], -1)
+    if channels == 1:
+        img = img.mean(-1)
+    if dtype == np.uint8:
+        return np.round(img * 255).astype(np.uint8)
+    if dtype == np.uint16:
+        return np.round(img * 65535).astype(np.uint16)
+    return img.astype(dtype)
+
+
+def check_table(df, ids):
+    assert list(df.columns[: len(C.COLUMNS)]) == C.COLUMNS
+    assert df["label"].tolist() == sorted(ids)
+    assert df["label"].dtype == np.int64
+    assert df["cell_type"].isin(C.CLASSES).all()
+    for c in ["confidence", *C.PROB_COLUMNS]:
+        assert np.issubdtype(df[c].dtype, np.floating), c
+    p = df[C.PROB_COLUMNS].to_numpy()
+    assert np.allclose(p.sum(1), 1, atol=1e-4)
+    assert ((p >= 0) & (p <= 1)).all()
+    assert np.allclose(df["confidence"], p.max(1))
+    assert (df["cell_type"].to_numpy() == np.array(C.CLASSES)[p.argmax(1)]).all()
+    assert df.index.tolist() == list(range(len(ids)))
+
+
+def test_classes_and_columns():
+    assert C.CLASSES == ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"]
+    assert C.COLUMNS == ["label", "cell_type", "confidence", "p_neutrophil", "p_lymphocyte", "p_monocyte",
+                         "p_eosinophil", "p_basophil"]
+
+
+def test_one_row_per_id_sorted_non_consecutive(tiny):
+    img = smear()
+    lab = np.zeros(img.shape[:2], np.int32)
+    lab[10:22, 12:26] = 17
+    lab[30:40, 30:45] = 5
+    lab[2:6, 40:50] = 230
+    df = C.classify(img, lab, model=tiny, device="cpu")
+    check_table(df, [5, 17, 230])
+    lab64 = lab.astype(np.int64)
+    lab64[lab64 == 230] = 3_000_000_000  # huge sparse ids take another path: same answer
+    big = C.classify(img, lab64, model=tiny, device="cpu")
+    check_table(big, [5, 17, 3_000_000_000])
+    assert np.allclose(big[C.PROB_COLUMNS].to_numpy(), df[C.PROB_COLUMNS].to_numpy(), atol=1e-5)
+
+
+def test_empty_labels_give_empty_frame(tiny):
+    img = smear()
+    for ids in (None, []):
+        df = C.classify(img, np.zeros(img.shape[:2], np.uint16), model=tiny, device="cpu", ids=ids)
+        assert isinstance(df, pd.DataFrame)
+        assert list(df.columns) == C.COLUMNS
+        assert len(df) == 0
+    assert C.empty_table()["label"].dtype == np.int64
+
+
+def test_one_pixel_cells_at_borders_and_corners(tiny):
+    img = smear()
+    h, w = img.shape[:2]
+    lab = np.zeros((h, w), np.int32)
+    spots = [(0, 0), (0, w - 1), (h - 1, 0), (h - 1, w - 1), (0, w // 2), (h // 2, 0), (h // 2, w // 2)]
+    for i, (y, x) in enumerate(spots, start=1):
+        lab[y, x] = i
+    lab[h - 3 :, w - 20 : w - 10] = 99  # a flat cell on the bottom edge
+    df = C.classify(img, lab, model=tiny, device="cpu")
+    check_table(df, list(range(1, len(spots) + 1)) + [99])
+
+
+@pytest.mark.parametrize("kind", ["grey", "rgba", "uint16", "float", "grey1"])
+def test_input_kinds(tiny, kind):
+    img = {
+        "grey": smear(channels=1),
+        "rgba": smear(channels=4),
+        "uint16": smear(dtype=np.uint16),
+        "float": smear(dtype=np.float32),
+        "grey1": smear(channels=1)[..., None],
+    }[kind]
+    lab = np.zeros(img.shape[:2], np.int64)
+    lab[10:22, 12:26] = 1
+    lab[30:35, 40:44] = 2
+    check_table(C.classify(img, lab, model=tiny, device="cpu"), [1, 2])
+
+
+def test_same_cell_same_answer_across_dtypes(tiny):
+    lab = np.zeros((48, 56), np.int32)
+    lab[10:22, 12:26] = 1
+    a = C.classify(smear(), lab, model=tiny, device="cpu")[C.PROB_COLUMNS].to_numpy()
+    b = C.classify(smear(dtype=np.uint16), lab, model=tiny, device="cpu")[C.PROB_COLUMNS].to_numpy()
+    assert np.allclose(a, b, atol=1e-3)
+
+
+def test_mismatched_shapes_raise(tiny):
+    img = smear()
+    with pytest.raises(ValueError, match=r"\(48, 50\).*\(48, 56\)"):
+        C.classify(img, np.zeros((48, 50), np.int32), model=tiny)
+    with pytest.raises(ValueError, match="shape"):
+        C.classify(img, np.zeros((48, 56, 3), np.int32), model=tiny)
+
+
+def test_bad_labels_raise(tiny):
+    img = smear()
+    lab = np.zeros(img.shape[:2], np.int32)
+    lab[0, 0] = -1
+    with pytest.raises(ValueError, match="negative"):
+        C.classify(img, lab, model=tiny)
+    with pytest.raises(ValueError, match="whole numbers"):
+        C.classify(img, np.full(img.shape[:2], 0.5), model=tiny)
+
+
+def test_ids_subset_matches_full_run(tiny):
+    img = smear()
+    lab = np.zeros(img.shape[:2], np.int32)
+    lab[10:22, 12:26] = 3
+    lab[30:40, 30:45] = 8
+    lab[40:46, 2:9] = 11
+    full = C.classify(img, lab, model=tiny, device="cpu")
+    sub = C.classify(img, lab, model=tiny, device="cpu", ids=[11, 3])
+    check_table(sub, [3, 11])
+    pd.testing.assert_frame_equal(sub.reset_index(drop=True), full[full.label.isin([3, 11])].reset_index(drop=True),
+                                  atol=1e-5)
+    alias = C.classify_labels(img, lab, [8], model=tiny, device="cpu")
+    check_table(alias, [8])
+    with pytest.raises(ValueError, match="not present"):
+        C.classify(img, lab, model=tiny, ids=[3, 4])
+
+
+def test_generator_progress_and_batches(tiny):
+    img = smear()
+    lab = np.zeros(img.shape[:2], np.int32)
+    for i in range(5):
+        lab[2 + 8 * i : 6 + 8 * i, 2:8] = i + 1
+    items = list(C.iter_classify(img, lab, model=tiny, device="cpu", batch_size=2))
+    assert items[0] == ("progress", 0, 3)
+    assert [it for it in items if it[0] == "progress"][-1] == ("progress", 3, 3)
+    assert items[-1][0] == "table"
+    check_table(items[-1][1], [1, 2, 3, 4, 5])
+    seen = []
+    C.classify(img, lab, model=tiny, device="cpu", batch_size=4, progress=lambda d, t: seen.append((d, t)))
+    assert seen == [(0, 2), (1, 2), (2, 2)]
+
+
+def test_loaded_network_tuple_and_no_grad_leak(tiny):
+    from napari_wbc.core.models import load_model
+
+    net, card = load_model(tiny, "classifier", "cpu")
+    lab = np.zeros((48, 56), np.int32)
+    lab[10:22, 12:26] = 1
+    check_table(C.classify(smear(), lab, model=(net, card)), [1])
+
+
+def test_cell_input_isolates_the_cell():
+    """Pixels away from the cell are background; the mask is channel 4; size is fixed."""
+    from napari_wbc.core.segment import channel_ranges
+
+    img = smear().astype(np.float32)
+    lab = np.zeros(img.shape[:2], np.int32)
+    lab[10:22, 12:26] = 1
+    lab[22:30, 12:26] = 2  # a neighbour touching the cell
+    from scipy import ndimage as ndi
+
+    sl = ndi.find_objects(lab)[0]
+    x = C.cell_input(img, channel_ranges(img), lab, 1, sl, (lab == 1).sum(), size=32, context=1.5,
+                     background=1.0, dilation=2)
+    assert x.shape == (4, 32, 32) and x.dtype == np.float32
+    m = x[3] > 0.5
+    assert m.any() and not m.all()
+    far = ~ndi.binary_dilation(m, iterations=3)
+    assert np.allclose(x[:3, far], 1.0)
+    # the same cell 4x larger gives nearly the same input (scale invariance)
+    big = np.kron(img, np.ones((4, 4, 1), np.float32))
+    blab = np.kron(lab, np.ones((4, 4), np.int32))
+    sl4 = ndi.find_objects(blab)[0]
+    x4 = C.cell_input(big, channel_ranges(big), blab, 1, sl4, (blab == 1).sum(), size=32, context=1.5,
+                      background=1.0, dilation=2)
+    assert np.abs(x4[3] - x[3]).mean() < 0.1
+
+
+@pytest.mark.skipif(not SHIPPED["classifier"].exists(), reason="the shipped classifier is not built yet")
+def test_shipped_model_loads_and_classifies(disc_smear):
+    from napari_wbc.core.models import read_card
+
+    card = read_card(SHIPPED["classifier"])
+    assert card["kind"] == "classifier" and card["classes"] == C.CLASSES
+    assert SHIPPED["classifier"].stat().st_size <= 16 * 2**20
+    image, labels = disc_smear
+    df = C.classify(image, labels, device="cpu")
+    check_table(df, [1, 2, 3, 4])
