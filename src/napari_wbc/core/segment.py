@@ -106,7 +106,7 @@ def _tile_starts(n: int, tile: int, margin: int) -> list[int]:
 
 
 def iter_probabilities(
-    x: np.ndarray, net, device, *, tile: int = 512, margin: int = 64, batch_size: int = 4
+    x: np.ndarray, net, device, *, tile: int = 768, margin: int = 64, batch_size: int = 1
 ) -> Iterator:
     """Yield ``("progress", done, total)``; finally ``("probs", fg_u8, dist_u8)``.
 
@@ -118,7 +118,7 @@ def iter_probabilities(
     h, w = x.shape[:2]
     tile = int(tile)
     margin = min(int(margin), tile // 4)
-    # all tiles are full-size windows of the reflect/zero padded image
+    # tiles are full-size windows; outside the image they hold 1.0 (background-like, as in training)
     core = tile - 2 * margin
     ys, xs = _tile_starts(h, tile, margin), _tile_starts(w, tile, margin)
     border = 16  # context beyond the image edge for a single window
