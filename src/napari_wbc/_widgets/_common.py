@@ -336,6 +336,13 @@ class RunButtons(QWidget):
         self.cancel.setEnabled(busy)
 
 
+def reset_progress(progress) -> None:
+    """An idle, empty progress bar (after a job ends, however it ended)."""
+    progress.setRange(0, 1)
+    progress.setValue(0)
+    progress.setFormat("")
+
+
 def make_progress() -> QProgressBar:
     bar = QProgressBar()
     bar.setRange(0, 1)

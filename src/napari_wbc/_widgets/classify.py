@@ -44,6 +44,7 @@ from ._common import (
     start_worker,
     unwrap_viewer,
     wbc_meta,
+    reset_progress,
 )
 
 CLASS_COLORS = {
@@ -520,9 +521,7 @@ class ClassifyWidget(QWidget):
     def _on_finish(self) -> None:
         self.worker = None
         self.buttons.set_busy(False)
-        self.progress.setRange(0, 1)
-        self.progress.setValue(0)
-        self.progress.setFormat("")
+        reset_progress(self.progress)
         if self._pending_sync:
             self._pending_sync = False
             self._sync_timer.start()

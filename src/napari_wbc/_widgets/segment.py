@@ -29,6 +29,7 @@ from ._common import (
     start_worker,
     unwrap_viewer,
     wbc_meta,
+    reset_progress,
 )
 
 LABELS_SUFFIX = "WBC labels"
@@ -259,9 +260,7 @@ class SegmentWidget(QWidget):
             self.status.setText("cancelled; no layer was added")
         self.worker = None
         self.buttons.set_busy(False)
-        self.progress.setRange(0, 1)
-        self.progress.setValue(0)
-        self.progress.setFormat("")
+        reset_progress(self.progress)
 
     # ------------------------------------------------------------ layers
     def _target_layer(self, image_name: str):

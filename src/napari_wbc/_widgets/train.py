@@ -41,6 +41,7 @@ from ._common import (
     start_worker,
     unwrap_viewer,
     wbc_meta,
+    reset_progress,
 )
 
 NO_IMAGE = "(choose image)"
@@ -383,9 +384,7 @@ class TrainWidget(QWidget):
     def _on_finish(self) -> None:
         self.worker = None
         self.buttons.set_busy(False)
-        self.progress.setRange(0, 1)
-        self.progress.setValue(0)
-        self.progress.setFormat("")
+        reset_progress(self.progress)
 
 
 def _finetune_job(images, labels, **kwargs) -> Path:
