@@ -18,9 +18,6 @@ Writes the markdown tables to stdout and to docs/benchmarks_segmentation.md.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import resource
 import subprocess
 import sys
 import time
