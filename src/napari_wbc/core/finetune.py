@@ -14,6 +14,7 @@ BATCH_SIZE = 8
 # 12 x 25 steps of 8 crops: ~2 min on 2 CPU cores whatever the amount of data (crops are sampled,
 # so more corrected cells give more variety per step, not more steps)
 DEFAULT_EPOCHS = 12
+LEARNING_RATE = 1e-3  # chosen between 5e-4 and 1e-3 on benchmarks/finetune.py (see docs/benchmarks.md)
 
 
 class FinetuneCancelled(RuntimeError):
@@ -201,7 +202,7 @@ def finetune(
             progress(step // STEPS_PER_EPOCH, epochs, {**rec, "before_dice": before["matched_dice"] if before else None})
 
     best_state, history = train_segmenter(
-        net, card, train, val, steps=epochs * STEPS_PER_EPOCH, batch_size=BATCH_SIZE, lr=5e-4,
+        net, card, train, val, steps=epochs * STEPS_PER_EPOCH, batch_size=BATCH_SIZE, lr=LEARNING_RATE,
         eval_every=STEPS_PER_EPOCH, device=dev, seed=seed, progress=_progress,
         should_stop=should_stop, log=lambda s: None,
     )
