@@ -110,6 +110,24 @@ def _fmt(v):
     return "-" if v is None else f"{v:.3f}"
 
 
+def _describe(card: dict) -> str:
+    """One line on the evaluated model (a single network or an ensemble of them)."""
+
+    def one(arch, tr):
+        return (f"{arch['name']} width {arch.get('width')}: {tr.get('steps')} steps of batch {tr.get('batch')} in "
+                f"{tr.get('train_seconds')} s on {tr.get('threads')} CPU thread(s), seed {tr.get('seed')}")
+
+    tr = card.get("training", {}) or {}
+    head = f"Model: input {card['input_size']} px, context {card['context']}; "
+    if card["arch"]["name"] == "Ensemble":
+        members = card.get("members", [])
+        body = (f"an ensemble (mean probability) of {len(card['arch']['members'])} networks: "
+                + "; ".join(one(a, m.get("training") or {}) for a, m in zip(card["arch"]["members"], members)))
+    else:
+        body = one(card["arch"], tr)
+    return head + body + f". Basophil: {tr.get('basophil', '-')}."
+
+
 def section(results: dict, card: dict, command: str, n_info: str) -> str:
     lines = ["## WBC classification", "",
              f"Command: `{command}`", "",
@@ -136,11 +154,7 @@ def section(results: dict, card: dict, command: str, n_info: str) -> str:
         for name, row in zip(m["rows_true"], m["matrix"]):
             lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
         lines.append("")
-    tr = card.get("training", {})
-    lines += [f"Shipped model: {card['arch']['name']} width {card['arch'].get('width')}, input "
-              f"{card['input_size']} px, context {card['context']}; {tr.get('steps')} steps of batch "
-              f"{tr.get('batch')} in {tr.get('train_seconds')} s on {tr.get('threads')} CPU thread(s), "
-              f"seed {tr.get('seed')}. Basophil: {tr.get('basophil', '-')}.", ""]
+    lines += [_describe(card), ""]
     return "\n".join(lines)
 
 

@@ -209,3 +209,42 @@ def test_shipped_model_loads_and_classifies(disc_smear):
     image, labels = disc_smear
     df = C.classify(image, labels, device="cpu")
     check_table(df, [1, 2, 3, 4])
+
+
+def test_ensemble_is_the_mean_of_its_members(tmp_path):
+    import torch
+
+    from napari_wbc.core.models import build_network, clear_cache, save_model
+    from napari_wbc.core.testing import make_tiny_classifier
+
+    paths = [make_tiny_classifier(tmp_path / f"m{i}.safetensors", seed=i) for i in range(2)]
+    from napari_wbc.core.models import load_model
+
+    members = [load_model(p, "classifier", "cpu") for p in paths]
+    card = dict(members[0][1], arch={"name": "Ensemble", "members": [c["arch"] for _, c in members]})
+    ens = build_network(card["arch"])
+    for slot, (net, _) in zip(ens.members, members):
+        slot.load_state_dict(net.state_dict())
+    path = save_model(ens, card, tmp_path / "ens.safetensors")
+    clear_cache()
+
+    img = smear()
+    labels = np.zeros(img.shape[:2], np.int32)
+    labels[10:22, 12:26] = 3
+    labels[30:40, 30:50] = 7
+    tables = [C.classify(img, labels, model=p, device="cpu") for p in paths]
+    df = C.classify(img, labels, model=path, device="cpu")
+    check_table(df, [3, 7])
+    mean = np.mean([t[C.PROB_COLUMNS].to_numpy() for t in tables], 0)
+    assert np.allclose(df[C.PROB_COLUMNS].to_numpy(), mean, atol=1e-5)
+    # the members differ, so the test would notice an ensemble that used only one of them
+    assert not np.allclose(tables[0][C.PROB_COLUMNS].to_numpy(), tables[1][C.PROB_COLUMNS].to_numpy(), atol=1e-4)
+    with torch.no_grad():
+        assert torch.isfinite(ens(torch.zeros(1, 4, 32, 32))).all()
+
+
+def test_ensemble_card_needs_members():
+    from napari_wbc.core.models import build_network
+
+    with pytest.raises(ValueError, match="members"):
+        build_network({"name": "Ensemble", "members": []})

@@ -75,6 +75,13 @@ def build_network(arch: dict):
         from .nets import SmallCNN
 
         return SmallCNN(**arch)
+    if name == "Ensemble":
+        from .nets import Ensemble
+
+        members = arch.get("members")
+        if not isinstance(members, list) or not members or not all(isinstance(m, dict) for m in members):
+            raise ValueError("an Ensemble model card needs 'members': a non-empty list of architectures")
+        return Ensemble([build_network(m) for m in members])
     if name == "ClassicUnet":
         from .nets import ClassicUnet
 

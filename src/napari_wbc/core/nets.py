@@ -39,6 +39,22 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
+class Ensemble(nn.Module):
+    """Several classifiers as one: the output is the log of their mean softmax.
+
+    ``softmax(Ensemble(x))`` is the members' mean probability, so callers (and
+    cross-entropy training) treat it as any other classifier's logits.
+    """
+
+    def __init__(self, members):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x):
+        probs = torch.stack([torch.softmax(m(x).float(), dim=1) for m in self.members]).mean(0)
+        return torch.log(probs.clamp_min(1e-12))
+
+
 class ClassicUnet(nn.Module):
     """The classic SigTuple-challenge U-Net: 32..512 channels, dropout, 1 output.
 
