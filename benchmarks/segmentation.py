@@ -245,28 +245,35 @@ def speed(model, classic):
     from napari_wbc.core.io import read_image, to_rgb
 
     out = ["### CPU speed (end to end segment(), diameter auto)", "",
-           "| image | size | Mpx | segment() s | s/Mpx | classic forward s | ratio |", "|---|---|---|---|---|---|---|"]
+           "| image | size | Mpx | segment() s, first / repeat | s/Mpx, first / repeat | classic forward s, first / repeat "
+           "| ratio, first / repeat |", "|---|---|---|---|---|---|---|"]
     imgs = sorted((wbc_data.DATA / "sigtuple/unlabeled").glob("*.jpg"))[:3] + [wbc_data.DATA / "bccd/images/BloodImage_00001.jpg"]
     segment(to_rgb(read_image(imgs[0])), model=model, device="cpu")  # warm-up (model load)
     out.insert(0, f"{torch.get_num_threads()} torch CPU threads; classic = the 7.8M-parameter U-Net's forward pass on the "
-                  "greyscale image at native resolution (as that design runs), same machine, same image.")
+                  "greyscale image at native resolution (as that design runs), same machine, same image. 'first' is "
+                  "the first call on an image of that size (what one image costs); 'repeat' the median of 3 more "
+                  "calls (what each further field of a batch costs).")
     out.insert(1, "")
+    if classic is None:  # the forward pass costs the same trained or not
+        classic = classic_net().eval()
+
+    def timed(fn):
+        t = []
+        for _ in range(4):
+            t0 = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - t0)
+        return t[0], float(np.median(t[1:]))
+
     for p in imgs:
         rgb = to_rgb(read_image(p))
         mp = rgb.shape[0] * rgb.shape[1] / 1e6
-        t0 = time.perf_counter()
-        segment(rgb, model=model, device="cpu")
-        ts = time.perf_counter() - t0
-        tc = float("nan")
-        if classic is None:  # the forward pass costs the same trained or not
-            classic = classic_net().eval()
-        if classic is not None:
-            g = torch.from_numpy(rgb.mean(-1).astype(np.float32)[None, None, : rgb.shape[0] // 16 * 16, : rgb.shape[1] // 16 * 16] / 255)
-            with torch.inference_mode():
-                t0 = time.perf_counter()
-                classic(g)
-                tc = time.perf_counter() - t0
-        out.append(f"| {p.name} | {rgb.shape[1]}x{rgb.shape[0]} | {mp:.2f} | {ts:.2f} | {ts/mp:.2f} | {tc:.2f} | {tc/ts:.1f}x |")
+        ts = timed(lambda: segment(rgb, model=model, device="cpu"))
+        g = torch.from_numpy(rgb.mean(-1).astype(np.float32)[None, None, : rgb.shape[0] // 16 * 16, : rgb.shape[1] // 16 * 16] / 255)
+        with torch.inference_mode():
+            tc = timed(lambda: classic(g))
+        out.append(f"| {p.name} | {rgb.shape[1]}x{rgb.shape[0]} | {mp:.2f} | {ts[0]:.3f} / {ts[1]:.3f} | "
+                   f"{ts[0]/mp:.2f} / {ts[1]/mp:.2f} | {tc[0]:.2f} / {tc[1]:.2f} | {tc[0]/ts[0]:.1f}x / {tc[1]/ts[1]:.1f}x |")
         print(out[-1], flush=True)
     return out
 
