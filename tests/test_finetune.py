@@ -138,3 +138,33 @@ def test_cell_types_bad_type(tmp_path):
     img, lab = _pair()
     with pytest.raises(ValueError, match="platelet"):
         finetune_classifier([img], [lab], [{1: "platelet"}], base=cls, output=tmp_path / "o.safetensors", device="cpu")
+
+
+def test_classifier_finetune_trains_every_ensemble_member(tmp_path):
+    """The shipped classifier is an ensemble: fine-tuning must reach all its members."""
+    import torch
+    import torch.nn.functional as F
+
+    from napari_wbc.core.classifier_finetune import finetune_classifier
+    from napari_wbc.core.models import load_model
+    from napari_wbc.core.testing import make_tiny_classifier
+
+    cls = make_tiny_classifier(tmp_path / "ens.safetensors", members=2)
+    net, card = load_model(cls, "classifier", "cpu")
+    assert card["arch"]["name"] == "Ensemble" and len(net.members) == 2
+    net.train()
+    net.zero_grad()
+    F.cross_entropy(net(torch.rand(3, 4, 32, 32)), torch.tensor([0, 1, 2])).backward()
+    for m in net.members:
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+    net.zero_grad()
+    net.eval()
+
+    imgs, labs = zip(*[_pair(i, n=3) for i in range(3)])
+    types = [{1: "neutrophil", 2: "lymphocyte", 3: "monocyte"}] * 3
+    out = finetune_classifier(list(imgs), list(labs), types, base=cls, output=tmp_path / "ft.safetensors",
+                              device="cpu", epochs=2)
+    _, new_card = load_model(out, "classifier", "cpu")
+    assert new_card["arch"]["name"] == "Ensemble"
+    table = napari_wbc.classify(imgs[0], labs[0], model=out, device="cpu")
+    assert list(table["label"]) == [1, 2, 3]

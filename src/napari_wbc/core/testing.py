@@ -31,14 +31,19 @@ def make_tiny_segmenter(path, *, seed: int = 0, target_diameter: float = 16.0) -
     return save_model(net, card, path, overwrite=True)
 
 
-def make_tiny_classifier(path, *, seed: int = 0, input_size: int = 32) -> Path:
-    """Write a tiny random classifier (safetensors + card) to ``path`` and return it."""
+def make_tiny_classifier(path, *, seed: int = 0, input_size: int = 32, members: int = 1) -> Path:
+    """Write a tiny random classifier (safetensors + card) to ``path`` and return it.
+
+    ``members > 1`` makes an ensemble of that many tiny networks (as the shipped classifier is).
+    """
     import torch
 
     from .models import build_network, save_model
 
     torch.manual_seed(seed)
     arch = {"name": "SmallCNN", "in_channels": 4, "num_classes": len(CLASSES), "width": 4}
+    if members > 1:
+        arch = {"name": "Ensemble", "members": [dict(arch) for _ in range(members)]}
     net = build_network(arch)
     card = {
         "kind": "classifier",
