@@ -1,13 +1,10 @@
 """Train the shipped WBC classifier from scratch (fixed seeds, fixed split).
 
-    python benchmarks/train_classifier.py --seed 0 --out runs/i96_s0.safetensors
-    python benchmarks/train_classifier.py --seed 1 --out runs/i96_s1.safetensors
-    python benchmarks/make_ensemble.py runs/i96_s0.safetensors runs/i96_s1.safetensors \
-        --out src/napari_wbc/models/wbc_classifier.safetensors --overwrite
+    python benchmarks/train_classifier.py --out src/napari_wbc/models/wbc_classifier.safetensors --overwrite
 
-(the shipped classifier is the ensemble of these two seeds; defaults: the shipped segmenter
-for masks, SmallCNN width 32, input 96 px, 1500 steps of 32, colour strength 0.5, EMA 0.995,
-one CPU thread: about 30 min each, and the two can run side by side on two cores).
+(defaults: the shipped segmenter for masks, SmallCNN width 32, input 96 px, 3000 steps of 32,
+colour strength 0.5, EMA 0.995, seed 0, one CPU thread: about 55 min). Several runs (e.g. seeds)
+can be joined into one model with benchmarks/make_ensemble.py.
 
 Data (../shared/data, see its README), one cell per example:
 - Tecom crops with expert masks (nucleus + cytoplasm); validation NNN % 5 == 0.
@@ -543,7 +540,7 @@ def main(argv=None):
     ap.add_argument("--seg", default=str(Path(__file__).resolve().parents[1] / "src/napari_wbc/models/wbc_unet.safetensors"),
                     help="segmenter for the BCCD / wbc_crops cell masks ('none': boxes / colour blobs)")
     ap.add_argument("--minutes", type=float, default=12.0, help="training time budget (wall clock)")
-    ap.add_argument("--steps", type=int, default=1500, help="fixed number of steps (0: as many as --minutes allow)")
+    ap.add_argument("--steps", type=int, default=3000, help="fixed number of steps (0: as many as --minutes allow)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--width", type=int, default=32)
