@@ -11,15 +11,11 @@ import numpy as np
 
 def _cell_inputs(images, labels, cell_types, card):
     """Network inputs (N x 4 x S x S) and class indices of every typed cell."""
-    from .classify import CLASSES, DEFAULT_BACKGROUND, DEFAULT_CONTEXT, DEFAULT_DILATION, _regions, cell_input
+    from .classify import CLASSES, _regions, cell_input, input_settings
     from .segment import channel_ranges, check_image
 
     classes = list(card.get("classes", CLASSES))
-    size = int(card.get("input_size", 64))
-    context = float(card.get("context", DEFAULT_CONTEXT))
-    background = float(card.get("background_value", DEFAULT_BACKGROUND))
-    dilation = int(card.get("mask_dilation", DEFAULT_DILATION))
-    norm = card.get("normalisation", {}) or {}
+    settings, (low, high) = input_settings(card)
     xs, ys = [], []
     for i, (im, lab, types) in enumerate(zip(images, labels, cell_types)):
         if not types:
@@ -31,12 +27,10 @@ def _cell_inputs(images, labels, cell_types, card):
         for k, t in types.items():
             if t not in classes:
                 raise ValueError(f"cell_types[{i}][{k!r}] = {t!r} is not a known type ({', '.join(classes)})")
-        ranges = channel_ranges(rgb, float(norm.get("low", 0.5)), float(norm.get("high", 99.5)))
-        rgbf = rgb.astype(np.float32)
+        ranges = channel_ranges(rgb, low, high)
         ids, slices, areas = _regions(lab.astype(np.int64), [int(k) for k in types])
         for j, cid in enumerate(ids):
-            xs.append(cell_input(rgbf, ranges, lab, int(cid), slices[j], areas[j], size=size, context=context,
-                                 background=background, dilation=dilation))
+            xs.append(cell_input(rgb, ranges, lab, int(cid), slices[j], areas[j], **settings))
             t = types.get(int(cid), types.get(str(int(cid))))
             ys.append(classes.index(t))
     if not xs:

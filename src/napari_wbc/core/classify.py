@@ -107,6 +107,18 @@ def cell_input(rgb, ranges, labels, label_id, sl, area, *, size, context, backgr
     return finish_input(resize_square(x, size), resize_square(m, size), background=background, dilation=dilation)
 
 
+def input_settings(card: dict) -> tuple[dict, tuple[float, float]]:
+    """How a classifier card wants its cells cut: (:func:`cell_input` keywords, normalisation percentiles)."""
+    norm = card.get("normalisation", {}) or {}
+    settings = {
+        "size": int(card.get("input_size", 64)),
+        "context": float(card.get("context", DEFAULT_CONTEXT)),
+        "background": float(card.get("background_value", DEFAULT_BACKGROUND)),
+        "dilation": int(card.get("mask_dilation", DEFAULT_DILATION)),
+    }
+    return settings, (float(norm.get("low", 0.5)), float(norm.get("high", 99.5)))
+
+
 # ------------------------------------------------------------------ labels
 def _check_labels(labels, shape) -> np.ndarray:
     labels = np.asarray(labels)
@@ -223,33 +235,23 @@ def iter_classify(image, labels, *, model=None, device=None, ids=None, batch_siz
     unknown = [c for c in classes if c not in CLASSES]
     if unknown:
         raise ValueError(f"model classes {unknown} are not known cell types ({', '.join(CLASSES)})")
-    size = int(card.get("input_size", 64))
-    context = float(card.get("context", DEFAULT_CONTEXT))
-    background = float(card.get("background_value", DEFAULT_BACKGROUND))
-    dilation = int(card.get("mask_dilation", DEFAULT_DILATION))
-    tta = min(max(int(card.get("tta", 1)), 1), 4)
-    norm = card.get("normalisation", {}) or {}
-    ranges = channel_ranges(rgb, float(norm.get("low", 0.5)), float(norm.get("high", 99.5)))
+    settings, (low, high) = input_settings(card)
+    ranges = channel_ranges(rgb, low, high)
     use_amp = dev.type == "cuda"
     probs = []
     for b, b0 in enumerate(range(0, len(want), batch_size)):
         batch = np.stack([
-            cell_input(rgb, ranges, labels, int(want[i]), slices[i], areas[i], size=size, context=context,
-                       background=background, dilation=dilation)
+            cell_input(rgb, ranges, labels, int(want[i]), slices[i], areas[i], **settings)
             for i in range(b0, min(b0 + batch_size, len(want)))
         ])
         with torch.inference_mode():
             x = torch.from_numpy(batch).to(dev)
-            p = 0
-            for k in range(tta):  # test-time augmentation: mean softmax over quarter turns
-                xk = torch.rot90(x, k, dims=(2, 3)) if k else x
-                if use_amp:
-                    with torch.autocast("cuda", dtype=torch.float16):
-                        logits = net(xk)
-                else:
-                    logits = net(xk)
-                p = p + torch.softmax(logits.float(), dim=1)
-            probs.append((p / tta).cpu().numpy())
+            if use_amp:
+                with torch.autocast("cuda", dtype=torch.float16):
+                    logits = net(x)
+            else:
+                logits = net(x)
+            probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
         yield ("progress", b + 1, total)
     yield ("table", _table(want, np.concatenate(probs), classes))
 
