@@ -70,6 +70,10 @@ def main(argv=None):
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--target-diameter", type=float, default=None,
+                    help=f"WBC diameter (px) the network works at (default {T.TARGET_DIAMETER:g})")
+    ap.add_argument("--crop", type=int, default=96, help="training crop side at network scale (px)")
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-bccd", action="store_true", help="do not use BCCD weak negatives")
     ap.add_argument("--exclude", nargs="*", default=[], choices=["tecom", "sigtuple_patches", "sigtuple_smears"],
                     help="leave a data set out (for the fine-tuning benchmark's unseen domain)")
@@ -87,18 +91,18 @@ def main(argv=None):
     print(f"train {len(train)} + bccd weak {len(bccd)}, val {len(val)} (loaded in {time.time()-t0:.0f}s)", flush=True)
     # a fixed subset of validation for model selection during training (every 2nd)
     val_sel = val[::2]
-    torch.manual_seed(0)
+    torch.manual_seed(a.seed)
     card = {
         "kind": "segmenter",
         "arch": T.SEGMENTER_ARCH,
-        "target_diameter": T.TARGET_DIAMETER,
+        "target_diameter": a.target_diameter or T.TARGET_DIAMETER,
         "outputs": ["foreground", "normalised distance to cell edge"],
         "normalisation": "per-channel 0.5-99.5 percentile stretch of the whole image",
     }
     net = build_network(T.SEGMENTER_ARCH)
     best, hist = T.train_segmenter(
         net, card, train_all, val_sel, steps=a.steps, batch_size=a.batch, lr=a.lr,
-        eval_every=a.eval_every, device=a.device, log=lambda s: print(s, flush=True),
+        eval_every=a.eval_every, device=a.device, seed=a.seed, crop=a.crop, log=lambda s: print(s, flush=True),
     )
     if best is not None:
         net.load_state_dict(best)
@@ -116,7 +120,7 @@ def main(argv=None):
                 "bccd_weak": f"{len(bccd)} even-numbered images, background outside WBC boxes",
             },
             "n_train": len(train), "n_val": len(val),
-            "seed": 0,
+            "seed": a.seed,
             "wall_time_s": round(time.time() - t0),
             "history": hist,
         },

@@ -199,3 +199,52 @@ def test_estimate_diameter_on_a_large_smear_uses_full_resolution():
     d_small = estimate_diameter(img)
     d_big = estimate_diameter(np.tile(img, (10, 10, 1)))  # 4000 x 4000
     assert abs(d_big / d_small - 1) < 0.15
+
+
+def test_inference_network_folds_batchnorm_and_keeps_outputs():
+    import torch
+
+    from napari_wbc.core.models import build_network, inference_network
+    from napari_wbc.core.testing import TINY_SEGMENTER_ARCH
+
+    torch.manual_seed(0)
+    net = build_network(TINY_SEGMENTER_ARCH).eval()
+    with torch.no_grad():  # trained-looking batch-norm statistics, so folding them is not a no-op
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+    fast = inference_network(net)
+    n_bn = lambda m: sum(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules())  # noqa: E731
+    assert n_bn(fast) < n_bn(net)  # some were folded into their convolutions
+    x = torch.rand(2, 3, 64, 96)
+    with torch.inference_mode():
+        ref = net(x)
+        out = fast(x.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(out, ref, atol=1e-4)
+    assert n_bn(net) > 0 and net(x).shape == ref.shape  # the original is left as it was
+
+
+def test_fill_holes_matches_scipy():
+    from scipy import ndimage as ndi
+
+    from napari_wbc.core.scale import fill_holes
+
+    rng = np.random.default_rng(0)
+    for p in (0.3, 0.5, 0.7):
+        m = ndi.binary_opening(rng.random((60, 80)) < p)
+        assert (fill_holes(m) == ndi.binary_fill_holes(m)).all()
+    ring = np.zeros((20, 20), bool)
+    ring[5:15, 5:15] = True
+    ring[8:12, 8:12] = False
+    assert fill_holes(ring)[10, 10] and fill_holes(ring).sum() == 100
+
+
+def test_uint8_channel_ranges_equal_numpy_percentiles():
+    rng = np.random.default_rng(1)
+    for n in (1, 7, 1000):
+        v = rng.integers(0, 256, (n, 3)).astype(np.uint8)
+        ref = np.percentile(v.astype(np.float32), [0.5, 99.5], axis=0)
+        np.testing.assert_allclose(S._percentiles_u8(v, (0.5, 99.5)), ref, rtol=0, atol=1e-4)

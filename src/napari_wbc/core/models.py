@@ -114,9 +114,34 @@ def load_model(model=None, kind: str = "segmenter", device=None):
     except Exception as e:  # noqa: BLE001 - any failure here means a broken file
         raise ValueError(f"model file {str(path)!r} could not be loaded: {e}") from e
     net.eval().to(dev)
+    if kind == "segmenter":
+        net = inference_network(net)
     with _CACHE_LOCK:
         _CACHE[key] = (net, card)
     return net, card
+
+
+def inference_network(net):
+    """``net`` made faster for inference only (eval mode; never train the result).
+
+    Batch norms that follow a plain convolution are folded into it (``torch.fx``
+    tracing; left as they are where the graph cannot be traced) and the weights
+    are stored channels-last, which the CPU and GPU convolution kernels run
+    about twice as fast on these networks. Outputs equal the original's up to
+    float rounding (tested).
+    """
+    import copy
+
+    import torch
+
+    net = copy.deepcopy(net).eval()
+    try:
+        from torch.fx.experimental.optimization import fuse
+
+        net = fuse(net)
+    except Exception:  # noqa: BLE001 - an untraceable graph only loses the folding
+        pass
+    return net.to(memory_format=torch.channels_last)
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:

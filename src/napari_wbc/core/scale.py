@@ -27,21 +27,33 @@ def foreground(rgb_small: np.ndarray) -> np.ndarray:
     from scipy import ndimage as ndi
     from skimage.filters import threshold_otsu
 
-    x = rgb_small / max(float(rgb_small.max()), 1e-6)
-    lum = x.mean(-1)
+    x = rgb_small * np.float32(1.0 / max(float(rgb_small.max()), 1e-6))
+    lum = x @ np.full(3, 1 / 3, np.float32)
     # out-of-field areas (black vignetting, slide edges) are neither cells nor background
     in_field = lum > 0.25 * np.percentile(lum, 99)
     if in_field.sum() < 0.05 * lum.size:
         in_field = np.ones_like(in_field)
     bright = (lum >= np.percentile(lum[in_field], 90)) & in_field
     bg = np.median(x[bright], axis=0)
-    d = np.sqrt(((x - bg) ** 2).sum(-1))
+    x -= bg
+    x *= x
+    d = np.sqrt(x @ np.ones(3, np.float32))
     d = ndi.gaussian_filter(d, 1.0)
     if d.max() - d.min() < 1e-3:
         return np.zeros(d.shape, bool)
     fg = (d > threshold_otsu(d[in_field])) & in_field
-    fg = ndi.binary_fill_holes(ndi.binary_opening(fg, iterations=1))
-    return fg
+    return fill_holes(ndi.binary_opening(fg, iterations=1))
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``scipy.ndimage.binary_fill_holes`` (same result) by labelling the background once: faster."""
+    from scipy import ndimage as ndi
+
+    bg, n = ndi.label(~mask)
+    outside = np.zeros(n + 1, bool)
+    outside[np.concatenate([bg[0], bg[-1], bg[:, 0], bg[:, -1]])] = True
+    outside[0] = False
+    return mask | ((bg > 0) & ~outside[bg])
 
 
 def estimate_rbc_radius(image: np.ndarray) -> float | None:

@@ -59,10 +59,28 @@ def channel_ranges(rgb: np.ndarray, lo: float = 0.5, hi: float = 99.5) -> np.nda
     """Robust per-channel (low, high) from a strided subsample of at most ~1 Mpx."""
     h, w = rgb.shape[:2]
     step = max(1, int(np.sqrt(h * w / 1e6)))
-    sub = rgb[::step, ::step].reshape(-1, 3).astype(np.float32)
-    p = np.percentile(sub, [lo, hi], axis=0)  # 2x3
+    sub = rgb[::step, ::step].reshape(-1, 3)
+    if sub.dtype == np.uint8:
+        p = _percentiles_u8(sub, (lo, hi))
+    else:
+        p = np.percentile(sub.astype(np.float32), [lo, hi], axis=0)  # 2x3
     p[1] = np.maximum(p[1], p[0] + 1e-3 * max(float(np.abs(p).max()), 1.0))
     return p
+
+
+def _percentiles_u8(values: np.ndarray, qs) -> np.ndarray:
+    """``np.percentile(values, qs, axis=0)`` (linear method, same values) for Nx3 uint8, from histograms."""
+    n = values.shape[0]
+    out = np.empty((len(qs), values.shape[1]), np.float32)
+    for c in range(values.shape[1]):
+        cum = np.cumsum(np.bincount(values[:, c], minlength=256))
+        for i, q in enumerate(qs):
+            k = q / 100 * (n - 1)
+            j = int(np.floor(k))
+            a = np.searchsorted(cum, j, side="right")  # the j-th smallest value
+            b = np.searchsorted(cum, min(j + 1, n - 1), side="right")
+            out[i, c] = a + (k - j) * (b - a)
+    return out
 
 
 def normalise(rgb: np.ndarray, ranges: np.ndarray) -> np.ndarray:
@@ -147,7 +165,7 @@ def iter_probabilities(
             sy1, sx1 = min(wy0 + th, h), min(wx0 + tw, w)
             arr[i, :, sy0 - wy0 : sy1 - wy0, sx0 - wx0 : sx1 - wx0] = np.moveaxis(x[sy0:sy1, sx0:sx1], -1, 0)
         with torch.inference_mode():
-            t = torch.from_numpy(arr).to(device)
+            t = torch.from_numpy(arr).to(device).contiguous(memory_format=torch.channels_last)
             if use_amp:
                 with torch.autocast("cuda", dtype=torch.float16):
                     out = net(t)
