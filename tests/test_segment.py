@@ -248,3 +248,16 @@ def test_uint8_channel_ranges_equal_numpy_percentiles():
         v = rng.integers(0, 256, (n, 3)).astype(np.uint8)
         ref = np.percentile(v.astype(np.float32), [0.5, 99.5], axis=0)
         np.testing.assert_allclose(S._percentiles_u8(v, (0.5, 99.5)), ref, rtol=0, atol=1e-4)
+
+
+def test_estimated_scale_falls_back_when_nothing_is_found(tiny, monkeypatch):
+    monkeypatch.setattr(S, "instances_from_maps", lambda fg, dist, min_area: np.zeros(fg.shape, np.int32))
+    img = _discs()
+    items = list(S.iter_segment(img, model=tiny, device="cpu"))
+    ds = [it[1] for it in items if it[0] == "diameter"]
+    assert len(ds) == 1 + len(S.FALLBACK_FACTORS)
+    assert ds[1] == pytest.approx(ds[0] * S.FALLBACK_FACTORS[0])
+    assert items[-1][0] == "labels" and items[-1][1].max() == 0
+    # a diameter the user gave is trusted: one pass only
+    items = list(S.iter_segment(img, model=tiny, device="cpu", diameter=20))
+    assert [it[1] for it in items if it[0] == "diameter"] == [20.0]

@@ -4,7 +4,8 @@ Pipeline (all Qt-free):
 1. check the input and bring it to RGB float with robust per-channel
    percentile normalisation (stain/brightness invariance);
 2. rescale so a WBC is ``card["target_diameter"]`` pixels across (``diameter``
-   given, or estimated from the red cells);
+   given, or estimated from the red cells; an estimate is then checked against
+   the size of the cells found, and tried 1.5x smaller once when none is found);
 3. run the network over overlapping tiles whose centres are kept (no blending
    buffers: memory stays bounded), batched, mixed precision on GPU;
 4. split touching cells with a watershed on the predicted normalised distance
@@ -26,6 +27,10 @@ MIN_AREA_FRACTION = 0.2  # of the area of a disk of the expected WBC diameter
 REFINE_TOLERANCE = 0.2
 REFINE_PASSES = 1
 REFINE_CLAMP = (0.7, 1.4)  # a correction never moves the red-cell estimate further than this
+# with diameter=None and no cell found: look again as if the cells were this much smaller. On tight
+# single-cell crops the WBC itself, not the red cells, dominates the estimate (about 1.5x too large
+# on Tecom crops), and an unfamiliar stain then gives nothing at the first scale.
+FALLBACK_FACTORS = (1 / 1.5,)
 
 
 def check_image(image) -> np.ndarray:
@@ -304,7 +309,8 @@ def iter_segment(
     estimated = diameter is None
     d = estimate_diameter(rgb) if estimated else diameter
     H, W = rgb.shape[:2]
-    for attempt in range(REFINE_PASSES + 1):
+    passes_left, fallbacks = REFINE_PASSES, list(FALLBACK_FACTORS)
+    while True:
         yield ("diameter", d)
         s = target / d
         h, w = max(int(round(H * s)), 8), max(int(round(W * s)), 8)
@@ -319,7 +325,14 @@ def iter_segment(
         yield ("stage", "separating cells")
         min_area = MIN_AREA_FRACTION * np.pi * (target / 2) ** 2
         small = instances_from_maps(fg, dist, min_area)
-        if not (estimated and refine and attempt < REFINE_PASSES and small.max() > 0):
+        if not (estimated and refine):
+            break
+        if small.max() == 0:  # nothing at the estimated scale: try the fallback scales
+            if not fallbacks:
+                break
+            d = float(np.clip(d * fallbacks.pop(0), 8.0, 1000.0))
+            continue
+        if passes_left == 0:
             break
         # self-consistency: cells should come out ~target px across at this scale
         areas = np.bincount(small.ravel())[1:]
@@ -330,6 +343,7 @@ def iter_segment(
         if 1 / (1 + REFINE_TOLERANCE) <= ratio <= 1 + REFINE_TOLERANCE:
             break
         d = float(np.clip(d * np.clip(ratio, *REFINE_CLAMP), 8.0, 1000.0))
+        passes_left -= 1
     yield ("stage", "outlining cells at full resolution")
     labels = upsample_instances(small, fg, (H, W))
     yield ("labels", _relabel_sequential(labels))

@@ -97,9 +97,15 @@ _YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523,
 _YIQ_INV = np.linalg.inv(_YIQ).astype(np.float32)
 
 
-def colour_transform(rng: np.random.Generator, strength: float = 1.0):
-    """A random colour change f(pixels Nx3 in 0..1) -> Nx3 (stain/scanner variation)."""
+def colour_transform(rng: np.random.Generator, strength: float = 1.0, wide_hue: float = 0.0):
+    """A random colour change f(pixels Nx3 in 0..1) -> Nx3 (stain/scanner variation).
+
+    With probability ``wide_hue`` the hue turns by any angle (stains of other labs can
+    differ by far more than the usual +-20 degrees: lilac vs orange-brown cytoplasm).
+    """
     theta = rng.uniform(-0.35, 0.35) * strength
+    if wide_hue > 0 and rng.random() < wide_hue:
+        theta = rng.uniform(-math.pi, math.pi)
     sat = math.exp(rng.uniform(-0.5, 0.4) * strength)
     c, s = math.cos(theta), math.sin(theta)
     rot = np.array([[1, 0, 0], [0, c * sat, -s * sat], [0, s * sat, c * sat]], np.float32)
@@ -151,7 +157,8 @@ def distance_target(labels: np.ndarray) -> np.ndarray:
     return out
 
 
-def random_crop(sample: Sample, rng, *, crop: int = 96, target: float = TARGET_DIAMETER, jitter: float = 0.3, colour: float = 1.0):
+def random_crop(sample: Sample, rng, *, crop: int = 96, target: float = TARGET_DIAMETER, jitter: float = 0.3, colour: float = 1.0,
+                wide_hue: float = 0.0):
     """One augmented training example: (x 3xCxC float32, fg CxC, dist CxC, weight CxC)."""
     from scipy import ndimage as ndi
 
@@ -166,7 +173,7 @@ def random_crop(sample: Sample, rng, *, crop: int = 96, target: float = TARGET_D
         cx += rng.uniform(-0.5, 0.5) * src * 0.6
     else:
         cy, cx = rng.uniform(0, h), rng.uniform(0, w)
-    f = colour_transform(rng, colour)
+    f = colour_transform(rng, colour, wide_hue)
     rgb = _crop_rescaled(sample.rgb, cy, cx, src, crop, 1, -1.0)
     outside = rgb[..., 0] < -0.5
     x = f(np.clip(rgb, 0, 1).reshape(-1, 3)).reshape(rgb.shape)
@@ -248,6 +255,7 @@ def train_segmenter(
     device="cpu",
     seed: int = 0,
     crop: int = 96,
+    wide_hue: float = 0.0,
     progress=None,
     should_stop=None,
     log=print,
@@ -286,7 +294,7 @@ def train_segmenter(
     for step in range(1, steps + 1):
         if should_stop is not None and should_stop():
             break
-        x, fg, dist, wgt = (t.to(dev) for t in make_batch(train, rng, batch_size, crop=crop, target=target))
+        x, fg, dist, wgt = (t.to(dev) for t in make_batch(train, rng, batch_size, crop=crop, target=target, wide_hue=wide_hue))
         out = net(x)
         loss = seg_loss(out, fg, dist, wgt)
         opt.zero_grad()
