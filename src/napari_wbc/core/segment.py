@@ -31,6 +31,7 @@ REFINE_CLAMP = (0.7, 1.4)  # a correction never moves the red-cell estimate furt
 # single-cell crops the WBC itself, not the red cells, dominates the estimate (about 1.5x too large
 # on Tecom crops), and an unfamiliar stain then gives nothing at the first scale.
 FALLBACK_FACTORS = (1 / 1.5,)
+DIAMETER_LIMITS = (8.0, 1000.0)  # px; the corrections never leave this range
 
 
 def check_image(image) -> np.ndarray:
@@ -330,7 +331,7 @@ def iter_segment(
         if small.max() == 0:  # nothing at the estimated scale: try the fallback scales
             if not fallbacks:
                 break
-            d = float(np.clip(d * fallbacks.pop(0), 8.0, 1000.0))
+            d = float(np.clip(d * fallbacks.pop(0), *DIAMETER_LIMITS))
             continue
         if passes_left == 0:
             break
@@ -342,7 +343,7 @@ def iter_segment(
         ratio = float(np.sqrt(4 * np.median(areas) / np.pi)) / target
         if 1 / (1 + REFINE_TOLERANCE) <= ratio <= 1 + REFINE_TOLERANCE:
             break
-        d = float(np.clip(d * np.clip(ratio, *REFINE_CLAMP), 8.0, 1000.0))
+        d = float(np.clip(d * np.clip(ratio, *REFINE_CLAMP), *DIAMETER_LIMITS))
         passes_left -= 1
     yield ("stage", "outlining cells at full resolution")
     labels = upsample_instances(small, fg, (H, W))
