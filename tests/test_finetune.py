@@ -168,3 +168,17 @@ def test_classifier_finetune_trains_every_ensemble_member(tmp_path):
     assert new_card["arch"]["name"] == "Ensemble"
     table = napari_wbc.classify(imgs[0], labs[0], model=out, device="cpu")
     assert list(table["label"]) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("kw", [{"wide_hue": 1.0}, {"stain": 0.3}])
+def test_stain_augmentations_change_colours_within_range(kw):
+    from napari_wbc.core.train import colour_transform
+
+    x = np.random.default_rng(0).random((500, 3)).astype(np.float32)
+    plain = colour_transform(np.random.default_rng(1), 1.0)(x)
+    for seed in (1, 2, 3):
+        y = colour_transform(np.random.default_rng(seed), 1.0, **kw)(x)
+        assert y.shape == x.shape and y.dtype == np.float32
+        assert 0.0 <= y.min() and y.max() <= 1.0
+    y1 = colour_transform(np.random.default_rng(1), 1.0, **kw)(x)
+    assert np.abs(y1 - plain).mean() > 0.01  # same seed: the option changed the colours

@@ -97,11 +97,14 @@ _YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523,
 _YIQ_INV = np.linalg.inv(_YIQ).astype(np.float32)
 
 
-def colour_transform(rng: np.random.Generator, strength: float = 1.0, wide_hue: float = 0.0):
+def colour_transform(rng: np.random.Generator, strength: float = 1.0, wide_hue: float = 0.0, stain: float = 0.0):
     """A random colour change f(pixels Nx3 in 0..1) -> Nx3 (stain/scanner variation).
 
     With probability ``wide_hue`` the hue turns by any angle (stains of other labs can
     differ by far more than the usual +-20 degrees: lilac vs orange-brown cytoplasm).
+    ``stain`` > 0 first scales each stain's optical density by up to +-``stain`` (and shifts
+    it by a fifth of that): colour deconvolution jitter, which changes the dyes' balance
+    rather than every hue at once.
     """
     theta = rng.uniform(-0.35, 0.35) * strength
     if wide_hue > 0 and rng.random() < wide_hue:
@@ -113,8 +116,16 @@ def colour_transform(rng: np.random.Generator, strength: float = 1.0, wide_hue: 
     gains = np.exp(rng.uniform(-0.15, 0.15, 3) * strength).astype(np.float32)
     gamma = math.exp(rng.uniform(-0.35, 0.35) * strength)
     grey = rng.random() < 0.1 * strength
+    od_gain = od_bias = None
+    if stain > 0:
+        od_gain = rng.uniform(1 - stain, 1 + stain, 3).astype(np.float32)
+        od_bias = rng.uniform(-stain / 5, stain / 5, 3).astype(np.float32)
 
     def f(x):
+        if od_gain is not None:
+            from skimage.color import hed2rgb, rgb2hed
+
+            x = np.clip(hed2rgb(rgb2hed(x) * od_gain + od_bias), 0, 1).astype(np.float32)
         y = np.clip(x @ m.T, 0, 1) * gains
         y = np.clip(y, 0, 1) ** gamma
         if grey:
@@ -158,7 +169,7 @@ def distance_target(labels: np.ndarray) -> np.ndarray:
 
 
 def random_crop(sample: Sample, rng, *, crop: int = 96, target: float = TARGET_DIAMETER, jitter: float = 0.3, colour: float = 1.0,
-                wide_hue: float = 0.0):
+                wide_hue: float = 0.0, stain: float = 0.0):
     """One augmented training example: (x 3xCxC float32, fg CxC, dist CxC, weight CxC)."""
     from scipy import ndimage as ndi
 
@@ -173,7 +184,7 @@ def random_crop(sample: Sample, rng, *, crop: int = 96, target: float = TARGET_D
         cx += rng.uniform(-0.5, 0.5) * src * 0.6
     else:
         cy, cx = rng.uniform(0, h), rng.uniform(0, w)
-    f = colour_transform(rng, colour, wide_hue)
+    f = colour_transform(rng, colour, wide_hue, stain)
     rgb = _crop_rescaled(sample.rgb, cy, cx, src, crop, 1, -1.0)
     outside = rgb[..., 0] < -0.5
     x = f(np.clip(rgb, 0, 1).reshape(-1, 3)).reshape(rgb.shape)
@@ -256,6 +267,7 @@ def train_segmenter(
     seed: int = 0,
     crop: int = 96,
     wide_hue: float = 0.0,
+    stain: float = 0.0,
     progress=None,
     should_stop=None,
     log=print,
@@ -294,7 +306,7 @@ def train_segmenter(
     for step in range(1, steps + 1):
         if should_stop is not None and should_stop():
             break
-        x, fg, dist, wgt = (t.to(dev) for t in make_batch(train, rng, batch_size, crop=crop, target=target, wide_hue=wide_hue))
+        x, fg, dist, wgt = (t.to(dev) for t in make_batch(train, rng, batch_size, crop=crop, target=target, wide_hue=wide_hue, stain=stain))
         out = net(x)
         loss = seg_loss(out, fg, dist, wgt)
         opt.zero_grad()
