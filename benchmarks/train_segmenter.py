@@ -78,6 +78,7 @@ def main(argv=None):
                     help="share of training crops whose hue turns by any angle (stain variation)")
     ap.add_argument("--stain-jitter", type=float, default=0.0,
                     help="colour-deconvolution jitter: each stain's density scaled by up to +-this")
+    ap.add_argument("--stain-share", type=float, default=1.0, help="share of training crops given the stain jitter")
     ap.add_argument("--no-bccd", action="store_true", help="do not use BCCD weak negatives")
     ap.add_argument("--exclude", nargs="*", default=[], choices=["tecom", "sigtuple_patches", "sigtuple_smears"],
                     help="leave a data set out (for the fine-tuning benchmark's unseen domain)")
@@ -106,7 +107,8 @@ def main(argv=None):
     net = build_network(T.SEGMENTER_ARCH)
     best, hist = T.train_segmenter(
         net, card, train_all, val_sel, steps=a.steps, batch_size=a.batch, lr=a.lr,
-        eval_every=a.eval_every, device=a.device, seed=a.seed, crop=a.crop, wide_hue=a.wide_hue, stain=a.stain_jitter, log=lambda s: print(s, flush=True),
+        eval_every=a.eval_every, device=a.device, seed=a.seed, crop=a.crop, wide_hue=a.wide_hue, stain=a.stain_jitter,
+        stain_share=a.stain_share, log=lambda s: print(s, flush=True),
     )
     if best is not None:
         net.load_state_dict(best)

@@ -182,3 +182,15 @@ def test_stain_augmentations_change_colours_within_range(kw):
         assert 0.0 <= y.min() and y.max() <= 1.0
     y1 = colour_transform(np.random.default_rng(1), 1.0, **kw)(x)
     assert np.abs(y1 - plain).mean() > 0.01  # same seed: the option changed the colours
+
+
+def test_stain_share_zero_is_plain_colour_jitter():
+    from napari_wbc.core.train import colour_transform
+
+    x = np.random.default_rng(0).random((200, 3)).astype(np.float32)
+    plain = colour_transform(np.random.default_rng(4), 1.0)(x)
+    # share 0: the share draw happens but no deconvolution jitter; share 1: always jittered
+    never = colour_transform(np.random.default_rng(4), 1.0, stain=0.3, stain_share=0.0)(x)
+    always = colour_transform(np.random.default_rng(4), 1.0, stain=0.3, stain_share=1.0)(x)
+    assert np.allclose(never, plain)
+    assert np.abs(always - plain).mean() > 0.01

@@ -97,14 +97,15 @@ _YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523,
 _YIQ_INV = np.linalg.inv(_YIQ).astype(np.float32)
 
 
-def colour_transform(rng: np.random.Generator, strength: float = 1.0, wide_hue: float = 0.0, stain: float = 0.0):
+def colour_transform(rng: np.random.Generator, strength: float = 1.0, wide_hue: float = 0.0, stain: float = 0.0,
+                     stain_share: float = 1.0):
     """A random colour change f(pixels Nx3 in 0..1) -> Nx3 (stain/scanner variation).
 
     With probability ``wide_hue`` the hue turns by any angle (stains of other labs can
     differ by far more than the usual +-20 degrees: lilac vs orange-brown cytoplasm).
     ``stain`` > 0 first scales each stain's optical density by up to +-``stain`` (and shifts
     it by a fifth of that): colour deconvolution jitter, which changes the dyes' balance
-    rather than every hue at once.
+    rather than every hue at once; it is applied to a ``stain_share`` of the calls.
     """
     theta = rng.uniform(-0.35, 0.35) * strength
     if wide_hue > 0 and rng.random() < wide_hue:
@@ -117,7 +118,7 @@ def colour_transform(rng: np.random.Generator, strength: float = 1.0, wide_hue: 
     gamma = math.exp(rng.uniform(-0.35, 0.35) * strength)
     grey = rng.random() < 0.1 * strength
     od_gain = od_bias = None
-    if stain > 0:
+    if stain > 0 and (stain_share >= 1 or rng.random() < stain_share):
         od_gain = rng.uniform(1 - stain, 1 + stain, 3).astype(np.float32)
         od_bias = rng.uniform(-stain / 5, stain / 5, 3).astype(np.float32)
 
@@ -169,7 +170,7 @@ def distance_target(labels: np.ndarray) -> np.ndarray:
 
 
 def random_crop(sample: Sample, rng, *, crop: int = 96, target: float = TARGET_DIAMETER, jitter: float = 0.3, colour: float = 1.0,
-                wide_hue: float = 0.0, stain: float = 0.0):
+                wide_hue: float = 0.0, stain: float = 0.0, stain_share: float = 1.0):
     """One augmented training example: (x 3xCxC float32, fg CxC, dist CxC, weight CxC)."""
     from scipy import ndimage as ndi
 
@@ -184,7 +185,7 @@ def random_crop(sample: Sample, rng, *, crop: int = 96, target: float = TARGET_D
         cx += rng.uniform(-0.5, 0.5) * src * 0.6
     else:
         cy, cx = rng.uniform(0, h), rng.uniform(0, w)
-    f = colour_transform(rng, colour, wide_hue, stain)
+    f = colour_transform(rng, colour, wide_hue, stain, stain_share)
     rgb = _crop_rescaled(sample.rgb, cy, cx, src, crop, 1, -1.0)
     outside = rgb[..., 0] < -0.5
     x = f(np.clip(rgb, 0, 1).reshape(-1, 3)).reshape(rgb.shape)
@@ -268,6 +269,7 @@ def train_segmenter(
     crop: int = 96,
     wide_hue: float = 0.0,
     stain: float = 0.0,
+    stain_share: float = 1.0,
     progress=None,
     should_stop=None,
     log=print,
@@ -306,7 +308,8 @@ def train_segmenter(
     for step in range(1, steps + 1):
         if should_stop is not None and should_stop():
             break
-        x, fg, dist, wgt = (t.to(dev) for t in make_batch(train, rng, batch_size, crop=crop, target=target, wide_hue=wide_hue, stain=stain))
+        x, fg, dist, wgt = (t.to(dev) for t in make_batch(train, rng, batch_size, crop=crop, target=target, wide_hue=wide_hue, stain=stain,
+                                                             stain_share=stain_share))
         out = net(x)
         loss = seg_loss(out, fg, dist, wgt)
         opt.zero_grad()
