@@ -269,6 +269,12 @@ def _relabel_sequential(labels: np.ndarray) -> np.ndarray:
     return relabel_sequential(labels)[0].astype(np.int32)
 
 
+def _all_span_image(small: np.ndarray, ids: np.ndarray) -> bool:
+    """Whether each of the labels ``ids`` touches at least three sides of the image."""
+    sides = [np.isin(ids, np.unique(edge)) for edge in (small[0], small[-1], small[:, 0], small[:, -1])]
+    return bool(np.all(np.sum(sides, axis=0) >= 3))
+
+
 def iter_segment(
     image,
     *,
@@ -311,6 +317,7 @@ def iter_segment(
     d = estimate_diameter(rgb) if estimated else diameter
     H, W = rgb.shape[:2]
     passes_left, fallbacks = REFINE_PASSES, list(FALLBACK_FACTORS)
+    kept = None  # a result set aside while a smaller scale is tried
     while True:
         yield ("diameter", d)
         s = target / d
@@ -330,14 +337,25 @@ def iter_segment(
             break
         if small.max() == 0:  # nothing at the estimated scale: try the fallback scales
             if not fallbacks:
+                if kept is not None:  # the smaller scale found nothing either: keep what spanned the image
+                    d, small, fg = kept
+                    yield ("diameter", d)
                 break
+            d = float(np.clip(d * fallbacks.pop(0), *DIAMETER_LIMITS))
+            continue
+        # self-consistency: cells should come out ~target px across at this scale
+        areas = np.bincount(small.ravel())
+        measured = np.flatnonzero(areas >= 0.35 * np.pi * (target / 2) ** 2)  # fragments say nothing about size
+        measured = measured[measured > 0]
+        if len(measured) and fallbacks and kept is None and _all_span_image(small, measured):
+            # every cell found runs across the image: the estimate made the image smaller than a cell
+            # (tight single-cell crops), so the size check would read nothing. Look at the smaller scale.
+            kept = (d, small, fg)
             d = float(np.clip(d * fallbacks.pop(0), *DIAMETER_LIMITS))
             continue
         if passes_left == 0:
             break
-        # self-consistency: cells should come out ~target px across at this scale
-        areas = np.bincount(small.ravel())[1:]
-        areas = areas[areas >= 0.35 * np.pi * (target / 2) ** 2]  # fragments say nothing about size
+        areas = areas[measured]
         if len(areas) == 0:
             break
         ratio = float(np.sqrt(4 * np.median(areas) / np.pi)) / target
