@@ -335,29 +335,26 @@ def iter_segment(
         small = instances_from_maps(fg, dist, min_area)
         if not (estimated and refine):
             break
-        if small.max() == 0:  # nothing at the estimated scale: try the fallback scales
-            if not fallbacks:
-                if kept is not None:  # the smaller scale found nothing either: keep what spanned the image
-                    d, small, fg = kept
-                    yield ("diameter", d)
-                break
-            d = float(np.clip(d * fallbacks.pop(0), *DIAMETER_LIMITS))
-            continue
-        # self-consistency: cells should come out ~target px across at this scale
         areas = np.bincount(small.ravel())
-        measured = np.flatnonzero(areas >= 0.35 * np.pi * (target / 2) ** 2)  # fragments say nothing about size
-        measured = measured[measured > 0]
-        if len(measured) and fallbacks and kept is None and _all_span_image(small, measured):
-            # every cell found runs across the image: the estimate made the image smaller than a cell
-            # (tight single-cell crops), so the size check would read nothing. Look at the smaller scale.
-            kept = (d, small, fg)
+        measured = np.flatnonzero(areas[1:] >= 0.35 * np.pi * (target / 2) ** 2) + 1  # fragments say nothing about size
+        nothing = small.max() == 0
+        # every cell found runs across the image: the estimate made the image smaller than a cell
+        # (tight single-cell crops), so the size check below would read nothing
+        spans = kept is None and len(measured) > 0 and _all_span_image(small, measured)
+        if fallbacks and (nothing or spans):  # try the fallback scales
+            if spans:
+                kept = (d, small, fg)
             d = float(np.clip(d * fallbacks.pop(0), *DIAMETER_LIMITS))
             continue
-        if passes_left == 0:
+        if nothing:
+            if kept is not None:  # the smaller scale found nothing either: keep what spanned the image
+                d, small, fg = kept
+                yield ("diameter", d)
             break
+        if passes_left == 0 or len(measured) == 0:
+            break
+        # self-consistency: cells should come out ~target px across at this scale
         areas = areas[measured]
-        if len(areas) == 0:
-            break
         ratio = float(np.sqrt(4 * np.median(areas) / np.pi)) / target
         if 1 / (1 + REFINE_TOLERANCE) <= ratio <= 1 + REFINE_TOLERANCE:
             break
