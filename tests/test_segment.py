@@ -290,3 +290,16 @@ def test_estimated_scale_retries_smaller_when_a_cell_spans_the_image(tiny, monke
     # the smaller scale found nothing: the first result is kept, not lost, at its own diameter
     assert ds[-1] == pytest.approx(ds[0])
     assert items[-1][1].max() == 1 and (items[-1][1] == 1).mean() > 0.9
+
+
+def test_estimate_diameter_fits_inside_the_image():
+    """A tight crop around one big cell: the estimate never exceeds the crop (0.8 of its shorter side)."""
+    from napari_wbc.core.scale import MAX_SHARE_OF_SIDE, estimate_diameter
+
+    img = np.full((120, 100, 3), 235, np.uint8)
+    yy, xx = np.mgrid[:120, :100]
+    img[(yy - 60) ** 2 + (xx - 50) ** 2 < 40**2] = (150, 90, 160)  # one cell 80 px across fills the crop
+    d = estimate_diameter(img)
+    assert d <= MAX_SHARE_OF_SIDE * 100 + 1e-6
+    big = np.pad(img, ((300, 300), (300, 300), (0, 0)), constant_values=235)
+    assert estimate_diameter(big) > d  # the same cell in a wide field is not capped
