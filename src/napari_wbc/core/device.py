@@ -38,3 +38,40 @@ def resolve_device(device=None):
             f"device {device!r} is not available here; available: {', '.join(available_devices())}"
         )
     return dev
+
+
+_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_bf16_fast() -> bool:
+    """Whether CPU inference should run in bfloat16 (autocast) on this machine.
+
+    True where the processor has native bfloat16 instructions (``amx_bf16`` or
+    ``avx512_bf16`` in /proc/cpuinfo, e.g. Intel Sapphire Rapids, AMD Zen 4): there
+    the U-Net runs ~1.4-2.3x faster and its probabilities move by < 0.004 (under
+    one step of the uint8 maps). Elsewhere bfloat16 is emulated and slower, so
+    float32 stays. ``NAPARI_WBC_CPU_BF16=0`` (or ``1``) overrides the check.
+    """
+    import os
+
+    env = os.environ.get("NAPARI_WBC_CPU_BF16", "").strip()
+    if env in ("0", "1"):
+        return env == "1"
+    return _cpu_has_bf16()
+
+
+def _cpu_has_bf16() -> bool:
+    global _CPU_BF16
+    if _CPU_BF16 is None:
+        try:
+            with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+                flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+        except OSError:
+            flags = []
+        import torch
+
+        _CPU_BF16 = any(fl in flags for fl in _BF16_FLAGS) and torch.backends.mkldnn.is_available()
+    return _CPU_BF16
+
+
+_CPU_BF16: bool | None = None

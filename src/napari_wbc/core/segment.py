@@ -159,7 +159,10 @@ def iter_probabilities(
     jobs = [(y0, x0) for y0 in ys for x0 in xs]
     total = len(jobs)
     yield ("progress", 0, total)
-    use_amp = device.type == "cuda"
+    from .device import cpu_bf16_fast
+
+    # mixed precision: float16 on CUDA, bfloat16 on CPUs with native bfloat16 (see cpu_bf16_fast)
+    amp = torch.float16 if device.type == "cuda" else torch.bfloat16 if device.type == "cpu" and cpu_bf16_fast() else None
     done = 0
     for b0 in range(0, total, batch_size):
         batch_jobs = jobs[b0 : b0 + batch_size]
@@ -172,8 +175,8 @@ def iter_probabilities(
             arr[i, :, sy0 - wy0 : sy1 - wy0, sx0 - wx0 : sx1 - wx0] = np.moveaxis(x[sy0:sy1, sx0:sx1], -1, 0)
         with torch.inference_mode():
             t = torch.from_numpy(arr).to(device).contiguous(memory_format=torch.channels_last)
-            if use_amp:
-                with torch.autocast("cuda", dtype=torch.float16):
+            if amp is not None:
+                with torch.autocast(device.type, dtype=amp):
                     out = net(t)
             else:
                 out = net(t)
