@@ -82,6 +82,8 @@ def main(argv=None):
     ap.add_argument("--stain-jitter", type=float, default=0.0,
                     help="colour-deconvolution jitter: each stain's density scaled by up to +-this")
     ap.add_argument("--stain-share", type=float, default=1.0, help="share of training crops given the stain jitter")
+    ap.add_argument("--no-stain-on-weak", action="store_true",
+                    help="no stain jitter on the weakly labelled BCCD negatives")
     ap.add_argument("--no-bccd", action="store_true", help="do not use BCCD weak negatives")
     ap.add_argument("--exclude", nargs="*", default=[], choices=["tecom", "sigtuple_patches", "sigtuple_smears"],
                     help="leave a data set out (for the fine-tuning benchmark's unseen domain)")
@@ -111,7 +113,7 @@ def main(argv=None):
     best, hist = T.train_segmenter(
         net, card, train_all, val_sel, steps=a.steps, batch_size=a.batch, lr=a.lr,
         eval_every=a.eval_every, device=a.device, seed=a.seed, crop=a.crop, wide_hue=a.wide_hue, stain=a.stain_jitter,
-        stain_share=a.stain_share, log=lambda s: print(s, flush=True),
+        stain_share=a.stain_share, stain_weak=not a.no_stain_on_weak, log=lambda s: print(s, flush=True),
     )
     if best is not None:
         net.load_state_dict(best)

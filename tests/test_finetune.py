@@ -194,3 +194,22 @@ def test_stain_share_zero_is_plain_colour_jitter():
     always = colour_transform(np.random.default_rng(4), 1.0, stain=0.3, stain_share=1.0)(x)
     assert np.allclose(never, plain)
     assert np.abs(always - plain).mean() > 0.01
+
+
+def test_stain_jitter_can_spare_weakly_labelled_samples():
+    from napari_wbc.core.train import make_sample, random_crop
+
+    rng = np.random.default_rng(0)
+    img = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
+    lab = np.zeros((64, 64), np.int32)
+    lab[20:40, 20:40] = 1
+    weak = make_sample(img, lab, diameter=20, weight=np.ones((64, 64), np.float32))
+    full = make_sample(img, lab, diameter=20)
+
+    def x(sample, **kw):
+        return random_crop(sample, np.random.default_rng(5), crop=32, target=16, **kw)[0]
+
+    plain = x(weak)
+    assert np.allclose(x(weak, stain=0.3, stain_weak=False), plain)  # spared: plain colour jitter
+    assert not np.allclose(x(weak, stain=0.3), plain)  # default: weak samples are jittered too
+    assert not np.allclose(x(full, stain=0.3, stain_weak=False), x(full))  # fully labelled: always jittered

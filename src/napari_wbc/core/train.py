@@ -170,8 +170,11 @@ def distance_target(labels: np.ndarray) -> np.ndarray:
 
 
 def random_crop(sample: Sample, rng, *, crop: int = 96, target: float = TARGET_DIAMETER, jitter: float = 0.3, colour: float = 1.0,
-                wide_hue: float = 0.0, stain: float = 0.0, stain_share: float = 1.0):
-    """One augmented training example: (x 3xCxC float32, fg CxC, dist CxC, weight CxC)."""
+                wide_hue: float = 0.0, stain: float = 0.0, stain_share: float = 1.0, stain_weak: bool = True):
+    """One augmented training example: (x 3xCxC float32, fg CxC, dist CxC, weight CxC).
+
+    ``stain_weak=False``: no stain jitter on weakly labelled samples (those with a ``weight`` map).
+    """
     from scipy import ndimage as ndi
 
     from .segment import normalise
@@ -185,6 +188,8 @@ def random_crop(sample: Sample, rng, *, crop: int = 96, target: float = TARGET_D
         cx += rng.uniform(-0.5, 0.5) * src * 0.6
     else:
         cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+    if sample.weight is not None and not stain_weak:
+        stain = 0.0
     f = colour_transform(rng, colour, wide_hue, stain, stain_share)
     rgb = _crop_rescaled(sample.rgb, cy, cx, src, crop, 1, -1.0)
     outside = rgb[..., 0] < -0.5
@@ -270,6 +275,7 @@ def train_segmenter(
     wide_hue: float = 0.0,
     stain: float = 0.0,
     stain_share: float = 1.0,
+    stain_weak: bool = True,
     progress=None,
     should_stop=None,
     log=print,
@@ -309,7 +315,7 @@ def train_segmenter(
         if should_stop is not None and should_stop():
             break
         x, fg, dist, wgt = (t.to(dev) for t in make_batch(train, rng, batch_size, crop=crop, target=target, wide_hue=wide_hue, stain=stain,
-                                                             stain_share=stain_share))
+                                                             stain_share=stain_share, stain_weak=stain_weak))
         out = net(x)
         loss = seg_loss(out, fg, dist, wgt)
         opt.zero_grad()
