@@ -295,16 +295,26 @@ def test_estimated_scale_retries_smaller_when_a_cell_spans_the_image(tiny, monke
 
 
 def test_estimate_diameter_fits_inside_the_image():
-    """A tight crop around one big cell: the estimate never exceeds the crop (0.8 of its shorter side)."""
+    """A tight crop around one big cell: the estimate never exceeds the crop (0.8 of its longer side)."""
     from napari_wbc.core.scale import MAX_SHARE_OF_SIDE, estimate_diameter
 
-    img = np.full((120, 100, 3), 235, np.uint8)
-    yy, xx = np.mgrid[:120, :100]
-    img[(yy - 60) ** 2 + (xx - 50) ** 2 < 40**2] = (150, 90, 160)  # one cell 80 px across fills the crop
+    img = np.full((100, 110, 3), 235, np.uint8)
+    yy, xx = np.mgrid[:100, :110]
+    img[(yy - 50) ** 2 + (xx - 55) ** 2 < 40**2] = (150, 90, 160)  # one cell 80 px across fills the crop
     d = estimate_diameter(img)
-    assert d <= MAX_SHARE_OF_SIDE * 100 + 1e-6
+    assert d <= MAX_SHARE_OF_SIDE * 110 + 1e-6
     big = np.pad(img, ((300, 300), (300, 300), (0, 0)), constant_values=235)
     assert estimate_diameter(big) > d  # the same cell in a wide field is not capped
+
+
+def test_estimate_diameter_of_a_thin_strip_is_not_capped():
+    """A strip cut from a smear keeps the smear's red-cell estimate (no red cells made into WBCs)."""
+    from napari_wbc._sample_data import make_sample_data
+    from napari_wbc.core.scale import estimate_diameter
+
+    [(rgb, _, _)] = make_sample_data()
+    strip = rgb[:40]  # 40 x 640, above the sample's one WBC
+    assert estimate_diameter(strip) > 40
 
 
 def test_cpu_bfloat16_gives_the_same_cells_as_float32(monkeypatch):

@@ -14,9 +14,10 @@ import numpy as np
 # WBC diameter / red-cell diameter: median ratio on SigTuple patches 1.59, SigTuple smears 1.84, BCCD 1.78.
 WBC_PER_RBC = 1.7
 MIN_DIAMETER, MAX_DIAMETER = 12.0, 600.0
-# A WBC that is to be counted lies whole inside the image, with some margin: an estimate larger than
-# this share of the shorter side is impossible. It happens on tight single-cell crops, where the WBC
-# itself, not the red cells, dominates the estimate (1.2x the side on some Tecom crops).
+# A WBC that is to be counted lies inside the image: an estimate larger than this share of the image's
+# longer side is impossible. It happens on tight single-cell crops, where the WBC itself, not the red
+# cells, dominates the estimate (1.2x the side on some Tecom crops). The longer side, not the shorter:
+# a thin strip cut from a smear keeps its red-cell estimate (capping it there turns red cells into WBCs).
 MAX_SHARE_OF_SIDE = 0.8
 
 
@@ -87,9 +88,9 @@ def _sample_crops(image: np.ndarray, size: int = 1024, grid: int = 3):
 def estimate_diameter(image: np.ndarray, default: float = 50.0) -> float:
     """Expected WBC diameter in pixels of an HxWx3 image (``default`` when unsure).
 
-    Never more than ``MAX_SHARE_OF_SIDE`` of the image's shorter side: a cell to be counted fits inside.
+    Never more than ``MAX_SHARE_OF_SIDE`` of the image's longer side: a cell to be counted fits inside.
     """
     radii = [r for r in (estimate_rbc_radius(c) for c in _sample_crops(image)) if r is not None]
     r = float(np.median(radii)) if radii else None
     d = default if r is None else float(np.clip(2.0 * r * WBC_PER_RBC, MIN_DIAMETER, MAX_DIAMETER))
-    return min(d, max(MAX_SHARE_OF_SIDE * min(image.shape[:2]), MIN_DIAMETER))
+    return min(d, max(MAX_SHARE_OF_SIDE * max(image.shape[:2]), MIN_DIAMETER))
