@@ -1,6 +1,8 @@
 """Choosing the torch device: ``auto`` means cuda, then mps, then cpu."""
 from __future__ import annotations
 
+import functools
+
 
 def available_devices() -> list[str]:
     """Device names usable here, best first, always ending with ``cpu``."""
@@ -60,18 +62,14 @@ def cpu_bf16_fast() -> bool:
     return _cpu_has_bf16()
 
 
+@functools.lru_cache(maxsize=None)
 def _cpu_has_bf16() -> bool:
-    global _CPU_BF16
-    if _CPU_BF16 is None:
-        try:
-            with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-                flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
-        except OSError:
-            flags = []
-        import torch
+    """Whether /proc/cpuinfo lists native bfloat16 instructions (read once)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    except OSError:
+        flags = []
+    import torch
 
-        _CPU_BF16 = any(fl in flags for fl in _BF16_FLAGS) and torch.backends.mkldnn.is_available()
-    return _CPU_BF16
-
-
-_CPU_BF16: bool | None = None
+    return any(fl in flags for fl in _BF16_FLAGS) and torch.backends.mkldnn.is_available()
