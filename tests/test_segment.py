@@ -339,3 +339,77 @@ def test_cpu_bf16_switch(monkeypatch):
     assert D.cpu_bf16_fast() is True
     monkeypatch.delenv("NAPARI_WBC_CPU_BF16")
     assert D.cpu_bf16_fast() == D._cpu_has_bf16()
+
+
+def test_foreground_keeps_a_dark_nucleus_of_an_under_exposed_crop():
+    """Dark areas enclosed by the field are cells, not out-of-field vignetting."""
+    from napari_wbc.core.scale import foreground
+
+    yy, xx = np.mgrid[:120, :120]
+    img = np.full((120, 120, 3), 200, np.float32)  # background
+    img[(yy - 60) ** 2 + (xx - 60) ** 2 < 35**2] = (150, 120, 160)  # cytoplasm
+    nucleus = (yy - 60) ** 2 + (xx - 78) ** 2 < 22**2  # eccentric: it reaches the cell's edge
+    img[nucleus] = (25, 10, 40)  # darker than a quarter of the background
+    fg = foreground(img)
+    assert fg[nucleus].mean() > 0.95
+    img[:, :15] = 0  # a black slide edge along one side stays out of the field
+    assert not foreground(img)[:, :10].any()
+
+
+def _lobes(red_cells: bool):
+    """Labels of three touching lobe-sized 'cells' at network scale (target 16 px) and the image they came from."""
+    yy, xx = np.mgrid[:64, :64]
+    small = np.zeros((64, 64), np.int32)
+    img = np.full((64, 64, 3), 230, np.uint8)
+    for i, (cy, cx) in enumerate(((26, 26), (26, 38), (38, 32)), start=1):
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 < 7**2
+        small[disc & (small == 0)] = i
+        img[disc] = (90, 40, 140)
+    if red_cells:
+        for cy, cx in ((6, 6), (6, 56), (56, 6), (56, 56), (6, 30), (58, 32)):
+            img[(yy - cy) ** 2 + (xx - cx) ** 2 < 5**2] = (200, 120, 130)
+    return small, img
+
+
+def test_one_cluster_growth():
+    small, img = _lobes(red_cells=False)
+    g = S._one_cluster_growth(small, 16.0, img)
+    assert g is not None and S.CLUSTER_GROWTH[0] <= g <= S.CLUSTER_GROWTH[1]
+    # red cells around it: the estimate had them to go by, so the cells are read as they are
+    small, img = _lobes(red_cells=True)
+    assert S._one_cluster_growth(small, 16.0, img) is None
+    # two cells far apart are not one cluster; one cell is nothing to merge
+    far = np.zeros((64, 64), np.int32)
+    far[5:15, 5:15], far[50:60, 50:60] = 1, 2
+    assert S._one_cluster_growth(far, 16.0, np.full((64, 64, 3), 230, np.uint8)) is None
+    assert S._one_cluster_growth((small == 1).astype(np.int32), 16.0, img) is None
+
+
+def test_a_cluster_is_read_as_one_cell_only_if_the_network_says_so(tiny, monkeypatch):
+    lobes, _ = _lobes(red_cells=False)
+
+    def run(second):
+        calls = []
+
+        def fake(fg, dist, min_area):
+            calls.append(fg.shape)
+            if len(calls) == 2:  # the pass at the cluster's scale
+                return second(fg.shape)
+            return S._resize(lobes, fg.shape, order=0)
+
+        monkeypatch.setattr(S, "instances_from_maps", fake)
+        monkeypatch.setattr(S, "_one_cluster_growth", lambda small, target, x: 1.8)
+        items = list(S.iter_segment(_discs(), model=tiny, device="cpu", refine=True))
+        return [it[1] for it in items if it[0] == "diameter"], items[-1][1]
+
+    def one_cell(shape):
+        out = np.zeros(shape, np.int32)
+        out[shape[0] // 4 : 3 * shape[0] // 4, shape[1] // 4 : 3 * shape[1] // 4] = 1
+        return out
+
+    ds, labels = run(one_cell)
+    assert ds[1] == pytest.approx(ds[0] * 1.8) and labels.max() == 1
+    # the larger scale does not give one cell: the first reading is kept, at its own diameter
+    ds, labels = run(lambda shape: np.zeros(shape, np.int32))
+    assert ds[1] == pytest.approx(ds[0] * 1.8) and ds[2] == pytest.approx(ds[0])
+    assert labels.max() == 3

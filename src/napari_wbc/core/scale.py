@@ -34,8 +34,10 @@ def foreground(rgb_small: np.ndarray) -> np.ndarray:
 
     x = rgb_small * np.float32(1.0 / max(float(rgb_small.max()), 1e-6))
     lum = x @ np.full(3, 1 / 3, np.float32)
-    # out-of-field areas (black vignetting, slide edges) are neither cells nor background
-    in_field = lum > 0.25 * np.percentile(lum, 99)
+    # out-of-field areas (black vignetting, slide edges) are neither cells nor background; they come
+    # in from the image's edges, so dark areas enclosed by the field (a nucleus on an under-exposed
+    # smear) stay in it
+    in_field = fill_holes(lum > 0.25 * np.percentile(lum, 99))
     if in_field.sum() < 0.05 * lum.size:
         in_field = np.ones_like(in_field)
     bright = (lum >= np.percentile(lum[in_field], 90)) & in_field

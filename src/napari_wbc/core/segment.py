@@ -32,6 +32,12 @@ REFINE_CLAMP = (0.7, 1.4)  # a correction never moves the red-cell estimate furt
 # on Tecom crops), and an unfamiliar stain then gives nothing at the first scale.
 FALLBACK_FACTORS = (1 / 1.5,)
 DIAMETER_LIMITS = (8.0, 1000.0)  # px; the corrections never leave this range
+# with diameter=None: when every cell found lies in one cluster CLUSTER_GROWTH[0]-[1] cells wide and
+# under RED_CELL_SHARE of the image's other objects (red cells) lie outside it, the estimate had no
+# red cells to go by: look once more at the scale that makes the cluster one cell, keep that if it is one
+CLUSTER_CHECK = True
+CLUSTER_GROWTH = (1.3, 2.5)
+RED_CELL_SHARE = 0.25
 
 
 def check_image(image) -> np.ndarray:
@@ -278,6 +284,43 @@ def _all_span_image(small: np.ndarray, ids: np.ndarray) -> bool:
     return bool(np.all(np.sum(sides, axis=0) >= 3))
 
 
+def _one_cluster_growth(small: np.ndarray, target: float, rgb: np.ndarray) -> float | None:
+    """The scale factor that would make all cells found one cell, when that reading is plausible.
+
+    On a tight crop of one large cell whose stain the red-cell estimate misreads (it then measures
+    nuclear lobes, not red cells), the network sees the cell about 1.5-2x too large and cuts it into
+    lobe-sized "cells" lying together. When every cell found lies in one cluster of about one to two
+    and a half cells' width, and the image has hardly any other cells (red cells) outside it, return
+    the cluster's size over the target size; else None.
+    """
+    from scipy import ndimage as ndi
+    from skimage.morphology import convex_hull_image
+
+    from .scale import foreground
+
+    if small.max() < 2:
+        return None
+    cells = small > 0
+    near = ndi.binary_dilation(cells, iterations=max(1, int(round(target / 4))))
+    if ndi.label(near)[1] != 1:
+        return None
+    g = float(np.sqrt(4 * convex_hull_image(cells).sum() / np.pi)) / target
+    if not CLUSTER_GROWTH[0] <= g <= CLUSTER_GROWTH[1]:
+        return None
+    objects = foreground(_resize_image(rgb, small.shape))  # the image at network scale
+    others = (objects & ~near).sum() / max(int(objects.sum()), 1)
+    return g if others < RED_CELL_SHARE else None
+
+
+def _one_cell_covers(small: np.ndarray, before: np.ndarray) -> bool:
+    """Whether ``small`` is one cell covering most of what the cells of ``before`` covered (as image shares)."""
+    if small.max() != 1:
+        return False
+    a_now = (small > 0).sum() / small.size
+    a_before = (before > 0).sum() / before.size
+    return a_now >= 0.7 * a_before
+
+
 def iter_segment(
     image,
     *,
@@ -321,6 +364,7 @@ def iter_segment(
     H, W = rgb.shape[:2]
     passes_left, fallbacks = REFINE_PASSES, list(FALLBACK_FACTORS)
     kept = None  # a result set aside while a smaller scale is tried
+    cluster_check, cluster_first = CLUSTER_CHECK, None  # cluster_first: set aside while a cluster is tested
     while True:
         yield ("diameter", d)
         s = target / d
@@ -338,12 +382,25 @@ def iter_segment(
         small = instances_from_maps(fg, dist, min_area)
         if not (estimated and refine):
             break
+        if cluster_first is not None:  # this pass tested the one-cell reading of a cluster
+            if _one_cell_covers(small, cluster_first[1]):
+                break
+            d, small, fg = cluster_first  # it was not one cell: back to the first reading
+            cluster_first = None
+            yield ("diameter", d)
         areas = np.bincount(small.ravel())
         measured = np.flatnonzero(areas[1:] >= 0.35 * np.pi * (target / 2) ** 2) + 1  # fragments say nothing about size
         nothing = small.max() == 0
         # every cell found runs across the image: the estimate made the image smaller than a cell
         # (tight single-cell crops), so the size check below would read nothing
         spans = kept is None and len(measured) > 0 and _all_span_image(small, measured)
+        if cluster_check and not (nothing or spans):  # once, on the first pass that found cells
+            cluster_check = False
+            grow = _one_cluster_growth(small, target, rgb)
+            if grow is not None:
+                cluster_first = (d, small, fg)
+                d = float(np.clip(d * grow, *DIAMETER_LIMITS))
+                continue
         if fallbacks and (nothing or spans):  # try the fallback scales
             if spans:
                 kept = (d, small, fg)

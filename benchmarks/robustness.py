@@ -1,0 +1,205 @@
+"""Robustness: the shipped segmenter on validation images altered the way other labs' smears differ.
+
+    python benchmarks/robustness.py [--model PATH] [--only NAME ...] [--threads 1] [--out FILE]
+
+We cannot test on other labs' smears, but we can alter our own held-out images the ways scanners and
+labs differ, and see what breaks: magnification (rescaled 0.4x-2x, labels and boxes with it), focus
+(Gaussian blur, in a share of the WBC diameter so it means the same at every magnification), JPEG
+compression, sensor noise, exposure (gamma), white balance (a colour cast) and staining strength
+(haematoxylin or eosin optical density scaled, skimage ``rgb2hed``), a greyscale camera, and two
+chains of these standing for whole other labs.
+
+Each condition is applied to SigTuple validation (patches + the validation smear) and Tecom validation
+(matched-cell Dice and detection F1, ``diameter=None`` as a user runs it) and to the held-out odd BCCD
+images (WBC detection F1 at box IoU >= 0.5). The images were never trained on; no condition is used in
+training as such (training uses milder colour, stain and scale jitter).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import segmentation as B  # noqa: E402
+import wbc_data  # noqa: E402
+
+from napari_wbc.core.metrics import label_boxes, match_boxes, match_instances, summarise  # noqa: E402
+
+
+# ------------------------------------------------------------------ conditions
+# Each takes (rgb uint8, wbc_diameter_px, rng) and returns (rgb uint8, geometric scale factor).
+def _u8(x):
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def rescale(f):
+    def apply(rgb, d, rng):
+        from PIL import Image
+
+        h, w = rgb.shape[:2]
+        size = (max(8, round(w * f)), max(8, round(h * f)))
+        return np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR if f > 1 else Image.BOX)), f
+    return apply
+
+
+def blur(share):
+    def apply(rgb, d, rng):
+        from scipy import ndimage as ndi
+
+        s = share * d
+        return _u8(ndi.gaussian_filter(rgb.astype(np.float32), (s, s, 0))), 1.0
+    return apply
+
+
+def jpeg(q):
+    def apply(rgb, d, rng):
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, format="JPEG", quality=q)
+        return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")), 1.0
+    return apply
+
+
+def noise(sigma):
+    def apply(rgb, d, rng):
+        return _u8(rgb.astype(np.float32) + rng.normal(0, sigma, rgb.shape)), 1.0
+    return apply
+
+
+def gamma(g):
+    def apply(rgb, d, rng):
+        return _u8(255 * (rgb / 255.0) ** g), 1.0
+    return apply
+
+
+def cast(gains):
+    def apply(rgb, d, rng):
+        return _u8(rgb.astype(np.float32) * np.asarray(gains, np.float32)), 1.0
+    return apply
+
+
+def stain(h=1.0, e=1.0):
+    def apply(rgb, d, rng):
+        from skimage.color import hed2rgb, rgb2hed
+
+        od = rgb2hed(rgb)
+        od[..., 0] *= h
+        od[..., 1] *= e
+        return _u8(255 * np.clip(hed2rgb(od), 0, 1)), 1.0
+    return apply
+
+
+def chain(*conds):
+    def apply(rgb, d, rng):
+        f = 1.0
+        for c in conds:
+            rgb, g = c(rgb, d * f, rng)
+            f *= g
+        return rgb, f
+    return apply
+
+
+def grey():
+    def apply(rgb, d, rng):
+        g = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        return _u8(np.repeat(g[..., None], 3, -1)), 1.0
+    return apply
+
+
+CONDITIONS = {
+    "none": lambda rgb, d, rng: (rgb, 1.0),
+    "scale 0.3x": rescale(0.3),
+    "scale 0.4x": rescale(0.4),
+    "scale 0.6x": rescale(0.6),
+    "scale 1.5x": rescale(1.5),
+    "scale 2x": rescale(2.0),
+    "scale 3x": rescale(3.0),
+    "blur sigma 2% of WBC": blur(0.02),
+    "blur sigma 5% of WBC": blur(0.05),
+    "JPEG quality 30": jpeg(30),
+    "noise sigma 12/255": noise(12.0),
+    "gamma 0.6 (over-exposed)": gamma(0.6),
+    "gamma 1.6 (under-exposed)": gamma(1.6),
+    "cast warm (1.0, 0.9, 0.7)": cast((1.0, 0.9, 0.7)),
+    "cast cool (0.8, 0.9, 1.0)": cast((0.8, 0.9, 1.0)),
+    "haematoxylin x0.6 (pale nuclei)": stain(h=0.6),
+    "haematoxylin x1.5": stain(h=1.5),
+    "eosin x0.5": stain(e=0.5),
+    "eosin x2": stain(e=2.0),
+    "greyscale camera": grey(),
+    "another lab: 1.5x, blur 2%, eosin x1.5, warm cast, JPEG 50": chain(
+        rescale(1.5), blur(0.02), stain(e=1.5), cast((1.0, 0.92, 0.8)), jpeg(50)),
+    "another lab: 0.6x, haematoxylin x0.7, cool cast, gamma 1.3, noise": chain(
+        rescale(0.6), stain(h=0.7), cast((0.85, 0.92, 1.0)), gamma(1.3), noise(6.0)),
+}
+
+
+def _scale_labels(lab, shape):
+    from skimage.transform import resize
+
+    if lab.shape == tuple(shape):
+        return lab
+    return resize(lab, shape, order=0, preserve_range=True, anti_aliasing=False).astype(np.int32)
+
+
+def evaluate(cond, model, sets, bccd_items, seed=0):
+    from napari_wbc import segment
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for key in ("SigTuple", "Tecom"):
+        res = []
+        for _name, rgb, lab in sets[key]:
+            img, f = cond(rgb, B.known_diameter(lab), rng)
+            res.append(match_instances(_scale_labels(lab, img.shape[:2]), segment(img, model=model, device="cpu")))
+        out[key] = summarise(res)
+    res = []
+    for rgb, boxes in bccd_items:
+        d = float(np.median([((b[2] - b[0]) + (b[3] - b[1])) / 2 for b in boxes])) if boxes else 200.0
+        img, f = cond(rgb, d, rng)
+        res.append(match_boxes([tuple(v * f for v in b) for b in boxes], label_boxes(segment(img, model=model, device="cpu"))))
+    out["BCCD"] = summarise(res)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="segmenter .safetensors (default: shipped)")
+    ap.add_argument("--only", nargs="*", help="condition names to run (default: all)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None, help="also write the table here")
+    a = ap.parse_args(argv)
+    import torch
+
+    from napari_wbc.core.io import read_image, to_rgb
+
+    torch.set_num_threads(a.threads)
+    sets = B.val_sets()
+    bccd_items = [(to_rgb(read_image(img)), wbc_data.wbc_boxes(xml)) for img, xml, sp in wbc_data.bccd() if sp == "val"]
+    names = a.only or list(CONDITIONS)
+    head = (f"Command: `python benchmarks/robustness.py{' --model ' + a.model if a.model else ''}"
+            f"{' --only ' + ' '.join(repr(n) for n in a.only) if a.only else ''} --threads {a.threads}`  \n"
+            f"torch {torch.__version__}, {a.threads} CPU thread(s), {time.strftime('%Y-%m-%d')}; diameter=None throughout\n\n"
+            "| condition | SigTuple val Dice / F1 | Tecom val Dice / F1 | BCCD odd F1 (TP/FP/FN) |\n|---|---|---|---|")
+    lines = [head]
+    print(head, flush=True)
+    for n in names:
+        t0 = time.time()
+        r = evaluate(CONDITIONS[n], a.model, sets, bccd_items)
+        s, t, b = r["SigTuple"], r["Tecom"], r["BCCD"]
+        line = (f"| {n} | {s['matched_dice']:.3f} / {s['f1']:.3f} | {t['matched_dice']:.3f} / {t['f1']:.3f} "
+                f"| {b['f1']:.3f} ({b['tp']}/{b['fp']}/{b['fn']}) |")
+        lines.append(line)
+        print(line, f"<!-- {time.time() - t0:.0f} s -->", flush=True)
+    if a.out:
+        Path(a.out).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
