@@ -265,35 +265,6 @@ def test_estimated_scale_falls_back_when_nothing_is_found(tiny, monkeypatch):
     assert [it[1] for it in items if it[0] == "diameter"] == [20.0]
 
 
-def test_all_span_image():
-    lab = np.zeros((20, 30), np.int32)
-    lab[:, 2:28] = 1  # touches the top and the bottom only
-    assert not S._all_span_image(lab, np.array([1]))
-    lab[:, :] = 1
-    assert S._all_span_image(lab, np.array([1]))
-    lab[5:10, 5:10] = 2  # a cell inside the image: not every cell spans it
-    assert not S._all_span_image(lab, np.array([1, 2]))
-
-
-def test_estimated_scale_retries_smaller_when_a_cell_spans_the_image(tiny, monkeypatch):
-    calls = []
-
-    def fake(fg, dist, min_area):
-        calls.append(fg.shape)
-        out = np.zeros(fg.shape, np.int32)
-        if len(calls) == 1:
-            out[:] = 1  # the first pass sees one object across the whole image
-        return out
-
-    monkeypatch.setattr(S, "instances_from_maps", fake)
-    items = list(S.iter_segment(_discs(), model=tiny, device="cpu"))
-    ds = [it[1] for it in items if it[0] == "diameter"]
-    assert ds[1] == pytest.approx(ds[0] * S.FALLBACK_FACTORS[0])
-    # the smaller scale found nothing: the first result is kept, not lost, at its own diameter
-    assert ds[-1] == pytest.approx(ds[0])
-    assert items[-1][1].max() == 1 and (items[-1][1] == 1).mean() > 0.9
-
-
 def test_estimate_diameter_fits_inside_the_image():
     """A tight crop around one big cell: the estimate never exceeds the crop (0.8 of its longer side)."""
     from napari_wbc.core.scale import MAX_SHARE_OF_SIDE, estimate_diameter

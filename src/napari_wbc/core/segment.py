@@ -278,12 +278,6 @@ def _relabel_sequential(labels: np.ndarray) -> np.ndarray:
     return relabel_sequential(labels)[0].astype(np.int32)
 
 
-def _all_span_image(small: np.ndarray, ids: np.ndarray) -> bool:
-    """Whether each of the labels ``ids`` touches at least three sides of the image."""
-    sides = [np.isin(ids, np.unique(edge)) for edge in (small[0], small[-1], small[:, 0], small[:, -1])]
-    return bool(np.all(np.sum(sides, axis=0) >= 3))
-
-
 def _one_cluster_growth(small: np.ndarray, target: float, rgb: np.ndarray) -> float | None:
     """The scale factor that would make all cells found one cell, when that reading is plausible.
 
@@ -363,7 +357,6 @@ def iter_segment(
     d = estimate_diameter(rgb) if estimated else diameter
     H, W = rgb.shape[:2]
     passes_left, fallbacks = REFINE_PASSES, list(FALLBACK_FACTORS)
-    kept = None  # a result set aside while a smaller scale is tried
     cluster_check, cluster_first = CLUSTER_CHECK, None  # cluster_first: set aside while a cluster is tested
     while True:
         yield ("diameter", d)
@@ -391,25 +384,17 @@ def iter_segment(
         areas = np.bincount(small.ravel())
         measured = np.flatnonzero(areas[1:] >= 0.35 * np.pi * (target / 2) ** 2) + 1  # fragments say nothing about size
         nothing = small.max() == 0
-        # every cell found runs across the image: the estimate made the image smaller than a cell
-        # (tight single-cell crops), so the size check below would read nothing
-        spans = kept is None and len(measured) > 0 and _all_span_image(small, measured)
-        if cluster_check and not (nothing or spans):  # once, on the first pass that found cells
+        if cluster_check and not nothing:  # once, on the first pass that found cells
             cluster_check = False
             grow = _one_cluster_growth(small, target, rgb)
             if grow is not None:
                 cluster_first = (d, small, fg)
                 d = float(np.clip(d * grow, *DIAMETER_LIMITS))
                 continue
-        if fallbacks and (nothing or spans):  # try the fallback scales
-            if spans:
-                kept = (d, small, fg)
-            d = float(np.clip(d * fallbacks.pop(0), *DIAMETER_LIMITS))
-            continue
         if nothing:
-            if kept is not None:  # the smaller scale found nothing either: keep what spanned the image
-                d, small, fg = kept
-                yield ("diameter", d)
+            if fallbacks:  # try the fallback scales
+                d = float(np.clip(d * fallbacks.pop(0), *DIAMETER_LIMITS))
+                continue
             break
         if passes_left == 0 or len(measured) == 0:
             break
