@@ -13,6 +13,11 @@ Each condition is applied to SigTuple validation (patches + the validation smear
 (matched-cell Dice and detection F1, ``diameter=None`` as a user runs it) and to the held-out odd BCCD
 images (WBC detection F1 at box IoU >= 0.5). The images were never trained on; no condition is used in
 training as such (training uses milder colour, stain and scale jitter).
+
+``--types`` scores end-to-end cell typing instead: each validation cell with a class (Tecom crops;
+BCCD odd images with one WBC box of one class) is segmented and classified in the altered image, and
+the class of the cell matching the true one counts (a missed cell counts as wrong); balanced accuracy
+over the four common classes.
 """
 from __future__ import annotations
 
@@ -168,33 +173,112 @@ def evaluate(cond, model, sets, bccd_items, seed=0):
     return out
 
 
+def typing_items():
+    """Validation cells with a class: Tecom crops (expert mask) and BCCD odd images with one WBC box of one class."""
+    import csv
+
+    from napari_wbc.core.io import read_image, to_rgb
+
+    with open(wbc_data.DATA / "tecom/classes.csv") as f:
+        tcls = {r["image"]: r["class"] for r in csv.DictReader(f)}
+    items = []
+    for img, mask, sp in wbc_data.tecom():
+        if sp == "val":
+            rgb, lab = wbc_data.load_image_mask(img, mask)
+            items.append(("tecom", rgb, lab > 0, None, tcls[img.name]))
+    with open(wbc_data.DATA / "bccd/classes.csv") as f:
+        bcls = {r["image"]: r["classes"] for r in csv.DictReader(f)}
+    for img, xml, sp in wbc_data.bccd():
+        boxes, cl = wbc_data.wbc_boxes(xml), bcls.get(img.name, "")
+        if sp == "val" and len(boxes) == 1 and cl and ";" not in cl:
+            items.append(("bccd", to_rgb(read_image(img)), None, boxes[0], cl))
+    return items
+
+
+def evaluate_types(cond, seg_model, cls_model, items, seed=0):
+    """End to end (segment, then classify) cell typing: the class of the cell matching the true one.
+
+    A true cell with no matching cell (mask IoU or box IoU >= 0.5) counts as wrong ("missed").
+    Returns balanced accuracy over the four common classes, per source and together.
+    """
+    from napari_wbc import classify, segment
+    from napari_wbc.core.metrics import box_iou, label_boxes
+
+    common = ["neutrophil", "lymphocyte", "monocyte", "eosinophil"]
+    rng = np.random.default_rng(seed)
+    truth, pred, src = [], [], []
+    for source, rgb, mask, box, cls in items:
+        d = B.known_diameter(mask.astype(np.int32)) if mask is not None else (box[2] - box[0] + box[3] - box[1]) / 2
+        img, f = cond(rgb, d, rng)
+        labels = segment(img, model=seg_model, device="cpu")
+        best, best_iou = None, 0.5
+        if labels.max() > 0:
+            if mask is not None:
+                m = _scale_labels(mask.astype(np.int32), img.shape[:2]) > 0
+                for i in np.unique(labels[m]):
+                    if i:
+                        c = labels == i
+                        iou = (c & m).sum() / (c | m).sum()
+                        if iou >= best_iou:
+                            best, best_iou = int(i), iou
+            else:
+                for i, b in enumerate(label_boxes(labels), start=1):
+                    iou = box_iou(tuple(v * f for v in box), b)
+                    if iou >= best_iou:
+                        best, best_iou = i, iou
+        p = "missed"
+        if best is not None:
+            t = classify(img, labels, model=cls_model, device="cpu", ids=[best])
+            p = str(t["cell_type"].iloc[0])
+        truth.append(cls), pred.append(p), src.append(source)
+    truth, pred, src = np.array(truth), np.array(pred), np.array(src)
+
+    def bal(sel):
+        rs = [float((pred[sel & (truth == c)] == c).mean()) for c in common if (sel & (truth == c)).any()]
+        return float(np.mean(rs)), int(sel[np.isin(truth, common)].sum()), int((pred[sel] == "missed").sum())
+
+    every = np.ones(len(truth), bool)
+    return {"all": bal(every), "tecom": bal(src == "tecom"), "bccd": bal(src == "bccd")}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="segmenter .safetensors (default: shipped)")
     ap.add_argument("--only", nargs="*", help="condition names to run (default: all)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="also write the table here")
+    ap.add_argument("--types", action="store_true",
+                    help="score end-to-end cell typing (segment + classify) instead of segmentation")
+    ap.add_argument("--classifier", default=None, help="classifier .safetensors for --types (default: shipped)")
     a = ap.parse_args(argv)
     import torch
 
     from napari_wbc.core.io import read_image, to_rgb
 
     torch.set_num_threads(a.threads)
-    sets = B.val_sets()
-    bccd_items = [(to_rgb(read_image(img)), wbc_data.wbc_boxes(xml)) for img, xml, sp in wbc_data.bccd() if sp == "val"]
     names = a.only or list(CONDITIONS)
-    head = (f"Command: `python benchmarks/robustness.py{' --model ' + a.model if a.model else ''}"
-            f"{' --only ' + ' '.join(repr(n) for n in a.only) if a.only else ''} --threads {a.threads}`  \n"
-            f"torch {torch.__version__}, {a.threads} CPU thread(s), {time.strftime('%Y-%m-%d')}; diameter=None throughout\n\n"
-            "| condition | SigTuple val Dice / F1 | Tecom val Dice / F1 | BCCD odd F1 (TP/FP/FN) |\n|---|---|---|---|")
+    cmd = (f"Command: `python benchmarks/robustness.py{' --types' if a.types else ''}{' --model ' + a.model if a.model else ''}"
+           f"{' --only ' + ' '.join(repr(n) for n in a.only) if a.only else ''} --threads {a.threads}`  \n"
+           f"torch {torch.__version__}, {a.threads} CPU thread(s), {time.strftime('%Y-%m-%d')}; diameter=None throughout\n\n")
+    if a.types:
+        items = typing_items()
+        head = cmd + ("| condition | balanced accuracy, all (cells, missed) | Tecom | BCCD |\n|---|---|---|---|")
+    else:
+        sets = B.val_sets()
+        bccd_items = [(to_rgb(read_image(img)), wbc_data.wbc_boxes(xml)) for img, xml, sp in wbc_data.bccd() if sp == "val"]
+        head = cmd + "| condition | SigTuple val Dice / F1 | Tecom val Dice / F1 | BCCD odd F1 (TP/FP/FN) |\n|---|---|---|---|"
     lines = [head]
     print(head, flush=True)
     for n in names:
         t0 = time.time()
-        r = evaluate(CONDITIONS[n], a.model, sets, bccd_items)
-        s, t, b = r["SigTuple"], r["Tecom"], r["BCCD"]
-        line = (f"| {n} | {s['matched_dice']:.3f} / {s['f1']:.3f} | {t['matched_dice']:.3f} / {t['f1']:.3f} "
-                f"| {b['f1']:.3f} ({b['tp']}/{b['fp']}/{b['fn']}) |")
+        if a.types:
+            r = evaluate_types(CONDITIONS[n], a.model, a.classifier, items)
+            line = f"| {n} | " + " | ".join(f"{r[k][0]:.3f} ({r[k][1]}, {r[k][2]})" for k in ("all", "tecom", "bccd")) + " |"
+        else:
+            r = evaluate(CONDITIONS[n], a.model, sets, bccd_items)
+            s, t, b = r["SigTuple"], r["Tecom"], r["BCCD"]
+            line = (f"| {n} | {s['matched_dice']:.3f} / {s['f1']:.3f} | {t['matched_dice']:.3f} / {t['f1']:.3f} "
+                    f"| {b['f1']:.3f} ({b['tp']}/{b['fp']}/{b['fn']}) |")
         lines.append(line)
         print(line, f"<!-- {time.time() - t0:.0f} s -->", flush=True)
     if a.out:
