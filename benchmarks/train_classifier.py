@@ -411,11 +411,15 @@ def window_tensor(windows):
     return torch.from_numpy(np.ascontiguousarray(np.moveaxis(arr, -1, 1)))
 
 
-def augment_batch(wt, windows, idx, rng, *, size, background, dilation, strength=1.0):
+def augment_batch(wt, windows, idx, rng, *, size, background, dilation, strength=1.0, stain=0.0, stain_share=1.0,
+                  blur=(0.2, 1.0), noise=(0.3, 0.04)):
     """Augmented inputs (B x 4 x size x size) for windows ``idx``: the geometric part on the batch in torch
     (any rotation, mirror, zoom +-15%, shift +-6%; sampled at 2x then 2x2-averaged, like the anti-aliased
     resize of inference), then per cell: stain/colour change, percentile normalisation from the changed
-    image's pixel probe, mask outline jitter, background outside the (dilated) mask, blur and noise."""
+    image's pixel probe, mask outline jitter, background outside the (dilated) mask, blur and noise.
+
+    ``stain``/``stain_share``: colour-deconvolution jitter (see colour_transform); ``blur``: (share of cells,
+    largest Gaussian sigma in window pixels); ``noise``: (share of cells, largest noise sigma)."""
     import torch
     import torch.nn.functional as F
     from scipy import ndimage as ndi
@@ -439,7 +443,7 @@ def augment_batch(wt, windows, idx, rng, *, size, background, dilation, strength
     x = F.avg_pool2d(F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False), 2).numpy()
     out = np.empty((B, 4, size, size), np.float32)
     for b, i in enumerate(idx):
-        f = colour_transform(rng, strength)
+        f = colour_transform(rng, strength, stain=stain, stain_share=stain_share)
         rgb = f(np.moveaxis(x[b, :3], 0, -1).reshape(-1, 3)).reshape(size, size, 3)
         probe = f(windows[i]["probe"].astype(np.float32) / 255.0)
         lo, hi = np.percentile(probe, [0.5, 99.5], axis=0)
@@ -453,10 +457,10 @@ def augment_batch(wt, windows, idx, rng, *, size, background, dilation, strength
             if hard.any():
                 mask = ndi.gaussian_filter(hard.astype(np.float32), 0.5)
         out[b] = C.finish_input(rgbn, mask, background=background, dilation=dilation)
-        if rng.random() < 0.2:
-            out[b, :3] = ndi.gaussian_filter(out[b, :3], (0, rng.uniform(0.3, 1.0), rng.uniform(0.3, 1.0)))
-        if rng.random() < 0.3:
-            out[b, :3] += rng.normal(0, rng.uniform(0.01, 0.04), (3, size, size)).astype(np.float32)
+        if rng.random() < blur[0]:
+            out[b, :3] = ndi.gaussian_filter(out[b, :3], (0, rng.uniform(0.3, blur[1]), rng.uniform(0.3, blur[1])))
+        if rng.random() < noise[0]:
+            out[b, :3] += rng.normal(0, rng.uniform(0.01, noise[1]), (3, size, size)).astype(np.float32)
     return out
 
 
@@ -548,6 +552,13 @@ def main(argv=None):
     ap.add_argument("--context", type=float, default=1.5)
     ap.add_argument("--basophil-share", type=float, default=0.03)
     ap.add_argument("--colour", type=float, default=0.5, help="strength of the stain/colour augmentation")
+    ap.add_argument("--stain-jitter", type=float, default=0.0,
+                    help="colour-deconvolution stain jitter: each stain's density scaled by up to +-this")
+    ap.add_argument("--stain-share", type=float, default=1.0, help="share of cells the stain jitter is applied to")
+    ap.add_argument("--blur-share", type=float, default=0.2, help="share of cells blurred")
+    ap.add_argument("--blur-max", type=float, default=1.0, help="largest blur sigma, in input pixels")
+    ap.add_argument("--noise-share", type=float, default=0.3, help="share of cells given noise")
+    ap.add_argument("--noise-max", type=float, default=0.04, help="largest noise sigma (normalised intensity)")
     ap.add_argument("--ema", type=float, default=0.995, help="decay of the weight average that is shipped (0: last weights)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
@@ -608,7 +619,10 @@ def main(argv=None):
             break
         idx = rng.choice(len(train), size=args.batch, p=probs_w)
         x = torch.from_numpy(augment_batch(wt, train, idx, rng, size=args.input_size, background=background,
-                                           dilation=dilation, strength=args.colour)).to(dev)
+                                           dilation=dilation, strength=args.colour,
+                                           stain=args.stain_jitter, stain_share=args.stain_share,
+                                           blur=(args.blur_share, args.blur_max),
+                                           noise=(args.noise_share, args.noise_max))).to(dev)
         y = torch.from_numpy(targets[idx]).to(dev)
         loss = F.cross_entropy(net(x), y, label_smoothing=0.1)
         opt.zero_grad()
@@ -669,7 +683,9 @@ def main(argv=None):
             "sampling": "class-balanced over the 4 common classes; within a class half Tecom, half BCCD-like, "
                         "equal weight per source cell",
             "augmentation": f"stain/colour (napari_wbc.core.train.colour_transform, strength {args.colour}), zoom +-15%, any rotation, "
-                            "mirror, shift +-6%, mask outline dilate/erode 1-2 px, blur, noise",
+                            f"mirror, shift +-6%, mask outline dilate/erode 1-2 px, stain jitter {args.stain_jitter} on "
+                            f"{args.stain_share} of cells, blur sigma 0.3-{args.blur_max} px on {args.blur_share}, "
+                            f"noise up to {args.noise_max} on {args.noise_share}",
             "basophil": f"only 2 training examples (Tecom 1, BCCD 1): drawn with share {args.basophil_share} "
                         "under full augmentation; basophil is a possible output but NOT validated (no "
                         "validation basophil exists)",
