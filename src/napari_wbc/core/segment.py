@@ -292,11 +292,20 @@ def _one_cluster_growth(small: np.ndarray, target: float, rgb: np.ndarray) -> fl
 
     from .scale import foreground
 
-    if small.max() < 2:
+    boxes = [sl for sl in ndi.find_objects(small) if sl is not None]
+    if not 2 <= len(boxes) <= 8:  # a cluster of at most 2.5 cells' width holds a few lobes, not a smear's cells
         return None
-    cells = small > 0
-    near = ndi.binary_dilation(cells, iterations=max(1, int(round(target / 4))))
-    if ndi.label(near)[1] != 1:
+    y0, y1 = min(b[0].start for b in boxes), max(b[0].stop for b in boxes)
+    x0, x1 = min(b[1].start for b in boxes), max(b[1].stop for b in boxes)
+    if max(y1 - y0, x1 - x0) > 1.5 * CLUSTER_GROWTH[1] * target:
+        return None
+    r = max(1, int(round(target / 4)))
+    win = np.s_[max(y0 - r, 0) : y1 + r, max(x0 - r, 0) : x1 + r]
+    cells = np.zeros(small.shape, bool)
+    cells[win] = small[win] > 0
+    near = np.zeros(small.shape, bool)
+    near[win] = ndi.binary_dilation(cells[win], iterations=r)
+    if ndi.label(near[win])[1] != 1:
         return None
     g = float(np.sqrt(4 * convex_hull_image(cells).sum() / np.pi)) / target
     if not CLUSTER_GROWTH[0] <= g <= CLUSTER_GROWTH[1]:
