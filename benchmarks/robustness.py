@@ -17,7 +17,9 @@ training as such (training uses milder colour, stain and scale jitter).
 ``--types`` scores end-to-end cell typing instead: each validation cell with a class (Tecom crops;
 BCCD odd images with one WBC box of one class) is segmented and classified in the altered image, and
 the class of the cell matching the true one counts (a missed cell counts as wrong); balanced accuracy
-over the four common classes.
+over the four common classes. It also asks whether the classifier's confidence points at its own
+errors (what a technologist reviewing only low-confidence cells would catch): the AUROC of confidence
+for right against wrong calls, and the share of wrong calls and of all calls under 0.6.
 """
 from __future__ import annotations
 
@@ -195,6 +197,9 @@ def typing_items():
     return items
 
 
+REVIEW_BELOW = 0.6  # confidence under which a call is counted as "flagged for review" (set before any run)
+
+
 def evaluate_types(cond, seg_model, cls_model, items, seed=0):
     """End to end (segment, then classify) cell typing: the class of the cell matching the true one.
 
@@ -206,7 +211,7 @@ def evaluate_types(cond, seg_model, cls_model, items, seed=0):
 
     common = ["neutrophil", "lymphocyte", "monocyte", "eosinophil"]
     rng = np.random.default_rng(seed)
-    truth, pred, src = [], [], []
+    truth, pred, src, conf = [], [], [], []
     for source, rgb, mask, box, cls in items:
         d = B.known_diameter(mask.astype(np.int32)) if mask is not None else (box[2] - box[0] + box[3] - box[1]) / 2
         img, f = cond(rgb, d, rng)
@@ -226,19 +231,40 @@ def evaluate_types(cond, seg_model, cls_model, items, seed=0):
                     iou = box_iou(tuple(v * f for v in box), b)
                     if iou >= best_iou:
                         best, best_iou = i, iou
-        p = "missed"
+        p, cf = "missed", np.nan
         if best is not None:
             t = classify(img, labels, model=cls_model, device="cpu", ids=[best])
-            p = str(t["cell_type"].iloc[0])
-        truth.append(cls), pred.append(p), src.append(source)
-    truth, pred, src = np.array(truth), np.array(pred), np.array(src)
+            p, cf = str(t["cell_type"].iloc[0]), float(t["confidence"].iloc[0])
+        truth.append(cls), pred.append(p), src.append(source), conf.append(cf)
+    truth, pred, src, conf = np.array(truth), np.array(pred), np.array(src), np.array(conf)
 
     def bal(sel):
         rs = [float((pred[sel & (truth == c)] == c).mean()) for c in common if (sel & (truth == c)).any()]
         return float(np.mean(rs)), int(sel[np.isin(truth, common)].sum()), int((pred[sel] == "missed").sum())
 
     every = np.ones(len(truth), bool)
-    return {"all": bal(every), "tecom": bal(src == "tecom"), "bccd": bal(src == "bccd")}
+    out = {"all": bal(every), "tecom": bal(src == "tecom"), "bccd": bal(src == "bccd")}
+    out["review"] = review_stats(truth, pred, conf, common)
+    return out
+
+
+def review_stats(truth, pred, conf, common, threshold=REVIEW_BELOW):
+    """Does the classifier's confidence point at its errors? (cells found, of the common classes)
+
+    Returns (AUROC of confidence for right vs wrong calls, share of wrong calls with confidence below
+    ``threshold``, share of all calls below it): what a technologist reviewing only the low-confidence
+    cells would catch, and how many cells they would look at.
+    """
+    found = np.isin(truth, common) & (pred != "missed")
+    right, c = (pred == truth)[found], conf[found]
+    if right.all() or not right.any():
+        auroc = float("nan")
+    else:  # Mann-Whitney: chance that a right call is more confident than a wrong one (ties half)
+        a, b = c[right][:, None], c[~right][None, :]
+        auroc = float((a > b).mean() + 0.5 * (a == b).mean())
+    low = c < threshold
+    caught = float(low[~right].mean()) if (~right).any() else float("nan")
+    return auroc, caught, float(low.mean())
 
 
 def main(argv=None):
@@ -262,7 +288,9 @@ def main(argv=None):
            f"torch {torch.__version__}, {a.threads} CPU thread(s), {time.strftime('%Y-%m-%d')}; diameter=None throughout\n\n")
     if a.types:
         items = typing_items()
-        head = cmd + ("| condition | balanced accuracy, all (cells, missed) | Tecom | BCCD |\n|---|---|---|---|")
+        head = cmd + ("| condition | balanced accuracy, all (cells, missed) | Tecom | BCCD "
+                      f"| confidence AUROC right vs wrong | wrong calls below {REVIEW_BELOW} | calls below {REVIEW_BELOW} |"
+                      "\n|---|---|---|---|---|---|---|")
     else:
         sets = B.val_sets()
         bccd_items = [(to_rgb(read_image(img)), wbc_data.wbc_boxes(xml)) for img, xml, sp in wbc_data.bccd() if sp == "val"]
@@ -273,7 +301,8 @@ def main(argv=None):
         t0 = time.time()
         if a.types:
             r = evaluate_types(CONDITIONS[n], a.model, a.classifier, items)
-            line = f"| {n} | " + " | ".join(f"{r[k][0]:.3f} ({r[k][1]}, {r[k][2]})" for k in ("all", "tecom", "bccd")) + " |"
+            line = (f"| {n} | " + " | ".join(f"{r[k][0]:.3f} ({r[k][1]}, {r[k][2]})" for k in ("all", "tecom", "bccd"))
+                    + " | {:.2f} | {:.0%} | {:.0%} |".format(*r["review"]))
         else:
             r = evaluate(CONDITIONS[n], a.model, sets, bccd_items)
             s, t, b = r["SigTuple"], r["Tecom"], r["BCCD"]

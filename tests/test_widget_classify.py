@@ -155,3 +155,28 @@ def test_segment_then_classify_in_one_click(qtbot, make_napari_viewer, tiny_segm
     if len(lab.features):  # a random network may find no cell; when it does, they are typed
         assert lab.features["cell_type"].notna().all()
         assert len(viewer.layers["smear WBC labels types"].data) == len(lab.features)
+
+
+def test_review_goes_from_least_confident_and_skips_confirmed(qtbot, cls):
+    viewer, widget, lab = cls
+    assert widget.review_next() is None  # nothing classified yet
+    run(qtbot, widget)
+    f = lab.features.copy()
+    f["confidence"] = f["label"].map({1: 0.9, 2: 0.3, 3: 0.6, 4: 0.45}).astype(np.float32)
+    lab.features = f
+    assert widget.review_next() == 2
+    assert widget.cell_spin.value() == 2
+    centre = lab.features.set_index("label").loc[2, ["centroid-0", "centroid-1"]].to_numpy(float) * 0.5
+    np.testing.assert_allclose(viewer.camera.center[-2:], centre)
+    widget.set_type_button.click()  # confirms the type shown
+    row = lab.features.set_index("label").loc[2]
+    assert bool(row["corrected"]) and row["confidence"] == 1.0
+    assert row["cell_type"] == f.set_index("label").loc[2, "cell_type"]
+    assert widget.review_next() == 4
+    widget.review_button.click()
+    assert widget.cell_spin.value() == 4
+    for label in (4, 3, 1):
+        assert widget.review_next() == label
+        widget.set_type_button.click()
+    assert widget.review_next() is None
+    assert "nothing left to review" in widget.status.text()

@@ -271,7 +271,13 @@ class ClassifyWidget(QWidget):
         self.type_combo = QComboBox()
         self.type_combo.addItems(class_names())
         self.set_type_button = QPushButton("Set type")
+        self.set_type_button.setToolTip("set the cell's type; on an unchanged type this confirms it")
         self.set_type_button.clicked.connect(self._on_set_type)
+        self.review_button = QPushButton("Next to review")
+        self.review_button.setToolTip(
+            "go to the least confident cell not yet corrected or confirmed; 'Set type' confirms it"
+        )
+        self.review_button.clicked.connect(lambda: self.review_next())
         self.cell_info = QLabel("")
         self.export_button = QPushButton("Export CSV...")
         self.export_button.clicked.connect(self._on_export)
@@ -293,9 +299,10 @@ class ClassifyWidget(QWidget):
         lay.addWidget(QLabel("Differential count"))
         lay.addWidget(self.count_table)
         lay.addWidget(self.total_label)
-        lay.addWidget(QLabel("Correct a cell (click it, pick its type)"))
+        lay.addWidget(QLabel("Correct or confirm a cell (click it, or review the least confident first)"))
         lay.addLayout(fix)
         lay.addWidget(self.cell_info)
+        lay.addWidget(self.review_button)
         lay.addWidget(self.export_button)
         lay.addStretch(1)
 
@@ -393,6 +400,31 @@ class ClassifyWidget(QWidget):
         """Make ``label`` the cell to correct."""
         self.cell_spin.setValue(int(label))
         self._show_cell()
+
+    def next_to_review(self) -> int | None:
+        """Label of the least confident classified cell not yet corrected or confirmed (None: none left)."""
+        f = self._layer.features if self._layer is not None else None
+        if f is None or not is_classified(f) or "confidence" not in f:
+            return None
+        todo = pd.notna(f["cell_type"]) & pd.notna(f["confidence"])
+        if "corrected" in f:
+            todo &= ~f["corrected"].fillna(False).astype(bool)
+        if not todo.any():
+            return None
+        return int(f.loc[todo].sort_values(["confidence", "label"], kind="stable")["label"].iloc[0])
+
+    def review_next(self) -> int | None:
+        """Pick the next cell to review (:meth:`next_to_review`) and centre the view on it."""
+        label = self.next_to_review()
+        if label is None:
+            self.status.setText("nothing left to review: every classified cell is corrected or confirmed")
+            return None
+        self.pick_cell(label)
+        row = self._layer.features.loc[self._layer.features["label"] == label].iloc[0]
+        if "centroid-0" in row and pd.notna(row["centroid-0"]):
+            centre = self._layer.data_to_world((float(row["centroid-0"]), float(row["centroid-1"])))
+            self.viewer.camera.center = tuple(float(v) for v in centre)
+        return label
 
     def _show_cell(self, *_):
         label = int(self.cell_spin.value())
