@@ -62,9 +62,7 @@ def main():
     cls.classify()
     wait(lambda: not cls.running and "cell_type" in cls.labels_layer.features)
     shot(viewer, "03_classify.png")
-    feats = cls.labels_layer.features
-    first = int(feats["label"].iloc[0])
-    cls.pick_cell(first)
+    first = cls.review_next()  # the least confident cell
     cls.set_type(first, "monocyte")
     wait(lambda: True)
     shot(viewer, "04_correct.png")
