@@ -35,7 +35,6 @@ DIAMETER_LIMITS = (8.0, 1000.0)  # px; the corrections never leave this range
 # with diameter=None: when every cell found lies in one cluster CLUSTER_GROWTH[0]-[1] cells wide and
 # under RED_CELL_SHARE of the image's other objects (red cells) lie outside it, the estimate had no
 # red cells to go by: look once more at the scale that makes the cluster one cell, keep that if it is one
-CLUSTER_CHECK = True
 CLUSTER_GROWTH = (1.3, 2.5)
 RED_CELL_SHARE = 0.25
 
@@ -300,18 +299,17 @@ def _one_cluster_growth(small: np.ndarray, target: float, rgb: np.ndarray) -> fl
     if max(y1 - y0, x1 - x0) > 1.5 * CLUSTER_GROWTH[1] * target:
         return None
     r = max(1, int(round(target / 4)))
-    win = np.s_[max(y0 - r, 0) : y1 + r, max(x0 - r, 0) : x1 + r]
-    cells = np.zeros(small.shape, bool)
-    cells[win] = small[win] > 0
-    near = np.zeros(small.shape, bool)
-    near[win] = ndi.binary_dilation(cells[win], iterations=r)
-    if ndi.label(near[win])[1] != 1:
+    win = np.s_[max(y0 - r, 0) : y1 + r, max(x0 - r, 0) : x1 + r]  # the cells and r px around them
+    cells = small[win] > 0
+    near = ndi.binary_dilation(cells, iterations=r)
+    if ndi.label(near)[1] != 1:
         return None
     g = float(np.sqrt(4 * convex_hull_image(cells).sum() / np.pi)) / target
     if not CLUSTER_GROWTH[0] <= g <= CLUSTER_GROWTH[1]:
         return None
     objects = foreground(_resize_image(rgb, small.shape))  # the image at network scale
-    others = (objects & ~near).sum() / max(int(objects.sum()), 1)
+    n = int(objects.sum())
+    others = (n - int((objects[win] & near).sum())) / max(n, 1)
     return g if others < RED_CELL_SHARE else None
 
 
@@ -366,7 +364,7 @@ def iter_segment(
     d = estimate_diameter(rgb) if estimated else diameter
     H, W = rgb.shape[:2]
     passes_left, fallbacks = REFINE_PASSES, list(FALLBACK_FACTORS)
-    cluster_check, cluster_first = CLUSTER_CHECK, None  # cluster_first: set aside while a cluster is tested
+    cluster_check, cluster_first = True, None  # cluster_first: set aside while a cluster is tested
     while True:
         yield ("diameter", d)
         s = target / d
