@@ -229,6 +229,34 @@ def test_inference_network_folds_batchnorm_and_keeps_outputs():
     assert n_bn(net) > 0 and net(x).shape == ref.shape  # the original is left as it was
 
 
+def test_shipped_segmenter_has_every_batch_norm_folded():
+    """timm's fused batch-norm + activation modules are folded too (none is left as a bare call)."""
+    import torch
+
+    from napari_wbc.core.models import build_network, inference_network, read_card, resolve_model_path
+
+    card = read_card(resolve_model_path(None, "segmenter"))
+    net = build_network(card["arch"]).eval()
+    fast = inference_network(net)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    assert "batch_norm" not in getattr(fast, "code", "batch_norm")  # traced, with no functional batch norm
+    x = torch.rand(1, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.allclose(fast(x.contiguous(memory_format=torch.channels_last)), net(x), atol=1e-4)
+
+
+def test_open_cross_matches_scipy():
+    from scipy import ndimage as ndi
+
+    from napari_wbc.core.scale import open_cross
+
+    rng = np.random.default_rng(1)
+    for shape in ((1, 1), (2, 7), (3, 3), (40, 57)):
+        for p in (0.3, 0.6, 0.9, 1.0):
+            m = rng.random(shape) < p
+            assert (open_cross(m) == ndi.binary_opening(m)).all(), (shape, p)
+
+
 def test_fill_holes_matches_scipy():
     from scipy import ndimage as ndi
 
@@ -289,14 +317,20 @@ def test_estimate_diameter_of_a_thin_strip_is_not_capped():
 
 
 def test_cpu_bfloat16_gives_the_same_cells_as_float32(monkeypatch):
-    """The shipped model on the shipped smear: bfloat16 autocast on CPU changes next to no pixel."""
+    """The shipped model on the shipped smear: bfloat16 on CPU changes next to no pixel."""
     from napari_wbc._sample_data import make_sample_data
 
     [(rgb, _, _)] = make_sample_data()
+    import torch
+
+    from napari_wbc.core.models import load_model
+
     out = {}
     for flag in ("0", "1"):
         monkeypatch.setenv("NAPARI_WBC_CPU_BF16", flag)
         out[flag] = napari_wbc.segment(rgb, device="cpu", diameter=200)
+        net, _ = load_model(None, "segmenter", "cpu")  # stored in the precision it runs in
+        assert next(net.parameters()).dtype == (torch.bfloat16 if flag == "1" else torch.float32)
     assert out["0"].max() >= 1 and out["1"].max() == out["0"].max()
     assert ((out["0"] > 0) == (out["1"] > 0)).mean() > 0.999
 

@@ -46,7 +46,7 @@ _BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
 def cpu_bf16_fast() -> bool:
-    """Whether CPU inference should run in bfloat16 (autocast) on this machine.
+    """Whether CPU inference should run in bfloat16 on this machine.
 
     True where the processor has native bfloat16 instructions (``amx_bf16`` or
     ``avx512_bf16`` in /proc/cpuinfo, e.g. Intel Sapphire Rapids, AMD Zen 4): there

@@ -49,7 +49,24 @@ def foreground(rgb_small: np.ndarray) -> np.ndarray:
     if d.max() - d.min() < 1e-3:
         return np.zeros(d.shape, bool)
     fg = (d > threshold_otsu(d[in_field])) & in_field
-    return fill_holes(ndi.binary_opening(fg, iterations=1))
+    return fill_holes(open_cross(fg))
+
+
+def open_cross(mask: np.ndarray) -> np.ndarray:
+    """``scipy.ndimage.binary_opening(mask)`` (3x3 cross, one iteration, outside = 0; same result), faster."""
+    e = mask.copy()
+    e[1:] &= mask[:-1]
+    e[:-1] &= mask[1:]
+    e[:, 1:] &= mask[:, :-1]
+    e[:, :-1] &= mask[:, 1:]
+    e[0] = e[-1] = False
+    e[:, 0] = e[:, -1] = False
+    d = e.copy()
+    d[1:] |= e[:-1]
+    d[:-1] |= e[1:]
+    d[:, 1:] |= e[:, :-1]
+    d[:, :-1] |= e[:, 1:]
+    return d
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:

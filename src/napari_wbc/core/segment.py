@@ -166,8 +166,12 @@ def iter_probabilities(
     yield ("progress", 0, total)
     from .device import cpu_bf16_fast
 
-    # mixed precision: float16 on CUDA, bfloat16 on CPUs with native bfloat16 (see cpu_bf16_fast)
-    amp = torch.float16 if device.type == "cuda" else torch.bfloat16 if device.type == "cpu" and cpu_bf16_fast() else None
+    # mixed precision: float16 on CUDA, bfloat16 on CPUs with native bfloat16 (see cpu_bf16_fast); a network
+    # stored in bfloat16 (load_model does that on such CPUs) takes bfloat16 input and needs no autocast
+    weights_dtype = next(net.parameters()).dtype
+    amp = None
+    if weights_dtype == torch.float32:
+        amp = torch.float16 if device.type == "cuda" else torch.bfloat16 if device.type == "cpu" and cpu_bf16_fast() else None
     done = 0
     for b0 in range(0, total, batch_size):
         batch_jobs = jobs[b0 : b0 + batch_size]
@@ -179,7 +183,7 @@ def iter_probabilities(
             sy1, sx1 = min(wy0 + th, h), min(wx0 + tw, w)
             arr[i, :, sy0 - wy0 : sy1 - wy0, sx0 - wx0 : sx1 - wx0] = np.moveaxis(x[sy0:sy1, sx0:sx1], -1, 0)
         with torch.inference_mode():
-            t = torch.from_numpy(arr).to(device).contiguous(memory_format=torch.channels_last)
+            t = torch.from_numpy(arr).to(device, weights_dtype).contiguous(memory_format=torch.channels_last)
             if amp is not None:
                 with torch.autocast(device.type, dtype=amp):
                     out = net(t)
