@@ -147,3 +147,78 @@ def test_menu_command_segments_selected_image(qtbot, make_napari_viewer, tiny_se
     qtbot.waitUntil(lambda: "smear WBC labels" in viewer.layers, timeout=TIMEOUT)
     qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT)
     assert [lyr.name for lyr in wbc_labels(viewer)] == ["smear WBC labels"]
+
+
+def test_device_combo_lists_devices_in_the_background(qtbot, monkeypatch):
+    """Opening a widget never waits for torch: auto/cpu at once, accelerators when known, then the preload."""
+    from napari_wbc._widgets import _common
+
+    gate = threading.Event()
+
+    def slow_listing():  # stands for the first torch import (seconds)
+        gate.wait(10)
+        return ["cuda", "cpu"]
+
+    monkeypatch.setattr(_common, "_torch_loaded", lambda: False)
+    monkeypatch.setattr(_common, "_list_devices", slow_listing)
+    preloaded = []
+    combo = _common.DeviceCombo(then=preloaded.append)
+    qtbot.addWidget(combo)
+    items = lambda: [combo.itemText(i) for i in range(combo.count())]  # noqa: E731
+    assert items() == ["auto", "cpu"]  # without waiting for the listing
+    gate.set()
+    qtbot.waitUntil(lambda: items() == ["auto", "cuda", "cpu"], timeout=TIMEOUT)
+    qtbot.waitUntil(lambda: preloaded == ["cuda"], timeout=TIMEOUT)  # the device "auto" stands for
+
+
+def test_device_combo_set_device_waits_for_the_listing(qtbot, monkeypatch):
+    from napari_wbc._widgets import _common
+
+    gate = threading.Event()
+    monkeypatch.setattr(_common, "_torch_loaded", lambda: False)
+    monkeypatch.setattr(_common, "_list_devices", lambda: (gate.wait(10), ["mps", "cpu"])[1])
+    combo = _common.DeviceCombo()
+    qtbot.addWidget(combo)
+    threading.Timer(0.2, gate.set).start()
+    combo.set_device("mps")  # not listed yet: waits, then finds it
+    assert combo.device() == "mps"
+    with pytest.raises(ValueError, match="cuda"):
+        combo.set_device("cuda")
+
+
+def test_warm_up_loads_the_model_for_the_first_run(tiny_segmenter):
+    from napari_wbc._widgets._common import warm_up
+    from napari_wbc.core import models
+
+    models.clear_cache()
+    warm_up("segmenter", tiny_segmenter, "cpu")
+    assert any(key[0] == str(tiny_segmenter.resolve()) for key in models._CACHE)
+
+
+def test_concurrent_loads_share_one_network(tiny_segmenter):
+    """A widget's preload and a run that starts meanwhile load the model once, not twice."""
+    from napari_wbc.core import models
+
+    models.clear_cache()
+    out = []
+    threads = [threading.Thread(target=lambda: out.append(models.load_model(tiny_segmenter, "segmenter", "cpu")))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(out) == 3 and all(o[0] is out[0][0] for o in out)
+
+
+def test_hide_triton_marks_it_absent_unless_allowed(monkeypatch):
+    import sys
+
+    from napari_wbc._widgets._common import hide_triton
+
+    monkeypatch.delitem(sys.modules, "triton", raising=False)
+    monkeypatch.setenv("NAPARI_WBC_ALLOW_TRITON", "1")
+    hide_triton()
+    assert "triton" not in sys.modules
+    monkeypatch.delenv("NAPARI_WBC_ALLOW_TRITON")
+    hide_triton()
+    assert sys.modules["triton"] is None  # "import triton" now raises ImportError: torch treats it as missing

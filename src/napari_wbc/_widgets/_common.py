@@ -2,7 +2,8 @@
 
 - :class:`LayerCombo`: a layer picker that follows the viewer's layer list;
 - :class:`ModelCombo`: shipped model + the user's fine-tuned models + "Browse...";
-- :class:`DeviceCombo`: ``auto`` + the devices torch can use here;
+- :class:`DeviceCombo`: ``auto`` + the devices torch can use here (listed in the
+  background, with the widget's model preload: :func:`warm_up`);
 - :func:`start_worker`: run a core generator/function in a napari thread worker
   with our own error reporting;
 - a weak registry so one widget can find another of the same viewer
@@ -11,6 +12,10 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
+import sys
+import threading
 import weakref
 from pathlib import Path
 from typing import Callable
@@ -164,22 +169,96 @@ class LayerCombo(QComboBox):
                 self.setItemText(i, lyr.name)
 
 
+PRELOAD_ENV = "NAPARI_WBC_PRELOAD"
+
+
+def preload_enabled() -> bool:
+    """Whether widgets load their model in the background when they open (``NAPARI_WBC_PRELOAD=0``: no)."""
+    return os.environ.get(PRELOAD_ENV, "").strip() != "0"
+
+
+def warm_up(kind: str, model, device: str) -> None:
+    """Load ``model`` (a ``kind`` model file) on ``device``, and for a segmenter run it once on a tiny
+    blank image, so that the libraries, the weights and the kernels are ready when the user first runs it."""
+    from napari_wbc.core.models import load_model
+
+    load_model(model, kind, device)
+    if kind == "segmenter":
+        from napari_wbc.core.segment import segment
+
+        segment(np.full((64, 64, 3), 255, np.uint8), model=model, device=device, diameter=32.0)
+    else:
+        import napari_wbc.core.classify  # noqa: F401
+
+
+def _torch_loaded() -> bool:
+    return "torch" in sys.modules
+
+
+def _list_devices() -> list[str]:
+    from napari_wbc.core import device
+
+    return device.available_devices()
+
+
 class DeviceCombo(QComboBox):
-    """``auto`` (cuda, then mps, then cpu) and every device available here."""
+    """``auto`` (cuda, then mps, then cpu) and every device available here.
 
-    def __init__(self, parent=None):
+    Listing the devices imports torch, which takes seconds the first time; then it
+    runs in a background thread, the combo shows ``auto`` and ``cpu`` at once and
+    gains the accelerators when they are known, so opening a widget never waits.
+    ``then(device)`` (optional) runs in that thread afterwards with the device
+    ``auto`` stands for: a widget's model preload.
+    """
+
+    _found = Signal(object)
+
+    def __init__(self, parent=None, *, then: Callable[[str], None] | None = None):
         super().__init__(parent)
-        from napari_wbc.core.device import available_devices
-
         self.addItem("auto")
-        for name in available_devices():
-            self.addItem(name)
+        self.addItem("cpu")
         self.setToolTip("auto = cuda, then mps, then cpu")
+        self._listed = threading.Event()
+        self._found.connect(self._add_devices)
+        self._thread = None
+        if _torch_loaded():  # cheap once torch is loaded
+            self._add_devices(_list_devices())
+            if then is None:
+                return
+        self._thread = threading.Thread(target=self._background, args=(then,), daemon=True, name="napari-wbc devices")
+        self._thread.start()
+
+    def _background(self, then) -> None:
+        hide_triton()  # before this thread imports torch
+        try:
+            names = _list_devices()
+        except Exception:  # noqa: BLE001 - a broken torch install shows up when a run starts
+            names = ["cpu"]
+        try:
+            self._found.emit(names)  # delivered in the GUI thread
+        except RuntimeError:  # the widget was closed meanwhile
+            return
+        finally:
+            self._listed.set()
+        if then is not None:
+            try:
+                then(names[0])
+            except Exception as e:  # noqa: BLE001 - a broken model file is reported when it is used
+                logging.getLogger(__name__).debug("preload failed: %s", e)
+
+    def _add_devices(self, names) -> None:
+        for name in names:
+            if self.findText(name) < 0:
+                self.insertItem(self.count() - 1, name)  # accelerators before cpu
+        self._listed.set()
 
     def device(self) -> str:
         return self.currentText()
 
     def set_device(self, name: str) -> None:
+        if self.findText(name) < 0 and not self._listed.is_set():
+            self._listed.wait(120)
+            self._add_devices(_list_devices())
         i = self.findText(name)
         if i < 0:
             raise ValueError(f"device {name!r} is not available here")
@@ -365,23 +444,18 @@ def _guarded(gen_func, *args, **kwargs):
         raise WorkError(str(e) or type(e).__name__) from e
 
 
-def import_engine() -> None:
-    """Import torch and segmentation-models-pytorch on the calling (GUI) thread.
+def hide_triton() -> None:
+    """Mark triton absent before torch (imported later, in any thread) looks for it.
 
     timm (through smp) makes torch import triton, whose bundled LLVM crashes
     the process when Mesa's llvmpipe OpenGL (also LLVM) is already loaded, as
     in napari on VMs, remote desktops and Xvfb (seen: segfault in
-    ``triton/knobs.py``). napari-wbc never uses triton (no ``torch.compile``),
-    so in the GUI it is marked absent before torch looks for it; set
-    ``NAPARI_WBC_ALLOW_TRITON=1`` to keep it. Later calls are free.
+    ``triton/knobs.py``, also from the widgets' background preload).
+    napari-wbc never uses triton (no ``torch.compile``), so in the GUI it is
+    marked absent; set ``NAPARI_WBC_ALLOW_TRITON=1`` to keep it.
     """
-    import os
-    import sys
-
     if "triton" not in sys.modules and not os.environ.get("NAPARI_WBC_ALLOW_TRITON"):
         sys.modules["triton"] = None  # import triton -> ImportError: torch treats it as missing
-    import segmentation_models_pytorch  # noqa: F401
-    import torch  # noqa: F401
 
 
 def start_worker(
@@ -404,7 +478,7 @@ def start_worker(
 
     from napari.qt.threading import FunctionWorker, GeneratorWorker
 
-    import_engine()
+    hide_triton()  # the work imports torch in its thread (seconds the first time): never on the GUI thread
 
     if inspect.isgeneratorfunction(func):
         worker = GeneratorWorker(_guarded, func, *args, **kwargs)

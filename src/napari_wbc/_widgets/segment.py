@@ -5,6 +5,8 @@ worker; this module only turns its output into a layer.
 """
 from __future__ import annotations
 
+import functools
+
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +27,13 @@ from ._common import (
     layer_image,
     make_progress,
     plane_scale,
+    preload_enabled,
     register,
+    reset_progress,
     start_worker,
     unwrap_viewer,
+    warm_up,
     wbc_meta,
-    reset_progress,
 )
 
 LABELS_SUFFIX = "WBC labels"
@@ -95,7 +99,9 @@ class SegmentWidget(QWidget):
 
         self.image_combo = LayerCombo(napari_viewer, Image, follow_new=True)
         self.model_combo = ModelCombo("segmenter")
-        self.device_combo = DeviceCombo()
+        model = self.model_combo.model_path()
+        preload = functools.partial(warm_up, "segmenter", model) if model is not None and preload_enabled() else None
+        self.device_combo = DeviceCombo(then=preload)  # lists devices, then loads the model: in the background
         self.auto_diameter = QCheckBox("auto")
         self.auto_diameter.setChecked(True)
         self.auto_diameter.setToolTip("estimate the WBC diameter from the red cells")

@@ -22,6 +22,7 @@ SHIPPED = {
 
 _CACHE: dict = {}
 _CACHE_LOCK = threading.Lock()
+_LOAD_LOCK = threading.Lock()  # one load at a time: a second caller of the same model waits and reuses it
 
 
 def card_path(path) -> Path:
@@ -97,8 +98,6 @@ def load_model(model=None, kind: str = "segmenter", device=None):
     bfloat16 (:func:`~napari_wbc.core.device.cpu_bf16_fast`), stored in
     bfloat16, so that its weights are not cast again on every call.
     """
-    from safetensors.torch import load_file
-
     from .device import cpu_bf16_fast, resolve_device
 
     path = resolve_model_path(model, kind)
@@ -108,6 +107,16 @@ def load_model(model=None, kind: str = "segmenter", device=None):
     with _CACHE_LOCK:
         if key in _CACHE:
             return _CACHE[key]
+    with _LOAD_LOCK:
+        with _CACHE_LOCK:
+            if key in _CACHE:  # loaded by another thread (a widget's preload) while this one waited
+                return _CACHE[key]
+        return _load_uncached(path, kind, dev, bf16, key)
+
+
+def _load_uncached(path: Path, kind: str, dev, bf16: bool, key):
+    from safetensors.torch import load_file
+
     card = read_card(path)
     if card["kind"] != kind:
         raise ValueError(f"model file {str(path)!r} is a {card['kind']}, expected a {kind}")
@@ -173,8 +182,14 @@ def _split_norm_act(net) -> None:
                 child.num_features, eps=child.eps, momentum=child.momentum,
                 affine=child.affine, track_running_stats=child.track_running_stats,
             )
-            bn.load_state_dict(child.state_dict(), strict=False)
-            setattr(parent, name, torch.nn.Sequential(bn.to(child.running_mean.device).eval(), child.drop, child.act))
+            state = child.state_dict()
+            try:
+                bn.load_state_dict(state)
+            except RuntimeError:  # not the layout expected: leave this one as it is
+                continue
+            if state:
+                bn = bn.to(next(iter(state.values())).device)
+            setattr(parent, name, torch.nn.Sequential(bn.eval(), child.drop, child.act))
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
