@@ -192,7 +192,9 @@ def warm_up(kind: str, model, device: str) -> None:
 
 
 def _torch_loaded() -> bool:
-    return "torch" in sys.modules
+    """torch fully imported (not merely being imported by another thread, which would make us wait)."""
+    module = sys.modules.get("torch")
+    return module is not None and not getattr(getattr(module, "__spec__", None), "_initializing", False)
 
 
 def _list_devices() -> list[str]:
