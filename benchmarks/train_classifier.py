@@ -561,6 +561,9 @@ def main(argv=None):
     ap.add_argument("--noise-max", type=float, default=0.04, help="largest noise sigma (normalised intensity)")
     ap.add_argument("--ema", type=float, default=0.995, help="decay of the weight average that is shipped (0: last weights)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hold-out-source", nargs="*", default=[], choices=["tecom"],
+                    help="train without this source and score all its cells (an unseen lab's stain and scanner; "
+                         "BCCD cannot be held out: wbc_crops are copies of its cells)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--overwrite", action="store_true")
@@ -580,8 +583,9 @@ def main(argv=None):
     recs = records()
     background, dilation = C.DEFAULT_BACKGROUND, C.DEFAULT_DILATION
     windows = build_windows(recs, seg, size=args.input_size, context=args.context)
-    train = [w for w in windows if w["split"] == "train"]
-    val = [w for w in windows if w["split"] == "val"]
+    held = set(args.hold_out_source)
+    train = [w for w in windows if w["split"] == "train" and w["source"] not in held]
+    val = [w for w in windows if w["split"] == "val" or w["source"] in held]
     # no source cell may be on both sides
     assert not ({w["group"] for w in train} & {w["group"] for w in val})
     prep_s = time.time() - t_start
@@ -674,7 +678,8 @@ def main(argv=None):
             "segmenter_for_masks": _seg_record(seg),
         },
         "split": "Tecom NNN % 5 == 0 -> val; BCCD odd image number -> val; wbc_crops take their matched BCCD "
-                 "image's split (files matching no BCCD trainval image: train only); no source cell on both sides",
+                 "image's split (files matching no BCCD trainval image: train only); no source cell on both sides"
+                 + (f"; held out entirely (all cells scored, none trained on): {sorted(held)}" if held else ""),
         "training": {
             "steps": step, "batch": args.batch, "epochs_equivalent": round(step * args.batch / max(len(train), 1), 1),
             "lr": args.lr, "optimizer": "AdamW, one-cycle", "loss": "cross-entropy, label smoothing 0.1",
