@@ -248,3 +248,21 @@ def test_ensemble_card_needs_members():
 
     with pytest.raises(ValueError, match="members"):
         build_network({"name": "Ensemble", "members": []})
+
+
+def test_optional_shipped_classifier_by_name(sample_path):
+    """The stain-robust classifier ships beside the default and is chosen by its name."""
+    import napari_wbc
+    from napari_wbc.core.io import read_image, to_rgb
+    from napari_wbc.core.models import SHIPPED, read_card, resolve_model_path, shipped_models
+
+    path = resolve_model_path("wbc_classifier_stain_robust", "classifier")
+    assert path.is_file() and path.stat().st_size <= 16 * 2**20
+    assert read_card(path)["kind"] == "classifier"
+    assert shipped_models("classifier") == [SHIPPED["classifier"], path]  # the default stays first
+    rgb = to_rgb(read_image(sample_path))
+    labels = napari_wbc.segment(rgb, device="cpu")
+    table = napari_wbc.classify(rgb, labels, model="wbc_classifier_stain_robust", device="cpu")
+    assert len(table) == labels.max() and set(table["cell_type"]) <= set(read_card(path)["classes"])
+    with pytest.raises(ValueError, match="does not exist"):
+        resolve_model_path("wbc_classifier_no_such", "classifier")

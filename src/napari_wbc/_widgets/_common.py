@@ -295,16 +295,15 @@ class ModelCombo(QComboBox):
         return d if d and d != _BROWSE_DATA else None
 
     def reload(self) -> None:
-        from napari_wbc.core.models import SHIPPED
+        from napari_wbc.core.models import shipped_models
 
         keep = self.model_path()
         extra = [self._path_at(i) for i in range(self.count()) if self._path_at(i)]
         self.blockSignals(True)
         try:
             self.clear()
-            shipped = SHIPPED.get(self.kind)
-            if shipped is not None and shipped.exists():
-                self._add(shipped, f"shipped: {shipped.stem}")
+            for p in shipped_models(self.kind):  # the default first
+                self._add(p, f"shipped: {p.stem}")
             for p in _user_models(self.kind):
                 self._add(p, f"yours: {p.stem}")
             for p in extra:  # added by hand earlier (browsed, trained)

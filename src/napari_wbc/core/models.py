@@ -19,6 +19,16 @@ SHIPPED = {
     "segmenter": MODELS_DIR / "wbc_unet.safetensors",
     "classifier": MODELS_DIR / "wbc_classifier.safetensors",
 }
+# further shipped models a user may choose (never the default); see docs/models.md
+SHIPPED_OPTIONAL = {
+    "segmenter": [],
+    "classifier": [MODELS_DIR / "wbc_classifier_stain_robust.safetensors"],
+}
+
+
+def shipped_models(kind: str) -> list[Path]:
+    """The shipped models of ``kind`` that are installed: the default first, then the optional ones."""
+    return [p for p in [SHIPPED[kind], *SHIPPED_OPTIONAL.get(kind, [])] if p.exists()]
 
 _CACHE: dict = {}
 _CACHE_LOCK = threading.Lock()
@@ -30,7 +40,12 @@ def card_path(path) -> Path:
 
 
 def resolve_model_path(model, kind: str) -> Path:
-    """``None`` -> the shipped model of ``kind``; otherwise a checked path to a .safetensors file."""
+    """``None`` -> the shipped model of ``kind``; a shipped model's name (``"wbc_classifier_stain_robust"``)
+    -> that model; otherwise a checked path to a .safetensors file."""
+    if isinstance(model, str) and model and "/" not in model and "\\" not in model and not Path(model).suffix:
+        named = {p.stem: p for p in shipped_models(kind)}
+        if model in named and not Path(model).exists():
+            return named[model]
     if model is None:
         if not SHIPPED[kind].exists():
             raise ValueError(
