@@ -45,6 +45,10 @@ def _positive_int(text: str) -> int:
 
 
 # ------------------------------------------------------------------ parser
+CLASSIFIER_HELP = ("classifier .safetensors, or a shipped classifier's name, e.g. wbc_classifier_stain_robust "
+                   "for stains unlike ours (default: the shipped wbc_classifier)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(
@@ -81,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder (created if needed)")
     s.add_argument("--recursive", "-r", action="store_true", help="also look in sub-folders of folder PATHs")
     s.add_argument("--model", metavar="FILE", help="segmenter .safetensors (default: the shipped model)")
-    s.add_argument("--classifier", metavar="FILE", help="classifier .safetensors, or a shipped classifier's name, e.g. wbc_classifier_stain_robust for stains unlike ours (default: the shipped wbc_classifier)")
+    s.add_argument("--classifier", metavar="FILE", help=CLASSIFIER_HELP)
     s.add_argument("--no-classify", action="store_true", help="count cells without typing them")
     s.add_argument("--device", default="auto", metavar="D",
                    help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps (default: auto)")
@@ -128,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--device", default="auto", metavar="D", help="auto, cpu, cuda, mps (default: auto)")
     d.add_argument("--model", metavar="FILE", help="segmenter .safetensors (default: the shipped model)")
-    d.add_argument("--classifier", metavar="FILE", help="classifier .safetensors, or a shipped classifier's name, e.g. wbc_classifier_stain_robust for stains unlike ours (default: the shipped wbc_classifier)")
+    d.add_argument("--classifier", metavar="FILE", help=CLASSIFIER_HELP)
     d.set_defaults(func=cmd_demo)
     return p
 

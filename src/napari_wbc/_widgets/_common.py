@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -180,15 +181,24 @@ def preload_enabled() -> bool:
 def warm_up(kind: str, model, device: str) -> None:
     """Load ``model`` (a ``kind`` model file) on ``device``, and for a segmenter run it once on a tiny
     blank image, so that the libraries, the weights and the kernels are ready when the user first runs it."""
-    from napari_wbc.core.models import load_model
-
-    load_model(model, kind, device)
-    if kind == "segmenter":
+    if kind == "segmenter":  # segment() loads the model (into the shared cache) on its way
         from napari_wbc.core.segment import segment
 
         segment(np.full((64, 64, 3), 255, np.uint8), model=model, device=device, diameter=32.0)
     else:
         import napari_wbc.core.classify  # noqa: F401
+        from napari_wbc.core.models import load_model
+
+        load_model(model, kind, device)
+
+
+def model_preload(models: "ModelCombo") -> Callable[[str], None] | None:
+    """What a widget's :class:`DeviceCombo` runs after listing the devices: :func:`warm_up` of the
+    model chosen in ``models`` (None when there is none, or with ``NAPARI_WBC_PRELOAD=0``)."""
+    model = models.model_path()
+    if model is None or not preload_enabled():
+        return None
+    return functools.partial(warm_up, models.kind, model)
 
 
 def _torch_loaded() -> bool:
@@ -258,9 +268,9 @@ class DeviceCombo(QComboBox):
         return self.currentText()
 
     def set_device(self, name: str) -> None:
-        if self.findText(name) < 0 and not self._listed.is_set():
+        if self.findText(name) < 0 and self._thread is not None:  # maybe not listed yet
             self._listed.wait(120)
-            self._add_devices(_list_devices())
+            self._add_devices(_list_devices())  # now cheap; the queued listing may not have arrived yet
         i = self.findText(name)
         if i < 0:
             raise ValueError(f"device {name!r} is not available here")

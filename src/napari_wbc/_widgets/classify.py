@@ -7,8 +7,6 @@ at the cell centroids. The network work is
 """
 from __future__ import annotations
 
-import functools
-
 from pathlib import Path
 
 import numpy as np
@@ -42,12 +40,11 @@ from ._common import (
     error_message,
     layer_image,
     make_progress,
-    preload_enabled,
+    model_preload,
     register,
     reset_progress,
     start_worker,
     unwrap_viewer,
-    warm_up,
     wbc_meta,
 )
 
@@ -248,9 +245,8 @@ class ClassifyWidget(QWidget):
         self.image_combo = LayerCombo(napari_viewer, Image)
         self.image_combo.setToolTip("the image the labels belong to (set from the Segment result when known)")
         self.model_combo = ModelCombo("classifier")
-        model = self.model_combo.model_path()
-        preload = functools.partial(warm_up, "classifier", model) if model is not None and preload_enabled() else None
-        self.device_combo = DeviceCombo(then=preload)  # lists devices, then loads the model: in the background
+        # lists the devices, then loads the chosen model: both in the background
+        self.device_combo = DeviceCombo(then=model_preload(self.model_combo))
         self.buttons = RunButtons("Classify")
         self.buttons.run.clicked.connect(lambda: self.classify())
         self.buttons.cancel.clicked.connect(self.cancel)

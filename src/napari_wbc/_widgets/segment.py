@@ -5,8 +5,6 @@ worker; this module only turns its output into a layer.
 """
 from __future__ import annotations
 
-import functools
-
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +24,12 @@ from ._common import (
     find_widgets,
     layer_image,
     make_progress,
+    model_preload,
     plane_scale,
-    preload_enabled,
     register,
     reset_progress,
     start_worker,
     unwrap_viewer,
-    warm_up,
     wbc_meta,
 )
 
@@ -99,9 +96,8 @@ class SegmentWidget(QWidget):
 
         self.image_combo = LayerCombo(napari_viewer, Image, follow_new=True)
         self.model_combo = ModelCombo("segmenter")
-        model = self.model_combo.model_path()
-        preload = functools.partial(warm_up, "segmenter", model) if model is not None and preload_enabled() else None
-        self.device_combo = DeviceCombo(then=preload)  # lists devices, then loads the model: in the background
+        # lists the devices, then loads the chosen model: both in the background
+        self.device_combo = DeviceCombo(then=model_preload(self.model_combo))
         self.auto_diameter = QCheckBox("auto")
         self.auto_diameter.setChecked(True)
         self.auto_diameter.setToolTip("estimate the WBC diameter from the red cells")

@@ -42,9 +42,9 @@ def card_path(path) -> Path:
 def resolve_model_path(model, kind: str) -> Path:
     """``None`` -> the shipped model of ``kind``; a shipped model's name (``"wbc_classifier_stain_robust"``)
     -> that model; otherwise a checked path to a .safetensors file."""
-    if isinstance(model, str) and model and "/" not in model and "\\" not in model and not Path(model).suffix:
+    if isinstance(model, str):
         named = {p.stem: p for p in shipped_models(kind)}
-        if model in named and not Path(model).exists():
+        if model in named:
             return named[model]
     if model is None:
         if not SHIPPED[kind].exists():
