@@ -418,3 +418,93 @@ def test_a_cluster_is_read_as_one_cell_only_if_the_network_says_so(tiny, monkeyp
     ds, labels = run(lambda shape: np.zeros(shape, np.int32))
     assert ds[1] == pytest.approx(ds[0] * 1.8) and ds[2] == pytest.approx(ds[0])
     assert labels.max() == 3
+
+
+def test_cpu_segmenter_runs_traced_and_equals_the_eager_network(tiny, monkeypatch):
+    """On CPU the segmenter runs through a frozen trace: same outputs at any size and batch; off with NAPARI_WBC_JIT=0."""
+    import torch
+
+    from napari_wbc.core.models import load_model
+    from napari_wbc.core.nets import TracedNetwork
+
+    monkeypatch.setenv("NAPARI_WBC_CPU_BF16", "0")
+    net, _ = load_model(tiny, "segmenter", "cpu")
+    assert isinstance(net, TracedNetwork) and net.traced is not None
+    for shape in ((1, 3, 64, 64), (2, 3, 96, 160), (1, 3, 224, 32)):  # sizes other than the traced one
+        x = torch.rand(*shape).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            out, ref = net(x), net.eager(x)
+        assert out.shape == (shape[0], 2, *shape[2:])
+        assert torch.allclose(out, ref, atol=1e-5)
+    monkeypatch.setenv("NAPARI_WBC_JIT", "0")
+    eager, _ = load_model(tiny, "segmenter", "cpu")
+    assert not isinstance(eager, TracedNetwork)
+
+
+def test_traced_network_falls_back_to_eager_when_the_trace_fails(tiny):
+    import torch
+
+    from napari_wbc.core.models import build_network, read_card
+    from napari_wbc.core.nets import TracedNetwork
+
+    net = build_network(read_card(tiny)["arch"]).eval()
+    wrapped = TracedNetwork(net, torch.rand(1, 3, 64, 64))
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    wrapped.traced = Broken()
+    x = torch.rand(1, 3, 64, 64)
+    with pytest.warns(RuntimeWarning, match="eagerly"):
+        out = wrapped(x)
+    with torch.inference_mode():
+        assert torch.equal(out, net(x)) and wrapped.traced is None
+    untraceable = TracedNetwork(net, torch.rand(1, 5, 64, 64))  # wrong channel count: tracing fails
+    assert untraceable.traced is None and untraceable(x).shape == (1, 2, 64, 64)
+
+
+def test_percentile_from_counts_matches_numpy():
+    from napari_wbc.core.scale import percentile_from_counts
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 1000):
+        v = rng.integers(0, 50, n)
+        counts = np.bincount(v)
+        for q in (0, 10, 50, 90, 99, 100):
+            assert percentile_from_counts(counts, q) == pytest.approx(np.percentile(v, q), abs=1e-9)
+            root = percentile_from_counts(counts, q, np.sqrt(np.arange(len(counts))))
+            assert root == pytest.approx(np.percentile(np.sqrt(v), q), abs=1e-9)
+
+
+def test_red_cell_radius_of_discs_and_dtype_invariance():
+    """Discs of radius 9 read as radius ~9, the same from uint8, uint16 and float input."""
+    from napari_wbc.core.scale import estimate_rbc_radius, foreground
+
+    img = np.full((160, 200, 3), 225, np.uint8)
+    yy, xx = np.mgrid[:160, :200]
+    for cy in range(15, 160, 26):
+        for cx in range(15, 200, 26):
+            img[(yy - cy) ** 2 + (xx - cx) ** 2 <= 81] = (205, 120, 125)
+    r = estimate_rbc_radius(img)
+    assert 8.0 <= r <= 10.0
+    as_float = img.astype(np.float32) / 255
+    as_u16 = img.astype(np.uint16) * 257
+    assert (foreground(as_float) == foreground(img)).mean() > 0.999
+    assert estimate_rbc_radius(as_float) == pytest.approx(r, rel=0.02)
+    assert estimate_rbc_radius(as_u16) == pytest.approx(r, rel=0.02)
+
+
+def test_upsampled_labels_stay_numbered_one_to_n():
+    """A cell lost when brought back to the image's size (here a one-pixel cell, halved) leaves no gap in the ids."""
+    small = np.zeros((40, 40), np.int32)
+    small[4:16, 4:16] = 1
+    small[21, 21] = 2  # not on the grid that the halving samples
+    small[25:37, 25:37] = 3
+    fg = np.where(small > 0, 255, 0).astype(np.uint8)
+    out = S.upsample_instances(small, fg, (20, 20))
+    assert set(np.unique(out)) == {0, 1, 2}
+    assert out[5, 5] == 1 and out[15, 15] == 2
+    small[21, 21] = 0
+    small[20, 20] = 2  # on the grid: kept
+    assert set(np.unique(S.upsample_instances(small, fg, (20, 20)))) == {0, 1, 2, 3}

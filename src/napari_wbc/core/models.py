@@ -111,14 +111,17 @@ def load_model(model=None, kind: str = "segmenter", device=None):
     The network is in eval mode on ``device``. A segmenter is made ready for
     inference only (:func:`inference_network`) and, on CPUs with native
     bfloat16 (:func:`~napari_wbc.core.device.cpu_bf16_fast`), stored in
-    bfloat16, so that its weights are not cast again on every call.
+    bfloat16, so that its weights are not cast again on every call. On CPU it
+    then runs through a frozen TorchScript trace (:func:`traced_network`;
+    ``NAPARI_WBC_JIT=0`` turns that off).
     """
     from .device import cpu_bf16_fast, resolve_device
 
     path = resolve_model_path(model, kind)
     dev = resolve_device(device)
     bf16 = kind == "segmenter" and dev.type == "cpu" and cpu_bf16_fast()
-    key = (str(path.resolve()), path.stat().st_mtime_ns, str(dev), bf16)
+    jit = kind == "segmenter" and dev.type == "cpu" and _jit_enabled()
+    key = (str(path.resolve()), path.stat().st_mtime_ns, str(dev), bf16, jit)
     with _CACHE_LOCK:
         if key in _CACHE:
             return _CACHE[key]
@@ -126,10 +129,10 @@ def load_model(model=None, kind: str = "segmenter", device=None):
         with _CACHE_LOCK:
             if key in _CACHE:  # loaded by another thread (a widget's preload) while this one waited
                 return _CACHE[key]
-        return _load_uncached(path, kind, dev, bf16, key)
+        return _load_uncached(path, kind, dev, bf16, jit, key)
 
 
-def _load_uncached(path: Path, kind: str, dev, bf16: bool, key):
+def _load_uncached(path: Path, kind: str, dev, bf16: bool, jit: bool, key):
     from safetensors.torch import load_file
 
     card = read_card(path)
@@ -148,9 +151,29 @@ def _load_uncached(path: Path, kind: str, dev, bf16: bool, key):
         import torch
 
         net = net.to(torch.bfloat16)
+    if jit:
+        net = traced_network(net)
     with _CACHE_LOCK:
         _CACHE[key] = (net, card)
     return net, card
+
+
+def _jit_enabled() -> bool:
+    """CPU segmenters run through a frozen TorchScript trace unless ``NAPARI_WBC_JIT=0``."""
+    import os
+
+    return os.environ.get("NAPARI_WBC_JIT", "1").strip() != "0"
+
+
+def traced_network(net):
+    """``net`` (an :func:`inference_network`, on CPU) wrapped in a :class:`~napari_wbc.core.nets.TracedNetwork`."""
+    import torch
+
+    from .nets import TracedNetwork
+
+    p = next(net.parameters())
+    example = torch.rand(1, 3, 64, 64, dtype=p.dtype, device=p.device).contiguous(memory_format=torch.channels_last)
+    return TracedNetwork(net, example)
 
 
 def inference_network(net):

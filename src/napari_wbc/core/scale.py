@@ -24,31 +24,76 @@ MAX_SHARE_OF_SIDE = 0.8
 def _downsample(rgb: np.ndarray, max_side: int = 640) -> tuple[np.ndarray, float]:
     h, w = rgb.shape[:2]
     step = max(1, int(np.ceil(max(h, w) / max_side)))
-    return rgb[::step, ::step].astype(np.float32), float(step)
+    return rgb[::step, ::step], float(step)
+
+
+def percentile_from_counts(counts: np.ndarray, q: float, values: np.ndarray | None = None) -> float:
+    """``np.percentile(v, q)`` (linear method, same value) from ``counts = np.bincount(v)``.
+
+    ``values``: what each bin stands for (default: its index), increasing.
+    """
+    cum = np.cumsum(counts)
+    n = int(cum[-1])
+    k = q / 100 * (n - 1)
+    j = int(np.floor(k))
+    a = int(np.searchsorted(cum, j, side="right"))  # bins of the j-th and (j+1)-th smallest values
+    b = int(np.searchsorted(cum, min(j + 1, n - 1), side="right"))
+    va, vb = (a, b) if values is None else (float(values[a]), float(values[b]))
+    return float(va + (k - j) * (vb - va))
+
+
+def _levels(rgb: np.ndarray) -> np.ndarray:
+    """HxWx3 as small non-negative integers: uint8 as it is, anything else scaled to 0..4095 by its maximum."""
+    if rgb.dtype == np.uint8:
+        return rgb
+    x = rgb.astype(np.float32)
+    x *= np.float32(4095.0 / max(float(x.max()), 1e-6))
+    np.clip(x, 0, 4095, out=x)
+    return x.round().astype(np.uint16)
 
 
 def foreground(rgb_small: np.ndarray) -> np.ndarray:
-    """Cells vs background: colour distance from the bright background, Otsu threshold."""
+    """Cells vs background: colour distance from the bright background, Otsu threshold.
+
+    Works on integer levels (:func:`_levels`) with histogram statistics: every
+    step is invariant to the image's overall scale, as the threshold is Otsu's.
+    """
     from scipy import ndimage as ndi
     from skimage.filters import threshold_otsu
 
-    x = rgb_small * np.float32(1.0 / max(float(rgb_small.max()), 1e-6))
-    lum = x @ np.full(3, 1 / 3, np.float32)
+    q = _levels(rgb_small)
+    top = 255 if q.dtype == np.uint8 else 4095
+    lum = q.sum(axis=2, dtype=np.uint16)  # 3x the mean of the channels
+    counts = np.bincount(lum.ravel(), minlength=3 * top + 1)
     # out-of-field areas (black vignetting, slide edges) are neither cells nor background; they come
     # in from the image's edges, so dark areas enclosed by the field (a nucleus on an under-exposed
     # smear) stay in it
-    in_field = fill_holes(lum > 0.25 * np.percentile(lum, 99))
-    if in_field.sum() < 0.05 * lum.size:
-        in_field = np.ones_like(in_field)
-    bright = (lum >= np.percentile(lum[in_field], 90)) & in_field
-    bg = np.median(x[bright], axis=0)
-    x -= bg
-    x *= x
-    d = np.sqrt(x @ np.ones(3, np.float32))
+    in_field = fill_holes(lum > 0.25 * percentile_from_counts(counts, 99))
+    everywhere = bool(in_field.all())
+    if not everywhere and in_field.sum() < 0.05 * lum.size:
+        in_field, everywhere = np.ones_like(in_field), True
+    if not everywhere:
+        counts = np.bincount(lum[in_field], minlength=3 * top + 1)
+    bright = (lum >= percentile_from_counts(counts, 90)) & in_field
+    bg = np.array([percentile_from_counts(np.bincount(q[..., c][bright], minlength=top + 1), 50) for c in range(3)],
+                  np.float32)
+    lut = (np.arange(top + 1, dtype=np.float32)[None] - bg[:, None]) ** 2  # 3 x levels: squared channel distance
+    d = lut[0][q[..., 0]]
+    d += lut[1][q[..., 1]]
+    d += lut[2][q[..., 2]]
+    np.sqrt(d, out=d)
     d = ndi.gaussian_filter(d, 1.0)
-    if d.max() - d.min() < 1e-3:
+    if float(d.max()) - float(d.min()) < 1e-3 * float(q.max()):
         return np.zeros(d.shape, bool)
-    fg = (d > threshold_otsu(d[in_field])) & in_field
+    # Otsu on a 256-bin histogram between the extremes (as skimage bins it), counted in one pass
+    v = d if everywhere else d[in_field]
+    lo, hi = float(v.min()), float(v.max())
+    if hi <= lo:
+        return np.zeros(d.shape, bool)
+    idx = ((v - np.float32(lo)) * np.float32(256 / (hi - lo))).astype(np.int32)
+    np.clip(idx, 0, 255, out=idx)
+    centers = lo + (hi - lo) / 256 * (np.arange(256) + 0.5)
+    fg = (d > threshold_otsu(hist=(np.bincount(idx.ravel(), minlength=256), centers))) & in_field
     return fill_holes(open_cross(fg))
 
 
@@ -88,10 +133,15 @@ def estimate_rbc_radius(image: np.ndarray) -> float | None:
     fg = foreground(rgb_small)
     if fg.sum() < 50:
         return None
-    dist = ndi.distance_transform_edt(fg)
+    # squared distances to the nearest background pixel are integers (from the feature transform):
+    # their histogram gives the percentile exactly
+    ft = ndi.distance_transform_edt(fg, return_distances=False, return_indices=True)
+    ft -= np.indices(fg.shape, dtype=ft.dtype)
+    ft *= ft
+    counts = np.bincount((ft[0] + ft[1])[fg])
     # For disks of radius R the pixel distances d obey P(d > t) = (1 - t/R)^2, so the
     # 90th percentile over foreground pixels is 0.684 R: robust to ragged edges.
-    return float(np.percentile(dist[fg], 90)) / 0.684 * step
+    return percentile_from_counts(counts, 90, np.sqrt(np.arange(len(counts)))) / 0.684 * step
 
 
 def _sample_crops(image: np.ndarray, size: int = 1024, grid: int = 3):

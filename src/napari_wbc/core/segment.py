@@ -81,16 +81,12 @@ def channel_ranges(rgb: np.ndarray, lo: float = 0.5, hi: float = 99.5) -> np.nda
 
 def _percentiles_u8(values: np.ndarray, qs) -> np.ndarray:
     """``np.percentile(values, qs, axis=0)`` (linear method, same values) for Nx3 uint8, from histograms."""
-    n = values.shape[0]
+    from .scale import percentile_from_counts
+
     out = np.empty((len(qs), values.shape[1]), np.float32)
     for c in range(values.shape[1]):
-        cum = np.cumsum(np.bincount(values[:, c], minlength=256))
-        for i, q in enumerate(qs):
-            k = q / 100 * (n - 1)
-            j = int(np.floor(k))
-            a = np.searchsorted(cum, j, side="right")  # the j-th smallest value
-            b = np.searchsorted(cum, min(j + 1, n - 1), side="right")
-            out[i, c] = a + (k - j) * (b - a)
+        counts = np.bincount(values[:, c], minlength=256)
+        out[:, c] = [percentile_from_counts(counts, q) for q in qs]
     return out
 
 
@@ -241,7 +237,7 @@ def instances_from_maps(fg_u8: np.ndarray, dist_u8: np.ndarray, min_area: float)
 
 
 def upsample_instances(small: np.ndarray, fg_u8: np.ndarray, shape) -> np.ndarray:
-    """Bring labels at network scale back to ``shape``, cell by cell.
+    """Bring labels at network scale back to ``shape``, cell by cell (ids stay 1..N, in order).
 
     Each cell's outline comes from the bilinearly upsampled probability map
     (smooth at any scale); the split between touching cells from the labels.
@@ -255,6 +251,7 @@ def upsample_instances(small: np.ndarray, fg_u8: np.ndarray, shape) -> np.ndarra
         return small
     fy, fx = H / h, W / w
     out = np.zeros((H, W), np.int32)
+    kept = np.zeros(int(small.max()) + 1, bool)
     for i, sl in enumerate(ndi.find_objects(small), start=1):
         if sl is None:
             continue
@@ -271,14 +268,15 @@ def upsample_instances(small: np.ndarray, fg_u8: np.ndarray, shape) -> np.ndarra
         if not m.any():
             m = lab == i
         tgt = out[Y0:Y1, X0:X1]
-        tgt[m & (tgt == 0)] = i
+        m &= tgt == 0
+        if m.any():
+            tgt[m] = i
+            kept[i] = True
+    if not kept[1:].all():  # a cell lost in the upsampling: number the others 1..N again
+        ids = np.zeros(len(kept), np.int32)
+        ids[kept] = np.arange(1, int(kept.sum()) + 1, dtype=np.int32)
+        out = ids[out]
     return out
-
-
-def _relabel_sequential(labels: np.ndarray) -> np.ndarray:
-    from skimage.segmentation import relabel_sequential
-
-    return relabel_sequential(labels)[0].astype(np.int32)
 
 
 def _one_cluster_growth(small: np.ndarray, target: float, rgb: np.ndarray) -> float | None:
@@ -418,7 +416,7 @@ def iter_segment(
         passes_left -= 1
     yield ("stage", "outlining cells at full resolution")
     labels = upsample_instances(small, fg, (H, W))
-    yield ("labels", _relabel_sequential(labels))
+    yield ("labels", labels)
 
 
 def segment(image, *, model=None, device=None, diameter=None, progress: Callable | None = None) -> np.ndarray:
