@@ -493,6 +493,8 @@ def test_red_cell_radius_of_discs_and_dtype_invariance():
     assert (foreground(as_float) == foreground(img)).mean() > 0.999
     assert estimate_rbc_radius(as_float) == pytest.approx(r, rel=0.02)
     assert estimate_rbc_radius(as_u16) == pytest.approx(r, rel=0.02)
+    z = (as_float - as_float.mean()) / as_float.std()  # negative values too
+    assert estimate_rbc_radius(z) == pytest.approx(r, rel=0.02)
 
 
 def test_upsampled_labels_stay_numbered_one_to_n():

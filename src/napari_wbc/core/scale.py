@@ -43,10 +43,14 @@ def percentile_from_counts(counts: np.ndarray, q: float, values: np.ndarray | No
 
 
 def _levels(rgb: np.ndarray) -> np.ndarray:
-    """HxWx3 as small non-negative integers: uint8 as it is, anything else scaled to 0..4095 by its maximum."""
+    """HxWx3 as small non-negative integers: uint8 as it is, anything else scaled to 0..4095 by its
+    maximum (after shifting its minimum to 0 when it is negative, e.g. a z-scored image)."""
     if rgb.dtype == np.uint8:
         return rgb
     x = rgb.astype(np.float32)
+    lo = float(x.min())
+    if lo < 0:
+        x -= np.float32(lo)
     x *= np.float32(4095.0 / max(float(x.max()), 1e-6))
     np.clip(x, 0, 4095, out=x)
     return x.round().astype(np.uint16)
