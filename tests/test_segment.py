@@ -488,6 +488,10 @@ def test_red_cell_radius_of_discs_and_dtype_invariance():
             img[(yy - cy) ** 2 + (xx - cx) ** 2 <= 81] = (205, 120, 125)
     r = estimate_rbc_radius(img)
     assert 8.0 <= r <= 10.0
+    from scipy import ndimage as ndi
+
+    fg = foreground(img)  # the histogram of integer squared distances gives numpy's percentile exactly
+    assert r == pytest.approx(np.percentile(ndi.distance_transform_edt(fg)[fg], 90) / 0.684, rel=1e-9)
     as_float = img.astype(np.float32) / 255
     as_u16 = img.astype(np.uint16) * 257
     assert (foreground(as_float) == foreground(img)).mean() > 0.999
