@@ -441,6 +441,25 @@ def test_cpu_segmenter_runs_traced_and_equals_the_eager_network(tiny, monkeypatc
     assert not isinstance(eager, TracedNetwork)
 
 
+def test_tracing_shows_no_deprecation_notice(tiny):
+    """torch.jit's deprecation notices are hidden (the eager fallback covers its removal); other warnings are not."""
+    import warnings
+
+    import torch
+
+    from napari_wbc.core.models import build_network, read_card
+    from napari_wbc.core.nets import TracedNetwork
+
+    net = build_network(read_card(tiny)["arch"]).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        TracedNetwork(net, torch.rand(1, 3, 64, 64))
+        warnings.warn("a FutureWarning of someone else", FutureWarning)
+    messages = [str(w.message) for w in caught]
+    assert not any("deprecated" in m and "torch.jit" in m for m in messages), messages
+    assert "a FutureWarning of someone else" in messages
+
+
 def test_traced_network_falls_back_to_eager_when_the_trace_fails(tiny):
     import torch
 

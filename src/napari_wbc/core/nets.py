@@ -89,6 +89,18 @@ class ClassicUnet(nn.Module):
         return self.out(x)
 
 
+def _quiet_jit_deprecation() -> None:
+    """Hide torch's notices that ``torch.jit.trace``/``freeze`` are deprecated (we fall back when they go).
+
+    A filter on exactly those messages, added once: ``warnings.catch_warnings`` would be simpler but is
+    not thread-safe (models load in worker threads), and a race there can hide or leak every warning.
+    """
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.(trace|trace_method|freeze)` is deprecated",
+                            category=FutureWarning)
+
+
 class TracedNetwork(nn.Module):
     """An inference network run through a frozen TorchScript trace of itself (CPU).
 
@@ -104,13 +116,10 @@ class TracedNetwork(nn.Module):
         super().__init__()
         self.eager = eager.eval()
         self.traced = None
+        _quiet_jit_deprecation()
         try:
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # jit's deprecation notices (FutureWarning) and tracer warnings
-                with torch.inference_mode():
-                    self.traced = torch.jit.freeze(torch.jit.trace(self.eager, example, check_trace=False).eval())
+            with torch.inference_mode():
+                self.traced = torch.jit.freeze(torch.jit.trace(self.eager, example, check_trace=False).eval())
         except Exception:  # noqa: BLE001 - a graph that cannot be traced runs eagerly
             self.traced = None
 
