@@ -483,6 +483,34 @@ def test_traced_network_falls_back_to_eager_when_the_trace_fails(tiny):
     assert untraceable.traced is None and untraceable(x).shape == (1, 2, 64, 64)
 
 
+def test_a_trace_that_disagrees_or_a_new_python_keeps_the_eager_network(tiny, monkeypatch):
+    import sys
+
+    import torch
+
+    from napari_wbc.core.models import build_network, read_card
+    from napari_wbc.core.nets import TracedNetwork
+
+    net = build_network(read_card(tiny)["arch"]).eval()
+    example = torch.rand(1, 3, 64, 64)
+    assert TracedNetwork(net, example).traced is not None
+    freeze = torch.jit.freeze
+
+    class Off(torch.nn.Module):  # a "trace" whose output is off by one
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m(x) + 1
+
+    monkeypatch.setattr(torch.jit, "freeze", lambda m: Off(freeze(m)))
+    assert TracedNetwork(net, example).traced is None
+    monkeypatch.setattr(torch.jit, "freeze", freeze)
+    monkeypatch.setattr(sys, "version_info", (3, 14, 0))
+    assert TracedNetwork(net, example).traced is None
+
+
 def test_percentile_from_counts_matches_numpy():
     from napari_wbc.core.scale import percentile_from_counts
 
