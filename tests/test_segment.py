@@ -87,6 +87,26 @@ def test_tiled_equals_untiled_probabilities(tiny):
     assert np.abs(d1 - d2)[inner].max() <= 2
 
 
+def test_windows_normalised_as_cut_equal_a_normalised_image(tiny):
+    """Raw uint8 with its ranges gives the same probabilities as the image normalised beforehand."""
+    from napari_wbc.core.device import resolve_device
+    from napari_wbc.core.models import load_model
+
+    rng = np.random.default_rng(2)
+    raw = rng.integers(0, 256, (150, 420, 3)).astype(np.uint8)
+    ranges = S.channel_ranges(raw)
+    net, _ = load_model(tiny, "segmenter", "cpu")
+    dev = resolve_device("cpu")
+
+    def run(x, r):
+        for item in S.iter_probabilities(x, net, dev, tile=192, margin=32, ranges=r):
+            if item[0] == "probs":
+                return item[1], item[2]
+
+    a, b = run(S.normalise(raw, ranges), None), run(raw, ranges)
+    assert (a[0] == b[0]).all() and (a[1] == b[1]).all()
+
+
 def test_tiled_labels_equal_untiled(tmp_path, monkeypatch):
     """Same labels from one window and from many tiles (a decisive random net: head scaled up)."""
     import torch

@@ -131,12 +131,15 @@ def _tile_starts(n: int, tile: int, margin: int) -> list[int]:
 
 
 def iter_probabilities(
-    x: np.ndarray, net, device, *, tile: int = 768, margin: int = 64, batch_size: int = 1
+    x: np.ndarray, net, device, *, tile: int = 768, margin: int = 64, batch_size: int = 1, ranges=None
 ) -> Iterator:
     """Yield ``("progress", done, total)``; finally ``("probs", fg_u8, dist_u8)``.
 
-    ``x``: HxWx3 float32 normalised image at network scale. Outputs are uint8
-    (probability * 255) of the same HxW, filled tile by tile (bounded memory).
+    ``x``: HxWx3 image at network scale, float32 normalised (:func:`normalise`), or
+    any dtype with its ``ranges`` (:func:`channel_ranges`): then each window is
+    normalised as it is cut (same values; no float32 copy of a large image).
+    Outputs are uint8 (probability * 255) of the same HxW, filled tile by tile
+    (bounded memory).
     """
     import torch
 
@@ -177,7 +180,8 @@ def iter_probabilities(
             wy0, wx0 = y0 - margin, x0 - margin
             sy0, sx0 = max(wy0, 0), max(wx0, 0)
             sy1, sx1 = min(wy0 + th, h), min(wx0 + tw, w)
-            arr[i, :, sy0 - wy0 : sy1 - wy0, sx0 - wx0 : sx1 - wx0] = np.moveaxis(x[sy0:sy1, sx0:sx1], -1, 0)
+            win = x[sy0:sy1, sx0:sx1] if ranges is None else normalise(x[sy0:sy1, sx0:sx1], ranges)
+            arr[i, :, sy0 - wy0 : sy1 - wy0, sx0 - wx0 : sx1 - wx0] = np.moveaxis(win, -1, 0)
         with torch.inference_mode():
             t = torch.from_numpy(arr).to(device, weights_dtype).contiguous(memory_format=torch.channels_last)
             if amp is not None:
@@ -371,9 +375,9 @@ def iter_segment(
         yield ("diameter", d)
         s = target / d
         h, w = max(int(round(H * s)), 8), max(int(round(W * s)), 8)
-        x = normalise(_resize_image(rgb, (h, w)), ranges)
+        x = _resize_image(rgb, (h, w))  # normalised window by window: uint8 stays uint8 at this size
         fg = dist = None
-        for item in iter_probabilities(x, net, dev, tile=tile, batch_size=batch_size):
+        for item in iter_probabilities(x, net, dev, tile=tile, batch_size=batch_size, ranges=ranges):
             if item[0] == "probs":
                 _, fg, dist = item
             else:
