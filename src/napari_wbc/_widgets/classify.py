@@ -425,7 +425,9 @@ class ClassifyWidget(QWidget):
         row = self._layer.features.loc[self._layer.features["label"] == label].iloc[0]
         if "centroid-0" in row and pd.notna(row["centroid-0"]):
             centre = self._layer.data_to_world((float(row["centroid-0"]), float(row["centroid-1"])))
-            self.viewer.camera.center = tuple(float(v) for v in centre)
+            scene = getattr(self.viewer, "scene", None)  # napari >= 0.9: viewer.camera is deprecated
+            camera = scene.camera if scene is not None else self.viewer.camera
+            camera.center = tuple(float(v) for v in centre)
         return label
 
     def _show_cell(self, *_):

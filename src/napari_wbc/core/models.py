@@ -119,8 +119,9 @@ def load_model(model=None, kind: str = "segmenter", device=None):
 
     path = resolve_model_path(model, kind)
     dev = resolve_device(device)
-    bf16 = kind == "segmenter" and dev.type == "cpu" and cpu_bf16_fast()
-    jit = kind == "segmenter" and dev.type == "cpu" and _jit_enabled()
+    cpu_segmenter = kind == "segmenter" and dev.type == "cpu"
+    bf16 = cpu_segmenter and cpu_bf16_fast()
+    jit = cpu_segmenter and _jit_enabled()
     key = (str(path.resolve()), path.stat().st_mtime_ns, str(dev), bf16, jit)
     with _CACHE_LOCK:
         if key in _CACHE:

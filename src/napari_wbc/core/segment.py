@@ -19,6 +19,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from .scale import percentile_from_counts
+
 PROB_THRESHOLD = 0.5
 SEED_THRESHOLD = 0.5
 MIN_AREA_FRACTION = 0.2  # of the area of a disk of the expected WBC diameter
@@ -81,8 +83,6 @@ def channel_ranges(rgb: np.ndarray, lo: float = 0.5, hi: float = 99.5) -> np.nda
 
 def _percentiles_u8(values: np.ndarray, qs) -> np.ndarray:
     """``np.percentile(values, qs, axis=0)`` (linear method, same values) for Nx3 uint8, from histograms."""
-    from .scale import percentile_from_counts
-
     out = np.empty((len(qs), values.shape[1]), np.float32)
     for c in range(values.shape[1]):
         counts = np.bincount(values[:, c], minlength=256)
