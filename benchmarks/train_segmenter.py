@@ -1,9 +1,9 @@
 """Train the shipped WBC segmenter from scratch (reproducible: fixed seeds and split).
 
-The shipped model (version 0.2.0; 13 min on one CPU thread):
+The shipped model (version 0.3.0; 13 min on one CPU thread):
 
     python benchmarks/train_segmenter.py --steps 2500 --eval-every 250 --batch 16 --lr 0.003 \
-        --threads 1 --stain-jitter 0.3 --stain-share 0.5
+        --threads 1 --stain-jitter 0.3 --stain-share 0.5 --field-norm 0.3 --empty-share 0.15
 
 Data: SigTuple patches + smears and Tecom crops (full masks), BCCD even-numbered
 images as weak negatives (everything outside WBC boxes is background; inside
@@ -84,6 +84,10 @@ def main(argv=None):
     ap.add_argument("--stain-share", type=float, default=1.0, help="share of training crops given the stain jitter")
     ap.add_argument("--no-stain-on-weak", action="store_true",
                     help="no stain jitter on the weakly labelled BCCD negatives")
+    ap.add_argument("--field-norm", type=float, default=0.0,
+                    help="share of crops normalised on a random field around them (0.75-4 crops wide), not the whole image")
+    ap.add_argument("--empty-share", type=float, default=0.0,
+                    help="share of crops centred far from any cell (red cells only), normalised on a field 1-2 crops wide")
     ap.add_argument("--no-bccd", action="store_true", help="do not use BCCD weak negatives")
     ap.add_argument("--exclude", nargs="*", default=[], choices=["tecom", "sigtuple_patches", "sigtuple_smears"],
                     help="leave a data set out (for the fine-tuning benchmark's unseen domain)")
@@ -113,14 +117,15 @@ def main(argv=None):
     best, hist = T.train_segmenter(
         net, card, train_all, val_sel, steps=a.steps, batch_size=a.batch, lr=a.lr,
         eval_every=a.eval_every, device=a.device, seed=a.seed, crop=a.crop, wide_hue=a.wide_hue, stain=a.stain_jitter,
-        stain_share=a.stain_share, stain_weak=not a.no_stain_on_weak, log=lambda s: print(s, flush=True),
+        stain_share=a.stain_share, stain_weak=not a.no_stain_on_weak, field_norm=a.field_norm,
+        empty_share=a.empty_share, log=lambda s: print(s, flush=True),
     )
     if best is not None:
         net.load_state_dict(best)
     final = T.evaluate(net, card, val, a.device)
     card.update({
         "name": "wbc_unet",
-        "version": "0.2.0",
+        "version": "0.3.0",
         "created": datetime.date.today().isoformat(),
         "training": {
             "script": "benchmarks/train_segmenter.py",

@@ -213,3 +213,58 @@ def test_stain_jitter_can_spare_weakly_labelled_samples():
     assert np.allclose(x(weak, stain=0.3, stain_weak=False), plain)  # spared: plain colour jitter
     assert not np.allclose(x(weak, stain=0.3), plain)  # default: weak samples are jittered too
     assert not np.allclose(x(full, stain=0.3, stain_weak=False), x(full))  # fully labelled: always jittered
+
+
+def test_empty_points_keep_clear_of_cells_and_ignored_areas():
+    from scipy import ndimage as ndi
+
+    from napari_wbc.core.train import make_sample, with_empty_points
+
+    img = np.full((80, 120, 3), 200, np.uint8)
+    lab = np.zeros((80, 120), np.int32)
+    lab[10:30, 10:30] = 1
+    weight = np.ones((80, 120), np.float32)
+    weight[50:70, 90:110] = 0  # an ignored box (a WBC without a mask)
+    s = with_empty_points(make_sample(img, lab, diameter=20, weight=weight), min_distance=0.75)
+    assert len(s.empty) > 0
+    clear = ndi.distance_transform_edt((lab == 0) & (weight > 0))
+    ys, xs = s.empty[:, 0].astype(int), s.empty[:, 1].astype(int)
+    assert (clear[ys, xs] >= 15).all()
+    # a crop-sized image filled by its cell has none
+    full = make_sample(img[:24, :24], np.pad(np.ones((20, 20), np.int32), 2), diameter=20)
+    assert len(with_empty_points(full).empty) == 0
+
+
+def test_field_probe_reads_a_field_around_the_point():
+    from napari_wbc.core.train import field_probe
+
+    rgb = np.zeros((100, 100, 3), np.float32)
+    rgb[:, 50:] = 1.0  # left half dark, right half bright
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        px = field_probe(rgb, 50, 20, 30, rng)  # a 30 px field holding x=20 lies in the left half
+        assert px is not None and px.shape[1] == 3 and (px == 0).all()
+    assert field_probe(rgb, -200, -200, 30, rng) is None  # off the image: nothing to read
+
+
+def test_empty_crops_are_normalised_on_their_field():
+    from napari_wbc.core.train import make_sample, random_crop, with_empty_points
+
+    # a dark cell on the left, pale "red cells" (values 150..170) on the right
+    rng = np.random.default_rng(0)
+    img = np.full((64, 256, 3), 220, np.uint8)
+    img[:, 128:] = (150 + rng.random((64, 128, 3)) * 20).astype(np.uint8)
+    lab = np.zeros((64, 256), np.int32)
+    lab[22:42, 10:30] = 1
+    img[lab == 1] = 40
+    s = with_empty_points(make_sample(img, lab, diameter=20))
+
+    def crop(**kw):
+        return random_crop(s, np.random.default_rng(3), crop=32, target=20, jitter=0.0, colour=0.0, **kw)
+
+    x_whole, fg, _, _ = crop()
+    x_empty, fg_e, _, _ = crop(empty_share=1.0)
+    assert fg_e.sum() == 0  # centred far from the cell
+    # stretched on a field of red cells only, their darkest reach the bottom of the range
+    assert x_empty.min() < 0.1
+    assert crop(empty_share=1.0)[0].tolist() == x_empty.tolist()  # reproducible from the seed

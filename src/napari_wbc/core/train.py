@@ -34,6 +34,7 @@ class Sample:
     name: str = ""
     centres: np.ndarray = field(default=None)  # Nx2 cell centroids
     probe: np.ndarray = field(default=None)  # Kx3 pixel subsample for normalisation
+    empty: np.ndarray = field(default=None)  # Kx2 background points far from any cell (see with_empty_points)
 
 
 def cell_diameter(labels: np.ndarray) -> float | None:
@@ -90,6 +91,42 @@ def rescaled(sample: Sample, target: float) -> Sample:
     fy, fx = shape[0] / h, shape[1] / w
     centres = sample.centres * np.array([fy, fx]) if len(sample.centres) else sample.centres
     return Sample(rgb, lab, sample.diameter * (fy + fx) / 2, wgt, sample.name, centres, sample.probe)
+
+
+def with_empty_points(sample: Sample, *, min_distance: float = 0.75, max_points: int = 2000) -> Sample:
+    """The sample with ``empty`` set: background points at least ``min_distance`` WBC diameters
+    from any labelled cell and from ignored areas (red cells, platelets and smear background only)."""
+    from dataclasses import replace
+
+    from scipy import ndimage as ndi
+
+    clear = sample.labels == 0
+    if sample.weight is not None:
+        clear &= sample.weight > 0
+    far = ndi.distance_transform_edt(clear) >= min_distance * sample.diameter
+    pts = np.argwhere(far)
+    if len(pts) > max_points:
+        pts = pts[np.random.default_rng(0).choice(len(pts), max_points, replace=False)]
+    return replace(sample, empty=pts.astype(np.float32))
+
+
+def field_probe(rgb: np.ndarray, cy: float, cx: float, side: float, rng, n: int = 8192) -> np.ndarray | None:
+    """Pixels (Kx3) of a ``side`` x ``side`` field that holds (cy, cx) at a random place, cut to the image.
+
+    Normalising a training crop on such a field instead of the whole image shows the network
+    fields of every make-up, as users open them: one cell filling the image, a crowded smear, or
+    red cells only (which a contrast stretch of the field alone makes darker than they are).
+    None when less than 8 x 8 pixels of the field lie in the image.
+    """
+    h, w = rgb.shape[:2]
+    y0 = int(round(cy - side * rng.uniform(0.2, 0.8)))
+    x0 = int(round(cx - side * rng.uniform(0.2, 0.8)))
+    s = int(round(side))
+    ya, yb, xa, xb = max(y0, 0), min(y0 + s, h), max(x0, 0), min(x0 + s, w)
+    if yb - ya < 8 or xb - xa < 8:
+        return None
+    step = max(1, int(math.sqrt((yb - ya) * (xb - xa) / n)))
+    return rgb[ya:yb:step, xa:xb:step].reshape(-1, 3)
 
 
 # ---------------------------------------------------------------- augmentation
@@ -170,10 +207,15 @@ def distance_target(labels: np.ndarray) -> np.ndarray:
 
 
 def random_crop(sample: Sample, rng, *, crop: int = 96, target: float = TARGET_DIAMETER, jitter: float = 0.3, colour: float = 1.0,
-                wide_hue: float = 0.0, stain: float = 0.0, stain_share: float = 1.0, stain_weak: bool = True):
+                wide_hue: float = 0.0, stain: float = 0.0, stain_share: float = 1.0, stain_weak: bool = True,
+                field_norm: float = 0.0, empty_share: float = 0.0):
     """One augmented training example: (x 3xCxC float32, fg CxC, dist CxC, weight CxC).
 
     ``stain_weak=False``: no stain jitter on weakly labelled samples (those with a ``weight`` map).
+    ``field_norm``: share of crops normalised on a random field around them (:func:`field_probe`,
+    0.75-4 crops wide) instead of the whole image. ``empty_share``: share of crops, among samples
+    with ``empty`` points, centred on such a point (red cells only) and normalised on a field
+    1-2 crops wide around it: the fields without any WBC that a smear is mostly made of.
     """
     from scipy import ndimage as ndi
 
@@ -182,7 +224,10 @@ def random_crop(sample: Sample, rng, *, crop: int = 96, target: float = TARGET_D
     scale = target / sample.diameter * math.exp(rng.uniform(-jitter, jitter))
     src = crop / scale
     h, w = sample.labels.shape
-    if len(sample.centres) and rng.random() < 0.7:
+    empty = empty_share > 0 and sample.empty is not None and len(sample.empty) > 0 and rng.random() < empty_share
+    if empty:
+        cy, cx = sample.empty[rng.integers(len(sample.empty))]
+    elif len(sample.centres) and rng.random() < 0.7:
         cy, cx = sample.centres[rng.integers(len(sample.centres))]
         cy += rng.uniform(-0.5, 0.5) * src * 0.6
         cx += rng.uniform(-0.5, 0.5) * src * 0.6
@@ -194,7 +239,12 @@ def random_crop(sample: Sample, rng, *, crop: int = 96, target: float = TARGET_D
     rgb = _crop_rescaled(sample.rgb, cy, cx, src, crop, 1, -1.0)
     outside = rgb[..., 0] < -0.5
     x = f(np.clip(rgb, 0, 1).reshape(-1, 3)).reshape(rgb.shape)
-    probe = f(sample.probe)
+    pixels = None
+    if empty:
+        pixels = field_probe(sample.rgb, cy, cx, src * math.exp(rng.uniform(0.0, math.log(2.0))), rng)
+    elif field_norm > 0 and rng.random() < field_norm:
+        pixels = field_probe(sample.rgb, cy, cx, src * math.exp(rng.uniform(math.log(0.75), math.log(4.0))), rng)
+    probe = f(sample.probe if pixels is None else pixels)
     lo, hi = np.percentile(probe, [0.5, 99.5], axis=0)
     x = normalise(x, np.stack([lo, np.maximum(hi, lo + 1e-3)]))
     x[outside] = 1.0
@@ -276,6 +326,8 @@ def train_segmenter(
     stain: float = 0.0,
     stain_share: float = 1.0,
     stain_weak: bool = True,
+    field_norm: float = 0.0,
+    empty_share: float = 0.0,
     progress=None,
     should_stop=None,
     log=print,
@@ -297,6 +349,8 @@ def train_segmenter(
     net.to(dev)
     target = float(card.get("target_diameter", TARGET_DIAMETER))
     train = [rescaled(s, target) for s in train]
+    if empty_share > 0:
+        train = [with_empty_points(s) for s in train]
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 2), pct_start=0.1)
     history = []
@@ -315,7 +369,8 @@ def train_segmenter(
         if should_stop is not None and should_stop():
             break
         x, fg, dist, wgt = (t.to(dev) for t in make_batch(train, rng, batch_size, crop=crop, target=target, wide_hue=wide_hue, stain=stain,
-                                                             stain_share=stain_share, stain_weak=stain_weak))
+                                                             stain_share=stain_share, stain_weak=stain_weak,
+                                                             field_norm=field_norm, empty_share=empty_share))
         out = net(x)
         loss = seg_loss(out, fg, dist, wgt)
         opt.zero_grad()
