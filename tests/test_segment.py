@@ -581,3 +581,34 @@ def test_upsampled_labels_stay_numbered_one_to_n():
     small[21, 21] = 0
     small[20, 20] = 2  # on the grid: kept
     assert set(np.unique(S.upsample_instances(small, fg, (20, 20)))) == {0, 1, 2, 3}
+
+
+def test_out_of_field_finds_dark_areas_coming_in_from_the_edges():
+    from napari_wbc.core.scale import out_of_field
+
+    img = np.full((200, 300, 3), 220, np.uint8)
+    assert out_of_field(img) is None  # the field is everywhere
+    yy, xx = np.mgrid[:200, :300]
+    corner = (yy - 200) ** 2 + xx**2 < 80**2  # black vignetting in the lower left corner
+    img[corner] = 5
+    nucleus = (yy - 60) ** 2 + (xx - 200) ** 2 < 15**2  # as dark, but enclosed by the field
+    img[nucleus] = 5
+    out = out_of_field(img)
+    assert out is not None and out.shape == (200, 300)
+    assert out[corner].mean() > 0.99 and not out[nucleus].any() and not out[~corner].any()
+
+
+def test_drop_out_of_field_removes_cells_mostly_outside_and_renumbers():
+    from napari_wbc.core.segment import drop_out_of_field
+
+    small = np.zeros((40, 40), np.int32)
+    small[2:10, 2:10] = 1  # all outside
+    small[20:30, 5:15] = 2  # a fifth outside: kept
+    small[20:30, 25:35] = 3  # inside
+    outside = np.zeros((80, 80), bool)  # a mask on a finer grid of the same image
+    outside[:24, :24] = True
+    outside[40:60, 10:14] = True
+    got = drop_out_of_field(small, outside)
+    assert sorted(np.unique(got)) == [0, 1, 2]
+    assert (got[20:30, 5:15] == 1).all() and (got[20:30, 25:35] == 2).all() and (got[2:10, 2:10] == 0).all()
+    assert drop_out_of_field(small, None) is small

@@ -56,6 +56,41 @@ def _levels(rgb: np.ndarray) -> np.ndarray:
     return x.round().astype(np.uint16)
 
 
+def _luminance(rgb: np.ndarray):
+    """(integer levels, top level, 3x mean luminance as uint16, its histogram)."""
+    q = _levels(rgb)
+    top = 255 if q.dtype == np.uint8 else 4095
+    lum = q[..., 0].astype(np.uint16)  # 3x the mean of the channels (faster than a sum over the last axis)
+    lum += q[..., 1]
+    lum += q[..., 2]
+    return q, top, lum, np.bincount(lum.ravel(), minlength=3 * top + 1)
+
+
+def _in_field(lum: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, bool]:
+    """(in-field mask, whether that is everywhere).
+
+    Out-of-field areas (black vignetting, slide edges) are neither cells nor background; they come
+    in from the image's edges, so dark areas enclosed by the field (a nucleus on an under-exposed
+    smear) stay in it. When under 5 % of the image would be in the field, all of it is.
+    """
+    in_field = lum > 0.25 * percentile_from_counts(counts, 99)
+    everywhere = bool(in_field.all())
+    if not everywhere:
+        in_field = fill_holes(in_field)
+        everywhere = bool(in_field.all())
+    if not everywhere and in_field.sum() < 0.05 * lum.size:
+        in_field, everywhere = np.ones_like(in_field), True
+    return in_field, everywhere
+
+
+def out_of_field(image: np.ndarray) -> np.ndarray | None:
+    """Where an HxWx3 image lies outside the microscope's field (black vignetting, slide edges), on a
+    grid of at most 640 px a side; None when the field is everywhere (the usual case)."""
+    _, _, lum, counts = _luminance(_downsample(image)[0])
+    in_field, everywhere = _in_field(lum, counts)
+    return None if everywhere else ~in_field
+
+
 def foreground(rgb_small: np.ndarray) -> np.ndarray:
     """Cells vs background: colour distance from the bright background, Otsu threshold.
 
@@ -65,22 +100,8 @@ def foreground(rgb_small: np.ndarray) -> np.ndarray:
     from scipy import ndimage as ndi
     from skimage.filters import threshold_otsu
 
-    q = _levels(rgb_small)
-    top = 255 if q.dtype == np.uint8 else 4095
-    lum = q[..., 0].astype(np.uint16)  # 3x the mean of the channels (faster than a sum over the last axis)
-    lum += q[..., 1]
-    lum += q[..., 2]
-    counts = np.bincount(lum.ravel(), minlength=3 * top + 1)
-    # out-of-field areas (black vignetting, slide edges) are neither cells nor background; they come
-    # in from the image's edges, so dark areas enclosed by the field (a nucleus on an under-exposed
-    # smear) stay in it
-    in_field = lum > 0.25 * percentile_from_counts(counts, 99)
-    everywhere = bool(in_field.all())
-    if not everywhere:
-        in_field = fill_holes(in_field)
-        everywhere = bool(in_field.all())
-    if not everywhere and in_field.sum() < 0.05 * lum.size:
-        in_field, everywhere = np.ones_like(in_field), True
+    q, top, lum, counts = _luminance(rgb_small)
+    in_field, everywhere = _in_field(lum, counts)
     if not everywhere:
         counts = np.bincount(lum[in_field], minlength=3 * top + 1)
     bright = (lum >= percentile_from_counts(counts, 90)) & in_field

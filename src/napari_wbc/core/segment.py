@@ -39,6 +39,9 @@ DIAMETER_LIMITS = (8.0, 1000.0)  # px; the corrections never leave this range
 # red cells to go by: look once more at the scale that makes the cluster one cell, keep that if it is one
 CLUSTER_GROWTH = (1.3, 2.5)
 RED_CELL_SHARE = 0.25
+# a "cell" lying mostly (over this share of its pixels) outside the microscope's field (black
+# vignetting, slide edges: see scale.out_of_field) is dropped
+OUT_OF_FIELD_SHARE = 0.5
 
 
 def check_image(image) -> np.ndarray:
@@ -283,6 +286,27 @@ def upsample_instances(small: np.ndarray, fg_u8: np.ndarray, shape) -> np.ndarra
     return out
 
 
+def drop_out_of_field(small: np.ndarray, outside: np.ndarray | None) -> np.ndarray:
+    """``small`` without the cells lying mostly outside the field (``outside``: a mask on any grid
+    over the same image, as :func:`.scale.out_of_field` gives); the rest numbered 1..N again."""
+    n = int(small.max())
+    if outside is None or n == 0:
+        return small
+    h, w = small.shape
+    ys = np.minimum((np.arange(h) + 0.5) * outside.shape[0] / h, outside.shape[0] - 1).astype(np.intp)
+    xs = np.minimum((np.arange(w) + 0.5) * outside.shape[1] / w, outside.shape[1] - 1).astype(np.intp)
+    out = outside[ys[:, None], xs[None, :]]
+    area = np.bincount(small.ravel(), minlength=n + 1)
+    dark = np.bincount(small[out], minlength=n + 1)
+    keep = dark <= OUT_OF_FIELD_SHARE * np.maximum(area, 1)
+    keep[0] = False
+    if keep[1:].all():
+        return small
+    ids = np.zeros(n + 1, np.int32)
+    ids[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    return ids[small]
+
+
 def _one_cluster_growth(small: np.ndarray, target: float, rgb: np.ndarray) -> float | None:
     """The scale factor that would make all cells found one cell, when that reading is plausible.
 
@@ -347,7 +371,7 @@ def iter_segment(
     """
     from .device import resolve_device
     from .models import load_model
-    from .scale import estimate_diameter
+    from .scale import estimate_diameter, out_of_field
 
     rgb = check_image(image)
     if diameter is not None:
@@ -366,6 +390,7 @@ def iter_segment(
     if batch_size is None:
         batch_size = 8 if dev.type == "cuda" else 1
     ranges = channel_ranges(rgb)
+    outside = out_of_field(rgb)
     estimated = diameter is None
     d = estimate_diameter(rgb) if estimated else diameter
     H, W = rgb.shape[:2]
@@ -385,7 +410,7 @@ def iter_segment(
         del x
         yield ("stage", "separating cells")
         min_area = MIN_AREA_FRACTION * np.pi * (target / 2) ** 2
-        small = instances_from_maps(fg, dist, min_area)
+        small = drop_out_of_field(instances_from_maps(fg, dist, min_area), outside)
         if not (estimated and refine):
             break
         if cluster_first is not None:  # this pass tested the one-cell reading of a cluster
