@@ -78,6 +78,9 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     save = Path(a.save) if a.save else None
     if save:
+        from skimage.io import imsave
+        from skimage.segmentation import find_boundaries
+
         save.mkdir(parents=True, exist_ok=True)
     print(f"model: {a.model or 'shipped'}")
     print("| fields | n | with a false WBC | false WBCs | per field |")
@@ -93,9 +96,6 @@ def main(argv=None):
             if k:
                 found.append(key)
                 if save:
-                    from skimage.io import imsave
-                    from skimage.segmentation import find_boundaries
-
                     out = rgb.copy()
                     out[find_boundaries(lab)] = (0, 255, 0)
                     imsave(save / (key.replace(" ", "_") + ".png"), out, check_contrast=False)

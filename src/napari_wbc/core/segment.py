@@ -9,7 +9,8 @@ Pipeline (all Qt-free):
 3. run the network over overlapping tiles whose centres are kept (no blending
    buffers: memory stays bounded), batched, mixed precision on GPU;
 4. split touching cells with a watershed on the predicted normalised distance
-   map, drop objects far smaller than a WBC (platelets, debris);
+   map, drop objects far smaller than a WBC (platelets, debris) and those lying
+   mostly outside the microscope's field (black vignetting);
 5. bring each cell back to the input's resolution from the upsampled
    probability map, so outlines are smooth at any scale.
 """
