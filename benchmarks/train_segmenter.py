@@ -65,6 +65,37 @@ def load_bccd_weak():
     return out
 
 
+def load_bccd_windows(every: int, win: int = 240):
+    """Red-cell-only 240 px windows of the even (training) BCCD images, clear of every WBC box (15 %
+    margin), one in ``every``: each its own sample, so it is normalised on itself as segment() would."""
+    from napari_wbc.core.io import read_image, to_rgb
+
+    out, n = [], 0
+    for img, xml, sp in wbc_data.bccd():
+        if sp != "train":
+            continue
+        boxes = wbc_data.wbc_boxes(xml)
+        if not boxes:
+            continue
+        rgb = to_rgb(read_image(img))
+        h, w = rgb.shape[:2]
+        occ = np.zeros((h, w), bool)
+        for y0, x0, y1, x1 in boxes:
+            m = int(0.15 * max(y1 - y0, x1 - x0))
+            occ[max(0, int(y0) - m) : int(y1) + m, max(0, int(x0) - m) : int(x1) + m] = True
+        d = float(np.median([((y1 - y0) + (x1 - x0)) / 2 for y0, x0, y1, x1 in boxes]))
+        for y in (0, h - win):
+            for x in (0, (w - win) // 2, w - win):
+                if occ[y : y + win, x : x + win].any():
+                    continue
+                n += 1
+                if n % every == 0:
+                    lab = np.zeros((win, win), np.int32)
+                    out.append(T.make_sample(rgb[y : y + win, x : x + win], lab, diameter=d,
+                                             weight=np.ones((win, win), np.float32), name=f"bccd/{img.stem}_y{y}_x{x}"))
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=4000)
@@ -88,6 +119,8 @@ def main(argv=None):
                     help="share of crops normalised on a random field around them (0.75-4 crops wide), not the whole image")
     ap.add_argument("--empty-share", type=float, default=0.0,
                     help="share of crops centred far from any cell (red cells only), normalised on a field 1-2 crops wide")
+    ap.add_argument("--bccd-windows", type=int, default=0,
+                    help="add one in N red-cell-only 240 px windows of the training BCCD images as samples (0: none)")
     ap.add_argument("--no-bccd", action="store_true", help="do not use BCCD weak negatives")
     ap.add_argument("--exclude", nargs="*", default=[], choices=["tecom", "sigtuple_patches", "sigtuple_smears"],
                     help="leave a data set out (for the fine-tuning benchmark's unseen domain)")
@@ -100,6 +133,8 @@ def main(argv=None):
     t0 = time.time()
     train, val = load("train", a.exclude), load("val", a.exclude)
     bccd = [] if a.no_bccd else load_bccd_weak()
+    if a.bccd_windows:
+        bccd += load_bccd_windows(a.bccd_windows)
     # BCCD weak samples: one in four batches' draws, by repetition weight
     train_all = train + bccd
     print(f"train {len(train)} + bccd weak {len(bccd)}, val {len(val)} (loaded in {time.time()-t0:.0f}s)", flush=True)
