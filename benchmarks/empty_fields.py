@@ -21,32 +21,18 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import wbc_data  # noqa: E402
 
 
 def bccd_windows(win: int = 240):
-    from napari_wbc.core.io import read_image, to_rgb
-
-    for img, xml, split in wbc_data.bccd():
-        if split != "val":
-            continue
-        rgb = to_rgb(read_image(img))
-        h, w = rgb.shape[:2]
-        boxes = wbc_data.wbc_boxes(xml)
+    for img, rgb, boxes in wbc_data.bccd_with_boxes("val"):
         if not boxes:
             yield f"{img.stem} whole", rgb
             continue
-        occ = np.zeros((h, w), bool)
-        for y0, x0, y1, x1 in boxes:
-            m = int(0.15 * max(y1 - y0, x1 - x0))
-            occ[max(0, int(y0) - m) : int(y1) + m, max(0, int(x0) - m) : int(x1) + m] = True
-        for y in (0, h - win):
-            for x in (0, (w - win) // 2, w - win):
-                if not occ[y : y + win, x : x + win].any():
-                    yield f"{img.stem} y{y} x{x}", rgb[y : y + win, x : x + win]
+        for y, x in wbc_data.clear_windows(rgb.shape, boxes, win):
+            yield f"{img.stem} y{y} x{x}", rgb[y : y + win, x : x + win]
 
 
 def sigtuple_windows(win: int = 300, step: int = 150, clear: int = 30):

@@ -43,16 +43,10 @@ def load(split, exclude=()):
 
 
 def load_bccd_weak():
-    from napari_wbc.core.io import read_image, to_rgb
-
     out = []
-    for img, xml, sp in wbc_data.bccd():
-        if sp != "train":
-            continue
-        boxes = wbc_data.wbc_boxes(xml)
+    for img, rgb, boxes in wbc_data.bccd_with_boxes("train"):
         if not boxes:
             continue
-        rgb = to_rgb(read_image(img))
         w = np.ones(rgb.shape[:2], np.float32)
         sizes = []
         for y0, x0, y1, x1 in boxes:
@@ -68,31 +62,16 @@ def load_bccd_weak():
 def load_bccd_windows(every: int, win: int = 240):
     """Red-cell-only 240 px windows of the even (training) BCCD images, clear of every WBC box (15 %
     margin), one in ``every``: each its own sample, so it is normalised on itself as segment() would."""
-    from napari_wbc.core.io import read_image, to_rgb
-
     out, n = [], 0
-    for img, xml, sp in wbc_data.bccd():
-        if sp != "train":
-            continue
-        boxes = wbc_data.wbc_boxes(xml)
+    for img, rgb, boxes in wbc_data.bccd_with_boxes("train"):
         if not boxes:
             continue
-        rgb = to_rgb(read_image(img))
-        h, w = rgb.shape[:2]
-        occ = np.zeros((h, w), bool)
-        for y0, x0, y1, x1 in boxes:
-            m = int(0.15 * max(y1 - y0, x1 - x0))
-            occ[max(0, int(y0) - m) : int(y1) + m, max(0, int(x0) - m) : int(x1) + m] = True
         d = float(np.median([((y1 - y0) + (x1 - x0)) / 2 for y0, x0, y1, x1 in boxes]))
-        for y in (0, h - win):
-            for x in (0, (w - win) // 2, w - win):
-                if occ[y : y + win, x : x + win].any():
-                    continue
-                n += 1
-                if n % every == 0:
-                    lab = np.zeros((win, win), np.int32)
-                    out.append(T.make_sample(rgb[y : y + win, x : x + win], lab, diameter=d,
-                                             weight=np.ones((win, win), np.float32), name=f"bccd/{img.stem}_y{y}_x{x}"))
+        for y, x in wbc_data.clear_windows(rgb.shape, boxes, win):
+            n += 1
+            if n % every == 0:
+                out.append(T.make_sample(rgb[y : y + win, x : x + win], np.zeros((win, win), np.int32), diameter=d,
+                                         weight=np.ones((win, win), np.float32), name=f"bccd/{img.stem}_y{y}_x{x}"))
     return out
 
 

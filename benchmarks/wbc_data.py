@@ -62,3 +62,21 @@ def load_image_mask(img, mask):
 
 def wbc_boxes(xml):
     return [b[1:] for b in read_voc_boxes(xml, names=("WBC",))]
+
+
+def bccd_with_boxes(split):
+    """(image path, RGB image, WBC boxes) of the BCCD images of ``split`` ("train" or "val")."""
+    for img, xml, sp in bccd():
+        if sp == split:
+            yield img, to_rgb(read_image(img)), wbc_boxes(xml)
+
+
+def clear_windows(shape, boxes, win: int = 240, margin: float = 0.15):
+    """(y, x) of the ``win`` px windows at an image's four corners and top / bottom middle that stay
+    clear of every box, each box grown by ``margin`` of its larger side (red cells and platelets only)."""
+    h, w = shape[:2]
+    occ = np.zeros((h, w), bool)
+    for y0, x0, y1, x1 in boxes:
+        m = int(margin * max(y1 - y0, x1 - x0))
+        occ[max(0, int(y0) - m) : int(y1) + m, max(0, int(x0) - m) : int(x1) + m] = True
+    return [(y, x) for y in (0, h - win) for x in (0, (w - win) // 2, w - win) if not occ[y : y + win, x : x + win].any()]
