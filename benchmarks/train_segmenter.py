@@ -114,7 +114,7 @@ def main(argv=None):
     bccd = [] if a.no_bccd else load_bccd_weak()
     if a.bccd_windows:
         bccd += load_bccd_windows(a.bccd_windows)
-    # BCCD weak samples: one in four batches' draws, by repetition weight
+    # every sample (BCCD weak negatives included) is drawn with the same chance
     train_all = train + bccd
     print(f"train {len(train)} + bccd weak {len(bccd)}, val {len(val)} (loaded in {time.time()-t0:.0f}s)", flush=True)
     # a fixed subset of validation for model selection during training (every 2nd)

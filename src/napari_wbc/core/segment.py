@@ -280,11 +280,16 @@ def upsample_instances(small: np.ndarray, fg_u8: np.ndarray, shape) -> np.ndarra
         if m.any():
             tgt[m] = i
             kept[i] = True
-    if not kept[1:].all():  # a cell lost in the upsampling: number the others 1..N again
-        ids = np.zeros(len(kept), np.int32)
-        ids[kept] = np.arange(1, int(kept.sum()) + 1, dtype=np.int32)
-        out = ids[out]
-    return out
+    return out if kept[1:].all() else _renumber(out, kept)  # a cell lost in the upsampling
+
+
+def _renumber(labels: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """``labels`` with only the ids where ``keep`` (indexed by id) is True, numbered 1..N in order."""
+    ids = np.zeros(len(keep), np.int32)
+    keep = keep.copy()
+    keep[0] = False
+    ids[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    return ids[labels]
 
 
 def drop_out_of_field(small: np.ndarray, outside: np.ndarray | None) -> np.ndarray:
@@ -293,19 +298,11 @@ def drop_out_of_field(small: np.ndarray, outside: np.ndarray | None) -> np.ndarr
     n = int(small.max())
     if outside is None or n == 0:
         return small
-    h, w = small.shape
-    ys = np.minimum((np.arange(h) + 0.5) * outside.shape[0] / h, outside.shape[0] - 1).astype(np.intp)
-    xs = np.minimum((np.arange(w) + 0.5) * outside.shape[1] / w, outside.shape[1] - 1).astype(np.intp)
-    out = outside[ys[:, None], xs[None, :]]
+    out = _resize(outside, small.shape, order=0)
     area = np.bincount(small.ravel(), minlength=n + 1)
     dark = np.bincount(small[out], minlength=n + 1)
     keep = dark <= OUT_OF_FIELD_SHARE * np.maximum(area, 1)
-    keep[0] = False
-    if keep[1:].all():
-        return small
-    ids = np.zeros(n + 1, np.int32)
-    ids[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
-    return ids[small]
+    return small if keep[1:].all() else _renumber(small, keep)
 
 
 def _one_cluster_growth(small: np.ndarray, target: float, rgb: np.ndarray) -> float | None:
