@@ -268,3 +268,69 @@ def test_empty_crops_are_normalised_on_their_field():
     # stretched on a field of red cells only, their darkest reach the bottom of the range
     assert x_empty.min() < 0.1
     assert crop(empty_share=1.0)[0].tolist() == x_empty.tolist()  # reproducible from the seed
+
+
+def test_small_field_crops_show_a_small_image_normalised_on_itself():
+    from napari_wbc.core.train import make_sample, random_crop, small_field_window
+
+    rgb = np.zeros((200, 200, 3), np.float32)
+    rgb[:, 100:] = 1.0  # left half dark, right half bright
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        px, inside = small_field_window(rgb, 100, 40, 60, 32, rng)  # the field holds x=40: left half only
+        assert (px == 0).all() and inside.dtype == bool
+        frac = inside.mean()
+        assert 0.3**2 <= frac <= 1.0  # 0.35-1 crop wide, a side never below 0.3 crop
+        ys, xs = np.nonzero(inside)
+        assert ys.max() - ys.min() + 1 <= 32 and xs.max() - xs.min() + 1 <= 32
+    # off the image, or cut by its edge below a WBC diameter (0.3 crop) on a side: no small image
+    assert all(small_field_window(rgb, -100, 50, 60, 32, rng) is None for _ in range(20))
+    assert all(small_field_window(rgb[:, :15], 100, 7, 60, 32, rng) is None for _ in range(20))
+
+    # in a crop: outside the small image the input is bright padding with no weight and no label
+    img = np.full((96, 96, 3), 200, np.uint8)
+    lab = np.zeros((96, 96), np.int32)
+    lab[38:58, 38:58] = 1
+    img[lab == 1] = 60
+    s = make_sample(img, lab, diameter=20)
+    x, fg, _, wgt = random_crop(s, np.random.default_rng(1), crop=48, target=20, jitter=0.0, colour=0.0,
+                                small_field=1.0)
+    out = wgt == 0
+    assert 0 < out.sum() < out.size
+    assert abs(float(np.median(x[:, out])) - 1.0) < 0.05 and fg[out].sum() == 0  # padding (under the noise augmentation)
+    assert x[:, ~out].min() < 0.1  # stretched on the small image itself: the cell reaches the bottom
+
+
+def test_train_segmenter_with_ema_keeps_the_averaged_weights(tiny, monkeypatch):
+    import torch
+    from safetensors.torch import load_file
+
+    from napari_wbc.core import train as T
+    from napari_wbc.core.models import build_network, read_card
+
+    samples = [T.make_sample(*_pair(i), diameter=12) for i in range(2)]
+    judged = []
+
+    def better_each_time(net, card, val, device):  # every checkpoint beats the one before
+        judged.append(net)
+        return {"matched_dice": len(judged) / 10, "f1": 1.0}
+
+    monkeypatch.setattr(T, "evaluate", better_each_time)
+
+    def run(ema):
+        judged.clear()
+        card = read_card(tiny)
+        net = build_network(card["arch"])
+        net.load_state_dict(load_file(str(tiny)))
+        state, hist = T.train_segmenter(net, card, samples, samples, steps=4, batch_size=2, eval_every=2,
+                                        device="cpu", crop=32, ema=ema, log=lambda s: None)
+        return net, state, hist
+
+    net, state, hist = run(0.0)
+    assert [h["step"] for h in hist] == [0, 2, 4] and all(j is net for j in judged)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in state.items())  # the last checkpoint's own weights
+    net, state, _ = run(0.5)
+    assert judged[0] is net and all(j is not net for j in judged[1:])  # checkpoints judge the average
+    raw = net.state_dict()
+    assert set(state) == set(raw)  # loadable into the network as it is
+    assert any(v.is_floating_point() and not torch.equal(v, raw[k]) for k, v in state.items())  # not the last weights

@@ -129,6 +129,31 @@ def field_probe(rgb: np.ndarray, cy: float, cx: float, side: float, rng, n: int 
     return rgb[ya:yb:step, xa:xb:step].reshape(-1, 3)
 
 
+def small_field_window(rgb: np.ndarray, cy: float, cx: float, src: float, crop: int, rng):
+    """A small image inside a training crop: (its pixels Kx3, CxC mask of where it lies in the crop).
+
+    The crop is ``src`` source pixels wide, centred on (cy, cx), resized to ``crop``. The image is a
+    field 0.35-1 crop wide that holds (cy, cx) at a random place, cut to the source image: 1-3 WBC
+    diameters, as a user's crop around one cell, or around red cells only. segment() sees such an
+    image in one window, normalised on itself, with bright padding around it. None when the source
+    image's edge cuts the field below 0.3 crop (a WBC diameter) on a side.
+    """
+    h, w = rgb.shape[:2]
+    side = src * rng.uniform(0.35, 1.0)
+    y0, x0 = cy - side * rng.uniform(0.2, 0.8), cx - side * rng.uniform(0.2, 0.8)
+    ya, yb = max(int(round(y0)), 0), min(int(round(y0 + side)), h)
+    xa, xb = max(int(round(x0)), 0), min(int(round(x0 + side)), w)
+    f = crop / src  # source px -> crop px
+    if min(yb - ya, xb - xa) * f < 0.3 * crop:
+        return None
+    step = max(1, int(math.sqrt((yb - ya) * (xb - xa) / 8192)))
+    c0y, c0x = cy - src / 2, cx - src / 2
+    inside = np.zeros((crop, crop), bool)
+    inside[max(int(round((ya - c0y) * f)), 0) : max(int(round((yb - c0y) * f)), 0),
+           max(int(round((xa - c0x) * f)), 0) : max(int(round((xb - c0x) * f)), 0)] = True
+    return rgb[ya:yb:step, xa:xb:step].reshape(-1, 3), inside
+
+
 # ---------------------------------------------------------------- augmentation
 _YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float32)
 _YIQ_INV = np.linalg.inv(_YIQ).astype(np.float32)
@@ -208,7 +233,7 @@ def distance_target(labels: np.ndarray) -> np.ndarray:
 
 def random_crop(sample: Sample, rng, *, crop: int = 96, target: float = TARGET_DIAMETER, jitter: float = 0.3, colour: float = 1.0,
                 wide_hue: float = 0.0, stain: float = 0.0, stain_share: float = 1.0, stain_weak: bool = True,
-                field_norm: float = 0.0, empty_share: float = 0.0):
+                field_norm: float = 0.0, empty_share: float = 0.0, small_field: float = 0.0):
     """One augmented training example: (x 3xCxC float32, fg CxC, dist CxC, weight CxC).
 
     ``stain_weak=False``: no stain jitter on weakly labelled samples (those with a ``weight`` map).
@@ -216,6 +241,9 @@ def random_crop(sample: Sample, rng, *, crop: int = 96, target: float = TARGET_D
     0.75-4 crops wide) instead of the whole image. ``empty_share``: share of crops, among samples
     with ``empty`` points, centred on such a point (red cells only) and normalised on a field
     1-2 crops wide around it: the fields without any WBC that a smear is mostly made of.
+    ``small_field``: share of crops that show a small image as a user may open it (:func:`small_field_window`):
+    only a field 0.35-1 crop wide holds the image, normalised on itself; around it the crop is
+    padded as segment() pads a small image. With ``empty_share``, such a field may hold red cells only.
     """
     from scipy import ndimage as ndi
 
@@ -240,7 +268,11 @@ def random_crop(sample: Sample, rng, *, crop: int = 96, target: float = TARGET_D
     outside = rgb[..., 0] < -0.5
     x = f(np.clip(rgb, 0, 1).reshape(-1, 3)).reshape(rgb.shape)
     pixels = None
-    if empty:
+    field = small_field_window(sample.rgb, cy, cx, src, crop, rng) if small_field > 0 and rng.random() < small_field else None
+    if field is not None:
+        pixels, inside = field
+        outside |= ~inside
+    elif empty:
         pixels = field_probe(sample.rgb, cy, cx, src * math.exp(rng.uniform(0.0, math.log(2.0))), rng)
     elif field_norm > 0 and rng.random() < field_norm:
         pixels = field_probe(sample.rgb, cy, cx, src * math.exp(rng.uniform(math.log(0.75), math.log(4.0))), rng)
@@ -253,6 +285,8 @@ def random_crop(sample: Sample, rng, *, crop: int = 96, target: float = TARGET_D
     if rng.random() < 0.3:
         x = x + rng.normal(0, rng.uniform(0.01, 0.05), x.shape).astype(np.float32)
     lab = _crop_rescaled(sample.labels, cy, cx, src, crop, 0, 0)
+    if field is not None:
+        lab[outside] = 0  # cells cut by the small image's edge end there, as at any image edge
     wgt = np.ones((crop, crop), np.float32) if sample.weight is None else _crop_rescaled(sample.weight, cy, cx, src, crop, 0, 0.0)
     wgt[outside] = 0.0
     # geometric: flips and 90-degree turns
@@ -328,6 +362,8 @@ def train_segmenter(
     stain_weak: bool = True,
     field_norm: float = 0.0,
     empty_share: float = 0.0,
+    small_field: float = 0.0,
+    ema: float = 0.0,
     progress=None,
     should_stop=None,
     log=print,
@@ -336,6 +372,8 @@ def train_segmenter(
 
     Returns ``(best_state or None, history)``: ``best_state`` is None when no
     evaluation beat ``baseline`` (the score before training).
+    ``ema``: when > 0, evaluate and keep an exponential moving average of the weights (and batch-norm
+    statistics) with this decay per step instead of the raw weights: less dependent on the last steps' batches.
     """
     import copy
 
@@ -352,6 +390,11 @@ def train_segmenter(
     if empty_share > 0:
         train = [with_empty_points(s) for s in train]
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    averaged = None
+    if ema > 0:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        averaged = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(ema), use_buffers=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 2), pct_start=0.1)
     history = []
 
@@ -370,23 +413,27 @@ def train_segmenter(
             break
         x, fg, dist, wgt = (t.to(dev) for t in make_batch(train, rng, batch_size, crop=crop, target=target, wide_hue=wide_hue, stain=stain,
                                                              stain_share=stain_share, stain_weak=stain_weak,
-                                                             field_norm=field_norm, empty_share=empty_share))
+                                                             field_norm=field_norm, empty_share=empty_share,
+                                                             small_field=small_field))
         out = net(x)
         loss = seg_loss(out, fg, dist, wgt)
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
+        if averaged is not None:
+            averaged.update_parameters(net)
         running.append(float(loss.detach()))
         if step % eval_every == 0 or step == steps:
-            m = evaluate(net, card, val, dev) if val else {"matched_dice": 0.0, "f1": 0.0}
+            judged = net if averaged is None else averaged.module
+            m = evaluate(judged, card, val, dev) if val else {"matched_dice": 0.0, "f1": 0.0}
             rec = {"step": step, "loss": float(np.mean(running)), "time_s": time.time() - t0, **m}
             history.append(rec)
             running = []
             improved = score(m) > best_score
             if improved:
                 best_score = score(m)
-                best_state = copy.deepcopy({k: v.detach().cpu() for k, v in net.state_dict().items()})
+                best_state = copy.deepcopy({k: v.detach().cpu() for k, v in judged.state_dict().items()})
             log(f"step {step}/{steps} loss {rec['loss']:.4f} val dice {m['matched_dice']:.4f} f1 {m['f1']:.4f} {'*' if improved else ''} ({rec['time_s']:.0f}s)")
             if progress is not None:
                 progress(step, steps, rec)
