@@ -15,10 +15,11 @@ BATCH_SIZE = 8
 # so more corrected cells give more variety per step, not more steps)
 DEFAULT_EPOCHS = 12
 LEARNING_RATE = 1e-3  # chosen between 5e-4 and 1e-3 on benchmarks/finetune.py (see docs/benchmarks.md)
-# as the shipped segmenter was trained (benchmarks/train_segmenter.py --field-norm / --empty-share), so a
-# fine-tuned model keeps leaving fields of red cells alone
+# as the shipped segmenter was trained (benchmarks/train_segmenter.py --field-norm / --empty-share /
+# --small-field), so a fine-tuned model keeps leaving fields of red cells alone, small images included
 FIELD_NORM = 0.3
 EMPTY_SHARE = 0.15
+SMALL_FIELD = 0.3
 
 
 class FinetuneCancelled(RuntimeError):
@@ -208,7 +209,7 @@ def finetune(
     best_state, history = train_segmenter(
         net, card, train, val, steps=epochs * STEPS_PER_EPOCH, batch_size=BATCH_SIZE, lr=LEARNING_RATE,
         eval_every=STEPS_PER_EPOCH, device=dev, seed=seed, field_norm=FIELD_NORM, empty_share=EMPTY_SHARE,
-        progress=_progress,
+        small_field=SMALL_FIELD, progress=_progress,
         should_stop=should_stop, log=lambda s: None,
     )
     if should_stop is not None and should_stop():
