@@ -168,7 +168,7 @@ def evaluate(cond, model, sets, bccd_items, seed=0):
         out[key] = summarise(res)
     res = []
     for rgb, boxes in bccd_items:
-        d = float(np.median([((b[2] - b[0]) + (b[3] - b[1])) / 2 for b in boxes])) if boxes else 200.0
+        d = wbc_data.box_diameter(boxes) if boxes else 200.0
         img, f = cond(rgb, d, rng)
         res.append(match_boxes([tuple(v * f for v in b) for b in boxes], label_boxes(segment(img, model=model, device="cpu"))))
     out["BCCD"] = summarise(res)

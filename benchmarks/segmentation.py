@@ -149,7 +149,7 @@ def eval_bccd(fn, which):
             continue
         boxes = wbc_data.wbc_boxes(xml)
         rgb = to_rgb(read_image(img))
-        d = float(np.median([((b[2] - b[0]) + (b[3] - b[1])) / 2 for b in boxes])) if boxes else None
+        d = wbc_data.box_diameter(boxes) if boxes else None
         pred = fn(rgb, d)
         res.append(match_boxes(boxes, label_boxes(pred)))
     return summarise(res)

@@ -49,13 +49,11 @@ def load_bccd_weak():
         if not boxes:
             continue
         w = np.ones(rgb.shape[:2], np.float32)
-        sizes = []
         for y0, x0, y1, x1 in boxes:
             py, px = 0.15 * (y1 - y0), 0.15 * (x1 - x0)
             w[max(int(y0 - py), 0) : int(y1 + py), max(int(x0 - px), 0) : int(x1 + px)] = 0
-            sizes.append(((y1 - y0) + (x1 - x0)) / 2)
         lab = np.zeros(rgb.shape[:2], np.int32)
-        s = T.make_sample(rgb, lab, diameter=float(np.median(sizes)), weight=w, name=f"bccd/{img.name}")
+        s = T.make_sample(rgb, lab, diameter=wbc_data.box_diameter(boxes), weight=w, name=f"bccd/{img.name}")
         out.append(s)
     return out
 
@@ -67,7 +65,7 @@ def load_bccd_windows(every: int, win: int = 240):
     for img, rgb, boxes in wbc_data.bccd_with_boxes("train"):
         if not boxes:
             continue
-        d = float(np.median([((y1 - y0) + (x1 - x0)) / 2 for y0, x0, y1, x1 in boxes]))
+        d = wbc_data.box_diameter(boxes)
         for y, x in wbc_data.clear_windows(rgb.shape, boxes, win):
             n += 1
             if n % every == 0:

@@ -64,6 +64,11 @@ def wbc_boxes(xml):
     return [b[1:] for b in read_voc_boxes(xml, names=("WBC",))]
 
 
+def box_diameter(boxes) -> float:
+    """WBC diameter (px) of an image from its boxes: the median of each box's mean side."""
+    return float(np.median([((y1 - y0) + (x1 - x0)) / 2 for y0, x0, y1, x1 in boxes]))
+
+
 def bccd_with_boxes(split):
     """(image path, RGB image, WBC boxes) of the BCCD images of ``split`` ("train" or "val")."""
     for img, xml, sp in bccd():

@@ -125,6 +125,11 @@ def field_probe(rgb: np.ndarray, cy: float, cx: float, side: float, rng, n: int 
     ya, yb, xa, xb = max(y0, 0), min(y0 + s, h), max(x0, 0), min(x0 + s, w)
     if yb - ya < 8 or xb - xa < 8:
         return None
+    return _field_pixels(rgb, ya, yb, xa, xb, n)
+
+
+def _field_pixels(rgb: np.ndarray, ya: int, yb: int, xa: int, xb: int, n: int = 8192) -> np.ndarray:
+    """About ``n`` pixels (Kx3) of ``rgb[ya:yb, xa:xb]`` on a regular grid (for its percentiles)."""
     step = max(1, int(math.sqrt((yb - ya) * (xb - xa) / n)))
     return rgb[ya:yb:step, xa:xb:step].reshape(-1, 3)
 
@@ -146,12 +151,11 @@ def small_field_window(rgb: np.ndarray, cy: float, cx: float, src: float, crop: 
     f = crop / src  # source px -> crop px
     if min(yb - ya, xb - xa) * f < 0.3 * crop:
         return None
-    step = max(1, int(math.sqrt((yb - ya) * (xb - xa) / 8192)))
     c0y, c0x = cy - src / 2, cx - src / 2
     inside = np.zeros((crop, crop), bool)
     inside[max(int(round((ya - c0y) * f)), 0) : max(int(round((yb - c0y) * f)), 0),
            max(int(round((xa - c0x) * f)), 0) : max(int(round((xb - c0x) * f)), 0)] = True
-    return rgb[ya:yb:step, xa:xb:step].reshape(-1, 3), inside
+    return _field_pixels(rgb, ya, yb, xa, xb), inside
 
 
 # ---------------------------------------------------------------- augmentation
@@ -268,9 +272,9 @@ def random_crop(sample: Sample, rng, *, crop: int = 96, target: float = TARGET_D
     outside = rgb[..., 0] < -0.5
     x = f(np.clip(rgb, 0, 1).reshape(-1, 3)).reshape(rgb.shape)
     pixels = None
-    field = small_field_window(sample.rgb, cy, cx, src, crop, rng) if small_field > 0 and rng.random() < small_field else None
-    if field is not None:
-        pixels, inside = field
+    small = small_field_window(sample.rgb, cy, cx, src, crop, rng) if small_field > 0 and rng.random() < small_field else None
+    if small is not None:
+        pixels, inside = small
         outside |= ~inside
     elif empty:
         pixels = field_probe(sample.rgb, cy, cx, src * math.exp(rng.uniform(0.0, math.log(2.0))), rng)
@@ -285,7 +289,7 @@ def random_crop(sample: Sample, rng, *, crop: int = 96, target: float = TARGET_D
     if rng.random() < 0.3:
         x = x + rng.normal(0, rng.uniform(0.01, 0.05), x.shape).astype(np.float32)
     lab = _crop_rescaled(sample.labels, cy, cx, src, crop, 0, 0)
-    if field is not None:
+    if small is not None:
         lab[outside] = 0  # cells cut by the small image's edge end there, as at any image edge
     wgt = np.ones((crop, crop), np.float32) if sample.weight is None else _crop_rescaled(sample.weight, cy, cx, src, crop, 0, 0.0)
     wgt[outside] = 0.0
