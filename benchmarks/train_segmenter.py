@@ -101,6 +101,8 @@ def main(argv=None):
                     help="share of crops showing a small image (a field 0.35-1 crop wide, normalised on itself, padded around)")
     ap.add_argument("--ema", type=float, default=0.0,
                     help="keep and judge an exponential moving average of the weights with this decay per step (0: none)")
+    ap.add_argument("--grey-share", type=float, default=0.1,
+                    help="share of crops turned to grey, as a greyscale camera sees them (0.1 in every shipped model)")
     ap.add_argument("--bccd-windows", type=int, default=0,
                     help="add one in N red-cell-only 240 px windows of the training BCCD images as samples (0: none)")
     ap.add_argument("--no-bccd", action="store_true", help="do not use BCCD weak negatives")
@@ -135,7 +137,7 @@ def main(argv=None):
         net, card, train_all, val_sel, steps=a.steps, batch_size=a.batch, lr=a.lr,
         eval_every=a.eval_every, device=a.device, seed=a.seed, crop=a.crop, wide_hue=a.wide_hue, stain=a.stain_jitter,
         stain_share=a.stain_share, stain_weak=not a.no_stain_on_weak, field_norm=a.field_norm,
-        empty_share=a.empty_share, small_field=a.small_field, ema=a.ema, log=lambda s: print(s, flush=True),
+        empty_share=a.empty_share, small_field=a.small_field, ema=a.ema, grey=a.grey_share, log=lambda s: print(s, flush=True),
     )
     if best is not None:
         net.load_state_dict(best)

@@ -196,6 +196,23 @@ def test_stain_share_zero_is_plain_colour_jitter():
     assert np.abs(always - plain).mean() > 0.01
 
 
+def test_grey_share_sets_how_often_colours_turn_grey():
+    from napari_wbc.core.train import colour_transform
+
+    x = np.random.default_rng(0).random((200, 3)).astype(np.float32)
+
+    def n_grey(share):
+        ys = [colour_transform(np.random.default_rng(s), 1.0, grey=share)(x) for s in range(40)]
+        return sum(bool(np.allclose(y[:, 0], y[:, 1]) and np.allclose(y[:, 1], y[:, 2])) for y in ys)
+
+    assert n_grey(0.0) == 0 and n_grey(1.0) == 40
+    assert 0 < n_grey(0.25) < 40
+    # the default (0.1) draws the same random numbers as any other share: same colours where neither turns grey
+    a = colour_transform(np.random.default_rng(7), 1.0)(x)
+    b = colour_transform(np.random.default_rng(7), 1.0, grey=0.0)(x)
+    assert np.allclose(a, b) or np.allclose(a[:, 0], a[:, 1])
+
+
 def test_stain_jitter_can_spare_weakly_labelled_samples():
     from napari_wbc.core.train import make_sample, random_crop
 

@@ -164,7 +164,7 @@ _YIQ_INV = np.linalg.inv(_YIQ).astype(np.float32)
 
 
 def colour_transform(rng: np.random.Generator, strength: float = 1.0, wide_hue: float = 0.0, stain: float = 0.0,
-                     stain_share: float = 1.0):
+                     stain_share: float = 1.0, grey: float = 0.1):
     """A random colour change f(pixels Nx3 in 0..1) -> Nx3 (stain/scanner variation).
 
     With probability ``wide_hue`` the hue turns by any angle (stains of other labs can
@@ -172,6 +172,7 @@ def colour_transform(rng: np.random.Generator, strength: float = 1.0, wide_hue: 
     ``stain`` > 0 first scales each stain's optical density by up to +-``stain`` (and shifts
     it by a fifth of that): colour deconvolution jitter, which changes the dyes' balance
     rather than every hue at once; it is applied to a ``stain_share`` of the calls.
+    ``grey``: chance (times ``strength``) that the result is turned to grey, as a greyscale camera sees it.
     """
     theta = rng.uniform(-0.35, 0.35) * strength
     if wide_hue > 0 and rng.random() < wide_hue:
@@ -182,7 +183,7 @@ def colour_transform(rng: np.random.Generator, strength: float = 1.0, wide_hue: 
     m = _YIQ_INV @ rot @ _YIQ
     gains = np.exp(rng.uniform(-0.15, 0.15, 3) * strength).astype(np.float32)
     gamma = math.exp(rng.uniform(-0.35, 0.35) * strength)
-    grey = rng.random() < 0.1 * strength
+    to_grey = rng.random() < grey * strength
     od_gain = od_bias = None
     if stain > 0 and (stain_share >= 1 or rng.random() < stain_share):
         od_gain = rng.uniform(1 - stain, 1 + stain, 3).astype(np.float32)
@@ -195,7 +196,7 @@ def colour_transform(rng: np.random.Generator, strength: float = 1.0, wide_hue: 
             x = np.clip(hed2rgb(rgb2hed(x) * od_gain + od_bias), 0, 1).astype(np.float32)
         y = np.clip(x @ m.T, 0, 1) * gains
         y = np.clip(y, 0, 1) ** gamma
-        if grey:
+        if to_grey:
             y = np.repeat(y @ _YIQ[0:1].T, 3, axis=-1)
         return y.astype(np.float32)
 
@@ -237,7 +238,7 @@ def distance_target(labels: np.ndarray) -> np.ndarray:
 
 def random_crop(sample: Sample, rng, *, crop: int = 96, target: float = TARGET_DIAMETER, jitter: float = 0.3, colour: float = 1.0,
                 wide_hue: float = 0.0, stain: float = 0.0, stain_share: float = 1.0, stain_weak: bool = True,
-                field_norm: float = 0.0, empty_share: float = 0.0, small_field: float = 0.0):
+                field_norm: float = 0.0, empty_share: float = 0.0, small_field: float = 0.0, grey: float = 0.1):
     """One augmented training example: (x 3xCxC float32, fg CxC, dist CxC, weight CxC).
 
     ``stain_weak=False``: no stain jitter on weakly labelled samples (those with a ``weight`` map).
@@ -248,6 +249,7 @@ def random_crop(sample: Sample, rng, *, crop: int = 96, target: float = TARGET_D
     ``small_field``: share of crops that show a small image as a user may open it (:func:`small_field_window`):
     only a field 0.35-1 crop wide holds the image, normalised on itself; around it the crop is
     padded as segment() pads a small image. With ``empty_share``, such a field may hold red cells only.
+    ``grey``: share of crops turned to grey (:func:`colour_transform`).
     """
     from scipy import ndimage as ndi
 
@@ -267,7 +269,7 @@ def random_crop(sample: Sample, rng, *, crop: int = 96, target: float = TARGET_D
         cy, cx = rng.uniform(0, h), rng.uniform(0, w)
     if sample.weight is not None and not stain_weak:
         stain = 0.0
-    f = colour_transform(rng, colour, wide_hue, stain, stain_share)
+    f = colour_transform(rng, colour, wide_hue, stain, stain_share, grey)
     rgb = _crop_rescaled(sample.rgb, cy, cx, src, crop, 1, -1.0)
     outside = rgb[..., 0] < -0.5
     x = f(np.clip(rgb, 0, 1).reshape(-1, 3)).reshape(rgb.shape)
@@ -368,6 +370,7 @@ def train_segmenter(
     empty_share: float = 0.0,
     small_field: float = 0.0,
     ema: float = 0.0,
+    grey: float = 0.1,
     progress=None,
     should_stop=None,
     log=print,
@@ -418,7 +421,7 @@ def train_segmenter(
         x, fg, dist, wgt = (t.to(dev) for t in make_batch(train, rng, batch_size, crop=crop, target=target, wide_hue=wide_hue, stain=stain,
                                                              stain_share=stain_share, stain_weak=stain_weak,
                                                              field_norm=field_norm, empty_share=empty_share,
-                                                             small_field=small_field))
+                                                             small_field=small_field, grey=grey))
         out = net(x)
         loss = seg_loss(out, fg, dist, wgt)
         opt.zero_grad()
