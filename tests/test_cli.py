@@ -290,6 +290,10 @@ def test_usage_errors(tmp_path, tiny_models, capsys):
     assert "bad.safetensors" in capsys.readouterr().err
     assert main(seg_args([inp], tmp_path / "o", tiny_models, "--device", "nope")) == 2
     assert "--device" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # argparse: a diameter that would enlarge the image past any use
+        main(seg_args([inp], tmp_path / "o", tiny_models, "--diameter", "1"))
+    assert e.value.code == 2 and "--diameter" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
     # a model whose weights cannot be loaded stops the run before any image
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"not safetensors")

@@ -351,3 +351,101 @@ def test_train_segmenter_with_ema_keeps_the_averaged_weights(tiny, monkeypatch):
     raw = net.state_dict()
     assert set(state) == set(raw)  # loadable into the network as it is
     assert any(v.is_floating_point() and not torch.equal(v, raw[k]) for k, v in state.items())  # not the last weights
+
+
+def _paired_tiny(tmp_path):
+    import json
+
+    from napari_wbc.core.models import card_path
+    from napari_wbc.core.testing import make_tiny_classifier
+
+    cls = make_tiny_classifier(tmp_path / "cls.safetensors")
+    seg = make_tiny_segmenter(tmp_path / "seg.safetensors", target_diameter=16)
+    card = json.loads(card_path(seg).read_text())
+    card["classifier"] = str(cls)
+    card_path(seg).write_text(json.dumps(card))
+    return seg, cls
+
+
+def _worse_training(*args, **kwargs):
+    """A stand-in for train_segmenter whose training moved the weights but never beat the base."""
+    import torch
+
+    net = args[0]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    return None, [{"step": 0}]
+
+
+@pytest.mark.parametrize("classifier_improves", [True, False])
+def test_cell_types_keep_the_base_segmenter_when_it_did_not_improve(tmp_path, monkeypatch, classifier_improves):
+    """Corrected types still train the classifier, but the segmenter's weights stay the base's (not the worse last epoch)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from napari_wbc.core import classifier_finetune as CF
+    from napari_wbc.core import train as T
+
+    seg, cls = _paired_tiny(tmp_path)
+    monkeypatch.setattr(T, "train_segmenter", _worse_training)
+
+    def fake_classifier(images, labels, cell_types, *, base, output, **kw):
+        if not classifier_improves:
+            return __import__("pathlib").Path(base)
+        shutil.copy(cls, output)
+        shutil.copy(cls.with_suffix(".json"), output.with_suffix(".json"))
+        return output
+
+    monkeypatch.setattr(CF, "finetune_classifier", fake_classifier)
+    imgs, labs = zip(*[_pair(i, n=3) for i in range(4)])
+    types = [{1: "neutrophil", 2: "lymphocyte", 3: "monocyte"}] * 4
+    with pytest.warns(UserWarning, match="did not improve"):
+        out = napari_wbc.finetune(list(imgs), list(labs), base=seg, epochs=1, device="cpu",
+                                  output=tmp_path / "ft.safetensors", cell_types=types)
+    if not classifier_improves:
+        assert out == seg and not (tmp_path / "ft.safetensors").exists()
+        return
+    assert out == tmp_path / "ft.safetensors"
+    card = read_card(out)
+    assert card["finetune"]["kept_base_weights"] is True
+    assert card["classifier"].endswith("ft_classifier.safetensors")
+    base_w, new_w = load_file(str(seg)), load_file(str(out))
+    assert base_w.keys() == new_w.keys() and all((base_w[k] == new_w[k]).all() for k in base_w)
+
+
+@pytest.mark.parametrize("case", ["bad type", "not a mapping", "no cell", "classifier output exists"])
+def test_cell_types_are_checked_before_any_training(tmp_path, monkeypatch, case):
+    from napari_wbc.core import train as T
+
+    seg, _ = _paired_tiny(tmp_path)
+
+    def no_training(*a, **k):
+        raise AssertionError("the segmenter trained before the bad input was reported")
+
+    monkeypatch.setattr(T, "train_segmenter", no_training)
+    imgs, labs = zip(*[_pair(i, n=3) for i in range(2)])
+    types = {"bad type": [{1: "blast"}, {}], "not a mapping": [["neutrophil"], {}], "no cell": [{}, {}],
+             "classifier output exists": [{1: "neutrophil"}, {}]}[case]
+    match = {"bad type": "blast", "not a mapping": "mapping", "no cell": "names no cell",
+             "classifier output exists": "exists"}[case]
+    if case == "classifier output exists":
+        (tmp_path / "ft_classifier.safetensors").write_bytes(b"user classifier")
+    with pytest.raises(ValueError, match=match):
+        napari_wbc.finetune(list(imgs), list(labs), base=seg, epochs=1, device="cpu",
+                            output=tmp_path / "ft.safetensors", cell_types=types)
+    if case == "classifier output exists":
+        assert (tmp_path / "ft_classifier.safetensors").read_bytes() == b"user classifier"
+
+
+@pytest.mark.parametrize("value", [1, 255, 7.0])
+def test_binary_masks_of_any_value_are_split_into_cells(value):
+    lab = np.zeros((40, 60), np.float32 if isinstance(value, float) else np.uint8)
+    lab[5:15, 5:15] = value
+    lab[20:30, 30:45] = value
+    out = F._as_labels(lab, 0)
+    assert out.dtype == np.int32 and sorted(np.unique(out)) == [0, 1, 2]
+    inst = np.zeros((40, 60), np.uint16)
+    inst[5:15, 5:15], inst[15:25, 5:15] = 3, 9  # touching instance labels stay as they are
+    assert (F._as_labels(inst, 0) == inst).all()

@@ -168,10 +168,21 @@ def test_bad_input(tiny, bad, match):
         napari_wbc.segment(bad, model=tiny, device="cpu")
 
 
-@pytest.mark.parametrize("d", [0, -5, float("nan"), "big"])
+@pytest.mark.parametrize("d", [0, -5, float("nan"), "big", True, 1, 0.3, 3.9])
 def test_bad_diameter(tiny, d):
     with pytest.raises(ValueError, match="diameter"):
         napari_wbc.segment(_discs(), model=tiny, device="cpu", diameter=d)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+@pytest.mark.parametrize("value", [0, 1])
+def test_a_flat_image_has_no_cells(dtype, value):
+    """All black (the red-cell estimate once divided by zero there) or all white: no cell, no error
+    (the shipped model: a random network may call anything a cell)."""
+    top = {np.uint8: 255, np.uint16: 65535, np.float32: 1.0}[dtype]
+    img = np.full((120, 150, 3), value * top, dtype)
+    lab = napari_wbc.segment(img, device="cpu")
+    assert lab.shape == (120, 150) and lab.max() == 0
 
 
 def test_bad_model_and_device(tmp_path, tiny):

@@ -34,6 +34,15 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _diameter(text: str) -> float:
+    from .core.segment import MIN_DIAMETER_ARG
+
+    v = _positive_float(text)
+    if v < MIN_DIAMETER_ARG:
+        raise argparse.ArgumentTypeError(f"expected a WBC diameter of at least {MIN_DIAMETER_ARG:g} pixels, got {text!r}")
+    return v
+
+
 def _positive_int(text: str) -> int:
     try:
         v = int(text)
@@ -89,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-classify", action="store_true", help="count cells without typing them")
     s.add_argument("--device", default="auto", metavar="D",
                    help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps (default: auto)")
-    s.add_argument("--diameter", type=_positive_float, metavar="PX",
+    s.add_argument("--diameter", type=_diameter, metavar="PX",
                    help="expected WBC diameter in pixels (default: estimated per image from the red cells)")
     s.add_argument("--workers", "-j", type=_positive_int, default=1, metavar="N",
                    help="images processed in parallel by N processes, CPU threads divided among them (default: 1)")
@@ -116,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("masks_dir", metavar="MASKS_DIR", help="folder of masks (may be IMAGES_DIR)")
     t.add_argument("--base", metavar="FILE", help="segmenter to start from (default: the shipped model)")
     t.add_argument("--epochs", type=_positive_int, metavar="E",
-                   help="epochs of 25 steps (default: chosen from the number of cells, 6 to 12)")
+                   help="epochs of 25 steps of 8 crops (default: 12, whatever the number of cells)")
     t.add_argument("--out", "-o", metavar="FILE",
                    help="new model file (.safetensors; never overwritten). Default: a new dated file in "
                         "the user's napari-wbc data folder")

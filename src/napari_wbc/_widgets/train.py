@@ -81,11 +81,14 @@ class TrainWidget(QWidget):
 
         self.model_combo = ModelCombo("segmenter")
         self.model_combo.setToolTip("the model to start from")
+        from napari_wbc.core.finetune import DEFAULT_EPOCHS, STEPS_PER_EPOCH
+
         self.auto_epochs = QCheckBox("auto")
         self.auto_epochs.setChecked(True)
+        self.auto_epochs.setToolTip(f"{DEFAULT_EPOCHS} epochs of {STEPS_PER_EPOCH} steps, whatever the number of cells")
         self.epochs = QSpinBox()
         self.epochs.setRange(1, 500)
-        self.epochs.setValue(8)
+        self.epochs.setValue(DEFAULT_EPOCHS)
         self.epochs.setEnabled(False)
         self.auto_epochs.toggled.connect(lambda on: self.epochs.setEnabled(not on))
         self.device_combo = DeviceCombo()
@@ -355,7 +358,10 @@ class TrainWidget(QWidget):
             ft = {}
         before = (ft.get("holdout_before") or {}).get("matched_dice")
         after = (ft.get("holdout_after") or {}).get("matched_dice")
-        if before is None and after is None:
+        if ft.get("kept_base_weights"):
+            dice = (f"cell types trained; outlines kept from {base.name}, no epoch beat its validation Dice "
+                    f"{_dice_text(before)}")
+        elif before is None and after is None:
             dice = "no held-out cells to validate on"
         else:
             dice = f"validation Dice {_dice_text(before)} -> {_dice_text(after)}"

@@ -9,6 +9,26 @@ from pathlib import Path
 import numpy as np
 
 
+def check_cell_types(cell_types, card) -> None:
+    """Raise a ValueError unless every ``cell_types`` entry names a type the classifier ``card`` knows
+    and at least one cell is typed (checked before any training starts)."""
+    from .classify import CLASSES
+
+    classes = list(card.get("classes", CLASSES))
+    n = 0
+    for i, types in enumerate(cell_types):
+        if types is None:
+            continue
+        if not isinstance(types, dict):
+            raise ValueError(f"cell_types[{i}] is a {type(types).__name__}; expected a mapping {{label: type}}")
+        for k, t in types.items():
+            if t not in classes:
+                raise ValueError(f"cell_types[{i}][{k!r}] = {t!r} is not a known type ({', '.join(classes)})")
+        n += len(types)
+    if n == 0:
+        raise ValueError("cell_types names no cell; expected {label: type} for at least one labelled cell")
+
+
 def _cell_inputs(images, labels, cell_types, card):
     """Network inputs (N x 4 x S x S) and class indices of every typed cell."""
     from .classify import CLASSES, _regions, cell_input, input_settings

@@ -67,6 +67,8 @@ def _as_labels(lab, i):
         raise ValueError(f"labels[{i}] has shape {lab.shape}; expected a 2-D label image")
     if lab.dtype == bool or (lab.size and lab.max() <= 1):
         return mask_to_labels(lab.astype(np.uint8))
+    if lab.size and lab.dtype.kind in "uif" and len(np.unique(lab[lab != 0])) == 1 and lab.min() >= 0:
+        return mask_to_labels((lab != 0).astype(np.uint8))  # a binary mask of any value (0/255): split into cells
     if lab.dtype.kind == "f":
         if not np.all(np.mod(lab, 1) == 0):
             raise ValueError(f"labels[{i}] holds non-integer values; expected integer instance labels")
@@ -122,8 +124,11 @@ def finetune(
     Parameters
     ----------
     images : list of HxW / HxWx3 arrays (any size, as :func:`segment` takes).
-    labels : matching list of instance label arrays (0 background; binary masks
-        are split into connected components).
+    labels : matching list of instance label arrays (0 background, 1..N one per cell).
+        A binary mask (bool, or a single non-zero value such as 0/1 or 0/255) is split
+        into connected components; any other array is read as instance labels, so a
+        mask file with several grey levels (a JPEG, or Tecom's 0/128/255 nucleus and
+        cytoplasm) should be read with ``napari_wbc.core.io.read_mask`` first.
     base : None (shipped model) or a model path to start from.
     epochs : None = 12 (1 epoch = 25 steps of 8 crops, scored on the hold-out after each).
     device : None/"auto", "cpu", "cuda", "mps".
@@ -139,7 +144,10 @@ def finetune(
         writes nothing.
 
     Returns the path of the new model, or the base model's path when no epoch
-    beat it on the internal hold-out (a warning says so).
+    beat it on the internal hold-out (a warning says so). With ``cell_types``, a
+    segmenter that did not improve keeps the base model's weights in the new file
+    (card: ``finetune.kept_base_weights``) beside the trained classifier; when
+    neither improved, the base model's path comes back.
     """
     from .device import resolve_device
     from .models import SHIPPED, build_network, read_card, resolve_model_path, save_model
@@ -186,6 +194,17 @@ def finetune(
         if out_path.resolve() == SHIPPED["segmenter"].resolve():
             raise ValueError("output must not be the shipped model file")
 
+    cls_path = cls_base = None
+    if cell_types is not None:  # checked now, not after minutes of training the segmenter
+        from .classifier_finetune import check_cell_types
+
+        cls_path = out_path.with_name(out_path.stem + "_classifier.safetensors")
+        if cls_path.exists():
+            raise ValueError(f"classifier output {str(cls_path)!r} exists; choose a new file name (models are never overwritten)")
+        # start from the classifier that goes with the base segmenter (a fine-tuned pair), else the shipped one
+        cls_base = card.get("classifier") if card.get("classifier") and Path(card["classifier"]).exists() else None
+        check_cell_types(cell_types, read_card(resolve_model_path(cls_base, "classifier")))
+
     dev = resolve_device(device)
     from safetensors.torch import load_file
 
@@ -214,14 +233,23 @@ def finetune(
     )
     if should_stop is not None and should_stop():
         raise FinetuneCancelled("fine-tuning was cancelled; no model file was written")
-    if val and best_state is None and cell_types is None:
+    kept_base = bool(val) and best_state is None
+    if kept_base:
+        if cell_types is None:
+            warnings.warn(
+                f"fine-tuning did not improve on the base model on the held-out data "
+                f"(matched Dice x F1 before {before['matched_dice'] * before['f1']:.3f}); keeping the base model {base_path.name}",
+                stacklevel=2,
+            )
+            return base_path
+        # the corrected types still train the classifier; the outlines stay the base model's
         warnings.warn(
-            f"fine-tuning did not improve on the base model on the held-out data "
-            f"(matched Dice x F1 before {before['matched_dice'] * before['f1']:.3f}); keeping the base model {base_path.name}",
+            f"fine-tuning the segmenter did not improve on the base model on the held-out data; the new model "
+            f"keeps {base_path.name}'s segmentation weights (only the classifier is trained)",
             stacklevel=2,
         )
-        return base_path
-    if best_state is not None:
+        net.load_state_dict(load_file(str(base_path)))
+    elif best_state is not None:
         net.load_state_dict(best_state)
     after = evaluate(net, card, val, dev) if val else None
     new_card = dict(card)
@@ -239,6 +267,7 @@ def finetune(
             "wall_time_s": round(time.time() - t0, 1),
             "holdout_before": before,
             "holdout_after": after,
+            "kept_base_weights": kept_base,
             "history": history,
         },
     })
@@ -246,11 +275,10 @@ def finetune(
     if cell_types is not None:
         from .classifier_finetune import finetune_classifier
 
-        cls_path = out_path.with_name(out_path.stem + "_classifier.safetensors")
         labs = [_as_labels(lab, i) for i, lab in enumerate(labels)]
-        # start from the classifier that goes with the base segmenter (a fine-tuned pair), else the shipped one
-        cls_base = card.get("classifier") if card.get("classifier") and Path(card["classifier"]).exists() else None
         got = finetune_classifier(images, labs, cell_types, base=cls_base, output=cls_path, device=dev,
                                   should_stop=should_stop)
+        if kept_base and Path(got).resolve() == resolve_model_path(cls_base, "classifier").resolve():
+            return base_path  # neither network improved: nothing new to write (both warnings said so)
         new_card["classifier"] = str(got)
     return save_model(net, new_card, out_path)

@@ -114,7 +114,7 @@ def foreground(rgb_small: np.ndarray) -> np.ndarray:
     np.sqrt(d, out=d)
     d = ndi.gaussian_filter(d, 1.0)
     lo, hi = float(d.min()), float(d.max())
-    if hi - lo < 1e-3 * float(q.max()):
+    if hi - lo <= 1e-3 * float(q.max()):  # a flat image (all black included): no cells to tell apart
         return np.zeros(d.shape, bool)
     # Otsu on a 256-bin histogram between the extremes (as skimage bins it), counted in one pass (1 ms
     # less than threshold_otsu's own binning)

@@ -35,6 +35,7 @@ REFINE_CLAMP = (0.7, 1.4)  # a correction never moves the red-cell estimate furt
 # on Tecom crops), and an unfamiliar stain then gives nothing at the first scale.
 FALLBACK_FACTORS = (1 / 1.5,)
 DIAMETER_LIMITS = (8.0, 1000.0)  # px; the corrections never leave this range
+MIN_DIAMETER_ARG = 4.0  # px; a given diameter below this would blow the image up past any use (and memory)
 # with diameter=None: when every cell found lies in one cluster CLUSTER_GROWTH[0]-[1] cells wide and
 # under RED_CELL_SHARE of the image's other objects (red cells) lie outside it, the estimate had no
 # red cells to go by: look once more at the scale that makes the cluster one cell, keep that if it is one
@@ -373,12 +374,17 @@ def iter_segment(
 
     rgb = check_image(image)
     if diameter is not None:
+        if isinstance(diameter, (bool, np.bool_)):
+            raise ValueError(f"diameter must be a number of pixels or None, got {diameter!r}")
         try:
             diameter = float(diameter)
         except (TypeError, ValueError) as e:
             raise ValueError(f"diameter must be a number of pixels or None, got {diameter!r}") from e
         if not np.isfinite(diameter) or diameter <= 0:
             raise ValueError(f"diameter must be a positive number of pixels, got {diameter!r}")
+        if diameter < MIN_DIAMETER_ARG:
+            raise ValueError(f"diameter must be at least {MIN_DIAMETER_ARG:g} pixels (a WBC smaller than that cannot "
+                             f"be outlined; the image would be enlarged past any use), got {diameter:g}")
     dev = resolve_device(device)
     if isinstance(model, tuple):  # an already loaded (network, card), as training uses
         net, card = model
