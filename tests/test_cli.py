@@ -199,11 +199,52 @@ def test_resume_overwrite_and_interrupted_run(tmp_path, tiny_models, capsys, mon
     monkeypatch.setattr(batch, "atomic_write", dying)
     assert main(seg_args([inp / "s1.png"], out, tiny_models, "--overwrite")) == 130
     monkeypatch.setattr(batch, "atomic_write", real)
-    assert not (out / "s1.done").exists()
+    assert json.loads((out / "s1.done").read_text()).get("pending")  # vouches for nothing
     assert not [f for f in out.iterdir() if f.name.startswith(".")]
     assert main(seg_args([inp], out, tiny_models)) == 0
     st = dict(pd.read_csv(out / "summary.csv")[["image", "status"]].values)
     assert st == {"s0": "skipped", "s1": "ok"}
+
+
+def test_outputs_of_another_image_or_corrected_by_hand_are_kept(tmp_path, tiny_models, capsys):
+    """Without --overwrite a run never replaces another image's outputs of the same name, nor a labels
+    file corrected after it was written; a run that types cells redoes images counted untyped."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    Image.fromarray(smear(seed=1)).save(a / "x.png")
+    Image.fromarray(smear(seed=2)).save(b / "x.png")
+    out = tmp_path / "out"
+    assert main(seg_args([a], out, tiny_models, "--no-classify")) == 0
+    assert pd.read_csv(out / "x_cells.csv")["cell_type"].isna().all()
+    # typing asked for now: the untyped image is done again (same source, outputs untouched)
+    assert main(seg_args([a], out, tiny_models)) == 0
+    assert dict(pd.read_csv(out / "summary.csv")[["image", "status"]].values) == {"x": "ok"}
+    assert main(seg_args([a], out, tiny_models)) == 0  # and then skipped
+    assert dict(pd.read_csv(out / "summary.csv")[["image", "status"]].values) == {"x": "skipped"}
+    kept = {f: (out / f).read_bytes() for f in ("x_labels.tif", "x_cells.csv", "x.done")}
+    capsys.readouterr()
+    # another image with the same name: failed, the first image's outputs stay, and so does the summary
+    # that lists the first image (moved aside, this run's summary written)
+    first_summary = (out / "summary.csv").read_bytes()
+    assert main(seg_args([b], out, tiny_models)) == 1
+    err = capsys.readouterr().err
+    assert "another image" in err and "kept as" in err
+    assert {f: (out / f).read_bytes() for f in kept} == kept
+    aside = sorted(out.glob("summary_*.csv"))
+    assert len(aside) == 1 and aside[0].read_bytes() == first_summary and len(list(out.glob("report_*.html"))) == 1
+    assert dict(pd.read_csv(out / "summary.csv")[["image", "status"]].values) == {"x": "failed"}
+    # a labels file corrected by hand is not replaced when its source changes
+    lab = tifffile.imread(out / "x_labels.tif")
+    lab[:5, :5] = lab.max() + 1
+    tifffile.imwrite(out / "x_labels.tif", lab)
+    edited = (out / "x_labels.tif").read_bytes()
+    Image.fromarray(smear(seed=3)).save(a / "x.png")
+    assert main(seg_args([a], out, tiny_models)) == 1
+    assert "changed after napari-wbc wrote it" in capsys.readouterr().err
+    assert (out / "x_labels.tif").read_bytes() == edited
+    # --overwrite is the user's explicit say
+    assert main(seg_args([b], out, tiny_models, "--overwrite")) == 0
+    assert json.loads((out / "x.done").read_text())["stamp"]["source"] == str((b / "x.png").resolve())
 
 
 def test_real_images_with_corrupt_and_greyscale(tmp_path, tiny_models, data_dir, capsys):

@@ -195,3 +195,37 @@ def test_cli_outputs_open_as_labels_with_table(tmp_path):
     assert kind == "labels" and data.max() == 2
     assert list(kwargs["features"]["index"]) == [1, 2]
     assert list(kwargs["features"]["cell_type"]) == ["neutrophil", "lymphocyte"]
+
+
+@pytest.mark.parametrize("with_labels_file", [True, False])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_a_tiff_smear_beside_the_cli_outputs_still_opens_as_an_image(tmp_path, with_labels_file, dtype):
+    """``napari-wbc segment dir --out dir`` writes ``x_labels.tif`` + ``x_cells.csv`` beside the smear
+    ``x.tif``: the smear must not be taken for saved labels (nor a colour TIFF that merely has a table)."""
+    import pandas as pd
+
+    rgb = (np.random.default_rng(0).random((20, 30, 3)) * (255 if dtype == np.uint8 else 4000)).astype(dtype)
+    tifffile.imwrite(tmp_path / "x.tif", rgb, photometric="rgb")
+    pd.DataFrame({"label": [1], "cell_type": ["neutrophil"]}).to_csv(tmp_path / "x_cells.csv", index=False)
+    if with_labels_file:
+        lab = np.zeros((20, 30), np.uint16)
+        lab[2:6, 3:9] = 1
+        tifffile.imwrite(tmp_path / "x_labels.tif", lab)
+    layers = napari_get_reader(str(tmp_path / "x.tif"))(str(tmp_path / "x.tif"))
+    assert layers[0][2] == "image" and layers[0][0].shape == (20, 30, 3)
+    assert (np.asarray(layers[0][0]) == rgb).all()
+    if with_labels_file:
+        data, kwargs, kind = napari_get_reader(str(tmp_path / "x_labels.tif"))(str(tmp_path / "x_labels.tif"))[0]
+        assert kind == "labels" and data.max() == 1 and list(kwargs["features"]["cell_type"]) == ["neutrophil"]
+
+
+def test_a_greyscale_integer_tiff_with_its_own_table_is_saved_labels(tmp_path):
+    """What our writer saves (``x.tif`` + ``x_cells.csv``, no ``x_labels.tif``) still opens as labels."""
+    import pandas as pd
+
+    lab = np.zeros((20, 30), np.uint16)
+    lab[2:6, 3:9] = 4
+    tifffile.imwrite(tmp_path / "x.tif", lab)
+    pd.DataFrame({"label": [4]}).to_csv(tmp_path / "x_cells.csv", index=False)
+    data, kwargs, kind = napari_get_reader(str(tmp_path / "x.tif"))(str(tmp_path / "x.tif"))[0]
+    assert kind == "labels" and data.max() == 4 and list(kwargs["features"]["label"]) == [4]

@@ -73,13 +73,23 @@ def _read_one(path: Path) -> list[tuple]:
     cells_csv = path.with_name(f"{path.stem}_cells.csv")
     if path.stem.endswith("_labels") and not cells_csv.is_file():  # the CLI's x_labels.tif + x_cells.csv
         cells_csv = path.with_name(f"{path.stem[: -len('_labels')]}_cells.csv")
-    if path.suffix.lower() in (".tif", ".tiff") and (cells_csv.is_file() or path.stem.endswith("_labels")):
-        return [_saved_labels_layer(path, cells_csv)]
-    if is_mask_path(path):
+    saved = path.suffix.lower() in (".tif", ".tiff") and (cells_csv.is_file() or path.stem.endswith("_labels"))
+    if saved and not path.stem.endswith("_labels") and any(
+        path.with_name(f"{path.stem}_labels{ext}").is_file() for ext in (".tif", ".tiff")
+    ):
+        saved = False  # x_cells.csv belongs to the CLI's x_labels.tif: x.tif is the smear it came from
+    arr = None
+    if saved:
+        arr = read_image(path)
+        if arr.ndim == 2 and arr.dtype.kind in "ui":
+            return [_saved_labels_layer(path, cells_csv, arr)]
+        # not a label image (colour, or not integer): a smear that only shares the table's name
+    elif is_mask_path(path):
         name = path.stem if any(path.stem.lower().endswith(s) for s in MASK_SUFFIXES) else f"{path.stem} mask"
         return [(read_mask(path), {"name": name, "metadata": meta}, "labels")]
 
-    arr = read_image(path)
+    if arr is None:
+        arr = read_image(path)
     layers = [_image_layer(path, arr)]
     shape2d = layers[0][0].shape[:2]
 
@@ -97,15 +107,11 @@ def _read_one(path: Path) -> list[tuple]:
     return layers
 
 
-def _saved_labels_layer(path: Path, cells_csv: Path) -> tuple:
-    """A labels TIFF + ``<stem>_cells.csv`` as written by ``write_labels``: ids kept as stored."""
+def _saved_labels_layer(path: Path, cells_csv: Path, labels: np.ndarray) -> tuple:
+    """A 2-D integer labels TIFF (read as ``labels``) + ``<stem>_cells.csv`` as written by ``write_labels``:
+    ids kept as stored."""
     import pandas as pd
 
-    labels = read_image(path)
-    if labels.dtype.kind not in "ui":
-        raise ImageReadError(
-            f"{str(path)!r}: expected integer labels beside {cells_csv.name!r}, got {labels.dtype}"
-        )
     kwargs = {"name": path.stem, "metadata": {"path": str(path)}}
     try:
         if cells_csv.is_file():

@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scheduler", metavar="ADDRESS",
                    help="run the per-image jobs on a dask.distributed scheduler, e.g. tcp://host:8786 "
                         "(files and --out must be reachable from its workers)")
-    s.add_argument("--overwrite", action="store_true", help="redo images whose outputs already exist")
+    s.add_argument("--overwrite", action="store_true", help="redo images whose outputs already exist and replace them (without it, another image's or hand-corrected outputs are kept and that image fails)")
     s.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_segment)
 
@@ -279,6 +279,10 @@ def cmd_segment(args) -> int:
     devices = sorted({r["device"] for r in rows if r.get("device")})
     if devices:
         info["device"] = f"{info['device']} (used: {', '.join(devices)})" if args.scheduler else ", ".join(devices)
+    kept = batch.keep_earlier_summary(out_dir, rows)
+    if kept:
+        _err("the earlier summary lists images this run does not cover; kept as "
+             + ", ".join(repr(str(k)) for k in kept))
     batch.write_summary(rows, out_dir / "summary.csv")
     batch.write_report(rows, info, out_dir / "report.html")
     _print_segment_summary(rows, out_dir)

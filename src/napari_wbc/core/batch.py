@@ -59,6 +59,10 @@ DONE_SUFFIX = ".done"
 STATUS_OK, STATUS_SKIPPED, STATUS_FAILED = "ok", "skipped", "failed"
 
 
+class OutputConflict(RuntimeError):
+    """Existing outputs that a run must not replace without ``overwrite``."""
+
+
 @dataclass(frozen=True)
 class Settings:
     """How to process each image (picklable; paths should be absolute for remote workers).
@@ -68,7 +72,8 @@ class Settings:
     classify : False to count cells without typing them.
     device : None/"auto" or a torch device string, resolved where the image is processed.
     diameter : expected WBC diameter in pixels; None estimates it per image.
-    overwrite : redo images whose outputs already exist.
+    overwrite : redo images whose outputs already exist, replacing them. Without it, outputs that are
+        another image's, have no marker, or were changed by hand make that image fail (kept as they are).
     torch_threads : if set, ``torch.set_num_threads`` in the process doing the work.
     thumbnail : put a base64 PNG preview in the returned row (for the report).
     """
@@ -190,19 +195,61 @@ def _source_stamp(path: Path) -> dict:
     return {"source": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def is_done(path, out_dir, name: str) -> dict | None:
-    """The stored summary row if ``path``'s outputs in ``out_dir`` are complete and current."""
+def _file_stamp(path: Path) -> dict:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _read_marker(outs: dict) -> dict | None:
+    try:
+        marker = json.loads(outs["done"].read_text())
+        return marker if isinstance(marker, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def is_done(path, out_dir, name: str, *, classify: bool = False) -> dict | None:
+    """The stored summary row if ``path``'s outputs in ``out_dir`` are complete and current
+    (and typed, when ``classify``)."""
     outs = output_paths(out_dir, name)
     if not (outs["done"].is_file() and outs["labels"].is_file() and outs["cells"].is_file()):
         return None
     try:
-        marker = json.loads(outs["done"].read_text())
+        marker = _read_marker(outs)
         path = Path(path)
-        if not path.is_file() or marker.get("stamp") != _source_stamp(path):
+        if marker is None or marker.get("pending") or not path.is_file() or marker.get("stamp") != _source_stamp(path):
             return None
+        if classify and not marker["row"].get("classified"):
+            return None  # counted without typing earlier: type them now
         return dict(marker["row"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+def check_replaceable(path, out_dir, name: str) -> None:
+    """Raise OutputConflict unless ``name``'s existing outputs in ``out_dir`` may be replaced without
+    ``overwrite``: they must have been written by napari-wbc for this same source file and not
+    changed since (a labels file corrected by hand, or another image's outputs, are kept)."""
+    outs = output_paths(out_dir, name)
+    existing = [outs[k] for k in ("labels", "cells") if outs[k].exists()]
+    if not existing:
+        return
+    marker = _read_marker(outs)
+    if marker is None:
+        raise OutputConflict(
+            f"{str(existing[0])!r} exists but no napari-wbc marker ({outs['done'].name}) says which image it "
+            f"belongs to; not overwritten: pass --overwrite (Settings.overwrite) or choose another output folder")
+    source = (marker.get("stamp") or {}).get("source")
+    if source != str(Path(path).resolve()):
+        raise OutputConflict(
+            f"the outputs {', '.join(repr(e.name) for e in existing)} in {str(out_dir)!r} were written for another "
+            f"image ({source!r}); not overwritten: pass --overwrite (Settings.overwrite) or choose another output folder")
+    written = marker.get("outputs") or {}
+    for key in ("labels", "cells"):
+        if outs[key].exists() and key in written and written[key] != _file_stamp(outs[key]):
+            raise OutputConflict(
+                f"{str(outs[key])!r} changed after napari-wbc wrote it (corrected by hand?); not overwritten: "
+                f"pass --overwrite (Settings.overwrite) or move it away")
 
 
 # ------------------------------------------------------------------ one image
@@ -341,7 +388,7 @@ def process_one(path, out_dir, settings: Settings | None = None, name: str | Non
     try:
         outs = output_paths(out_dir, name)
         if not settings.overwrite:
-            stored = is_done(path, out_dir, name)
+            stored = is_done(path, out_dir, name, classify=settings.classify)
             if stored is not None:
                 stored.update({"image": name, "path": str(path), "status": STATUS_SKIPPED, "error": ""})
                 if settings.thumbnail:
@@ -358,6 +405,8 @@ def process_one(path, out_dir, settings: Settings | None = None, name: str | Non
             )
         if path.is_file() and path.stat().st_size == 0:
             raise ImageReadError(f"{str(path)!r} is empty (0 bytes)")
+        if not settings.overwrite:  # before the work: another image's or hand-corrected outputs are kept
+            check_replaceable(path, out_dir, name)
         stamp = _source_stamp(path) if path.is_file() else None
         image = read_image(path)
         _set_threads(settings.torch_threads)
@@ -379,7 +428,9 @@ def process_one(path, out_dir, settings: Settings | None = None, name: str | Non
         table = cells_table(labels, types)
         counts, pct = differential(table["cell_type"]) if settings.classify else ({}, {})
         out_dir.mkdir(parents=True, exist_ok=True)
-        outs["done"].unlink(missing_ok=True)  # outputs change below: the old marker must not vouch for them
+        # outputs change below: a pending marker (this source, nothing vouched for) replaces the old one
+        pending = {"stamp": stamp, "pending": True}
+        atomic_write(outs["done"], lambda tmp: Path(tmp).write_text(json.dumps(pending, indent=1)))
         _write_labels(outs["labels"], labels)
         atomic_write(outs["cells"], lambda tmp: table.to_csv(tmp, index=False, float_format="%.6g"))
         row.update({
@@ -392,7 +443,8 @@ def process_one(path, out_dir, settings: Settings | None = None, name: str | Non
             "device": str(dev),
             "seconds": round(time.perf_counter() - t0, 2),
         })
-        marker = {"stamp": stamp, "row": row, "written": datetime.datetime.now().isoformat(timespec="seconds")}
+        marker = {"stamp": stamp, "row": row, "written": datetime.datetime.now().isoformat(timespec="seconds"),
+                  "outputs": {k: _file_stamp(outs[k]) for k in ("labels", "cells")}}
         atomic_write(outs["done"], lambda tmp: Path(tmp).write_text(json.dumps(marker, indent=1)))
         if settings.thumbnail:
             row["thumbnail"] = _thumb_b64(image, labels, _types_by_label(table))
@@ -530,6 +582,39 @@ def summary_frame(rows: Sequence[dict]):
         if c.startswith("n_"):
             df[c] = df[c].astype("Int64")
     return df
+
+
+def keep_earlier_summary(out_dir, rows: Sequence[dict]) -> list[Path]:
+    """Move ``summary.csv`` / ``report.html`` of an earlier run aside when they list images that
+    ``rows`` (this run) do not cover, so that writing this run's summary loses none of them.
+
+    They keep their own modification time in the name (``summary_YYYYmmdd-HHMMSS.csv``); returns the
+    new paths. A re-run over the same images (or more) simply replaces them.
+    """
+    import pandas as pd
+
+    out_dir = Path(out_dir)
+    prev = out_dir / "summary.csv"
+    if not prev.is_file():
+        return []
+    try:
+        earlier = {str(p) for p in pd.read_csv(prev)["path"].dropna()}
+    except Exception:  # noqa: BLE001 - unreadable or not ours: keep it all the same
+        earlier = None
+    if earlier is not None and earlier <= {str(r["path"]) for r in rows}:
+        return []
+    stamp = datetime.datetime.fromtimestamp(prev.stat().st_mtime).strftime("%Y%m%d-%H%M%S")
+    moved = []
+    for f in (prev, out_dir / "report.html"):
+        if not f.is_file():
+            continue
+        dest, n = f.with_name(f"{f.stem}_{stamp}{f.suffix}"), 1
+        while dest.exists():
+            n += 1
+            dest = f.with_name(f"{f.stem}_{stamp}_{n}{f.suffix}")
+        f.rename(dest)
+        moved.append(dest)
+    return moved
 
 
 def write_summary(rows: Sequence[dict], path) -> Path:
