@@ -222,3 +222,22 @@ def test_hide_triton_marks_it_absent_unless_allowed(monkeypatch):
     monkeypatch.delenv("NAPARI_WBC_ALLOW_TRITON")
     hide_triton()
     assert sys.modules["triton"] is None  # "import triton" now raises ImportError: torch treats it as missing
+
+
+def test_rerun_over_a_typed_layer_takes_its_old_types_away(qtbot, seg):
+    """Re-segmenting an untouched but typed layer replaces its cells: the old types (features and the
+    ``types`` points on the canvas) must not outlive them."""
+    from napari_wbc._widgets.classify import find_types_layer, render_types
+
+    viewer, widget, _ = seg
+    run(qtbot, widget)
+    (lab,) = wbc_labels(viewer)
+    assert lab.data.max() > 0  # the tiny model finds cells in the disc smear
+    f = lab.features.copy()
+    f["cell_type"] = "neutrophil"
+    lab.features = f
+    assert render_types(viewer, lab) is not None
+    run(qtbot, widget)
+    assert [lyr.name for lyr in wbc_labels(viewer)] == ["smear WBC labels"]  # untouched: replaced
+    assert "cell_type" not in lab.features
+    assert find_types_layer(viewer, lab) is None

@@ -94,3 +94,22 @@ def test_reader_opens_what_the_writer_wrote(tmp_path):
     assert kind == "labels" and kwargs["name"] == "smear"
     np.testing.assert_array_equal(data, _labels())
     pd.testing.assert_frame_equal(kwargs["features"], pd.DataFrame(features))
+
+
+def test_a_cell_table_follows_labels_edited_since_it_was_made(tmp_path):
+    """Erased and painted cells (edited with the Classify widget closed): the CSV lists the saved labels."""
+    from napari_wbc.core.segment import cell_features
+
+    labels = _labels()
+    feats = cell_features(labels)
+    feats["cell_type"] = ["neutrophil", "lymphocyte", "monocyte"]
+    feats["corrected"] = [False, True, False]
+    labels[labels == 1] = 0  # erased
+    labels[0:2, 20:30] = 9  # painted
+    labels[10:20, 10:15] = 0  # half of cell 2 erased: its area changes
+    write_labels(str(tmp_path / "s.tif"), labels, {"features": feats})
+    table = pd.read_csv(tmp_path / "s_cells.csv")
+    assert list(table["label"]) == [2, 3, 9] and list(table["index"]) == [2, 3, 9]
+    assert list(table["area"]) == [50, 48, 20]
+    assert table["cell_type"].tolist()[:2] == ["lymphocyte", "monocyte"] and pd.isna(table["cell_type"][2])
+    assert table["corrected"].tolist() == [True, False, False]

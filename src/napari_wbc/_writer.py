@@ -30,8 +30,10 @@ def cells_csv_path(tif_path) -> Path:
 def write_labels(path: str, data, meta: dict) -> list[str]:
     """Write labels to ``path`` (.tif) and ``meta['features']`` to ``<stem>_cells.csv`` beside it.
 
-    Both files are written atomically. An empty feature table still gives a CSV,
-    with one ``index`` row per label id present. Returns the written paths.
+    Both files are written atomically. A per-cell table (one with a ``label`` column) is first
+    brought up to date with the labels (geometry measured again, erased cells dropped, painted
+    cells added untyped; types and corrections kept per label). An empty feature table still gives
+    a CSV, with one ``index`` row per label id present. Returns the written paths.
     """
     import pandas as pd
     import tifffile
@@ -46,7 +48,13 @@ def write_labels(path: str, data, meta: dict) -> list[str]:
 
     features = (meta or {}).get("features")
     table = pd.DataFrame(features) if features is not None else pd.DataFrame()
-    if table.empty and len(table.columns) == 0:
+    if "label" in table.columns:
+        from .core.segment import remeasure
+
+        # a per-cell table (ours) follows the labels as saved: edits made without the Classify widget
+        # open would otherwise leave rows of erased cells, stale areas, and no row for painted cells
+        table, _, _ = remeasure(table, labels)
+    elif table.empty and len(table.columns) == 0:
         ids = np.unique(labels)
         table = pd.DataFrame({"index": ids[ids != 0]})
 

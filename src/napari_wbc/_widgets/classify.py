@@ -29,6 +29,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_wbc.core.segment import cell_features, remeasure
+
 from ._common import (
     META_KEY,
     DeviceCombo,
@@ -68,8 +70,6 @@ def class_names() -> list[str]:
 # ------------------------------------------------------------------ the per-cell table (pandas only)
 def measure(labels) -> pd.DataFrame:
     """``index`` + label, area, centroid, bbox of every cell (the geometry part of ``features``)."""
-    from .segment import cell_features
-
     return cell_features(labels)
 
 
@@ -107,26 +107,6 @@ def merge_classification(features: pd.DataFrame, table: pd.DataFrame) -> pd.Data
         else:
             f.loc[rows, c] = values
     return f
-
-
-def remeasure(features, labels) -> tuple[pd.DataFrame, list[int], list[int]]:
-    """Bring ``features`` up to date with ``labels``: ``(features, new_ids, removed_ids)``.
-
-    Geometry is measured again, rows of erased cells dropped, new cells get
-    empty types; every other column (types, corrections) is kept per label.
-    """
-    cur = measure(labels)
-    if features is None or len(features.columns) == 0 or "label" not in features:
-        return cur, [int(i) for i in cur["label"]], []
-    old = features.drop_duplicates("label")
-    extra = [c for c in old.columns if c not in cur.columns]
-    merged = cur.merge(old[["label", *extra]], on="label", how="left")
-    if "corrected" in merged:
-        merged["corrected"] = merged["corrected"].fillna(False).astype(bool)
-    if "cell_type" in merged:
-        merged["cell_type"] = merged["cell_type"].astype(object).where(pd.notna(merged["cell_type"]), None)
-    before, now = set(old["label"].astype(int)), set(cur["label"].astype(int))
-    return merged, sorted(now - before), sorted(before - now)
 
 
 def differential_count(features) -> pd.DataFrame:

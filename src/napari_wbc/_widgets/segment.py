@@ -13,6 +13,8 @@ from napari.utils.notifications import show_error, show_info
 from napari.viewer import Viewer
 from qtpy.QtWidgets import QCheckBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QLabel, QVBoxLayout, QWidget
 
+from napari_wbc.core.segment import cell_features
+
 from ._common import (
     META_KEY,
     DeviceCombo,
@@ -62,15 +64,6 @@ def segment_job(image, *, model, device, diameter, classify_model=None, classify
             elif item[0] == "table":
                 table = item[1]
     return labels, d, table
-
-
-def cell_features(labels):
-    """Per-cell table for ``layer.features``: an ``index`` column (the label id) + cell_table."""
-    from napari_wbc.core.segment import cell_table
-
-    df = cell_table(labels)
-    df.insert(0, "index", df["label"].astype(int))
-    return df.reset_index(drop=True)
 
 
 def is_untouched(layer) -> bool:
@@ -307,6 +300,9 @@ class SegmentWidget(QWidget):
             layer.data = labels
             layer.features = features
             layer.metadata = {**layer.metadata, META_KEY: meta}
+            from .classify import render_types
+
+            render_types(self.viewer, layer)  # the old cells' types go with them (until typed again)
             self.viewer.layers.selection.active = layer
         return layer
 

@@ -490,3 +490,33 @@ def cell_table(labels: np.ndarray):
     df = pd.DataFrame(t)[cols]
     df["area"] = df["area"].astype(int)
     return df
+
+
+def cell_features(labels: np.ndarray):
+    """Per-cell table for a napari labels layer's ``features``: an ``index`` column (the label id,
+    which napari reads) + :func:`cell_table`."""
+    df = cell_table(labels)
+    df.insert(0, "index", df["label"].astype(int))
+    return df.reset_index(drop=True)
+
+
+def remeasure(features, labels: np.ndarray):
+    """Bring a per-cell ``features`` table up to date with edited ``labels``: ``(features, new_ids, removed_ids)``.
+
+    Geometry is measured again, rows of erased cells dropped, new cells get
+    empty types; every other column (types, corrections) is kept per label.
+    """
+    import pandas as pd
+
+    cur = cell_features(labels)
+    if features is None or len(features.columns) == 0 or "label" not in features:
+        return cur, [int(i) for i in cur["label"]], []
+    old = features.drop_duplicates("label")
+    extra = [c for c in old.columns if c not in cur.columns]
+    merged = cur.merge(old[["label", *extra]], on="label", how="left")
+    if "corrected" in merged:
+        merged["corrected"] = merged["corrected"].fillna(False).astype(bool)
+    if "cell_type" in merged:
+        merged["cell_type"] = merged["cell_type"].astype(object).where(pd.notna(merged["cell_type"]), None)
+    before, now = set(old["label"].astype(int)), set(cur["label"].astype(int))
+    return merged, sorted(now - before), sorted(before - now)
