@@ -143,3 +143,31 @@ def test_corrected_types_go_to_the_classifier(tr):
         assert got == [{i: "lymphocyte" for i in ids[:4]}]
     else:
         assert got is None
+
+
+def test_a_classifier_trained_with_the_types_is_offered_in_classify(qtbot, tr, user_models, monkeypatch, tmp_path):
+    import shutil
+
+    import napari_wbc.core.classifier_finetune as cf
+    from napari_wbc.core.testing import make_tiny_classifier
+
+    viewer, widget, seg, lab, messages = tr
+    tiny_cls = make_tiny_classifier(tmp_path / "c.safetensors")
+
+    def fake_classifier(images, labels, cell_types, *, base, output, **kw):  # stands in for the training
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(tiny_cls, output)
+        shutil.copy(tiny_cls.with_suffix(".json"), Path(output).with_suffix(".json"))
+        return Path(output)
+
+    monkeypatch.setattr(cf, "finetune_classifier", fake_classifier)
+    ids = [int(i) for i in np.unique(lab.data) if i > 0]
+    monkeypatch.setattr(widget, "_corrected_types", lambda: [{ids[0]: "lymphocyte"}])
+    _, cls = viewer.window.add_plugin_dock_widget(PLUGIN, "Classify WBCs")
+    widget.auto_epochs.setChecked(False)
+    widget.epochs.setValue(1)
+    widget.train()
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT)
+    assert not [m for m in messages if m[0] == "show_error"], messages
+    (new_cls,) = user_models.glob("*_classifier.safetensors")
+    assert cls.model_combo.model_path() == new_cls  # offered in Classify and selected

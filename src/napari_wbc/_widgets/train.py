@@ -375,7 +375,29 @@ class TrainWidget(QWidget):
                 w.add_model(path, select=True)
             except ValueError as e:
                 show_error(error_message("Train: could not add the new model to Segment", e))
+        cls_path = self._new_classifier(path)
+        if cls_path is not None:
+            from .classify import ClassifyWidget
+
+            for w in find_widgets(self.viewer, ClassifyWidget):
+                try:
+                    w.model_combo.add_model(cls_path, select=True)
+                except ValueError as e:
+                    show_error(error_message("Train: could not add the new classifier to Classify", e))
         show_info(msg)
+
+    @staticmethod
+    def _new_classifier(seg_path: Path) -> Path | None:
+        """The classifier this run trained beside the segmenter ``seg_path`` (None when types were not
+        trained, or did not improve and the card points at the base classifier)."""
+        from napari_wbc.core.models import read_card
+
+        try:
+            p = read_card(seg_path).get("classifier")
+        except ValueError:
+            return None
+        mine = seg_path.with_name(seg_path.stem + "_classifier.safetensors")
+        return mine if p and Path(p).resolve() == mine.resolve() and mine.is_file() else None
 
     def _on_error(self, exc) -> None:
         from napari_wbc.core.finetune import FinetuneCancelled
