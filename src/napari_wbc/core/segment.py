@@ -56,7 +56,7 @@ def check_image(image) -> np.ndarray:
     if image.size == 0:
         raise ValueError(f"image is empty (shape {image.shape}); expected HxW or HxWx3/4 with pixels")
     if image.dtype == bool or image.dtype.kind not in "uif":
-        raise ValueError(f"image dtype {image.dtype} is not supported; expected uint8, uint16 or float")
+        raise ValueError(f"image dtype {image.dtype} is not supported; expected an integer (uint8, uint16, ...) or float dtype")
     if image.ndim == 3 and image.shape[-1] == 1:
         image = image[..., 0]
     if not (image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (3, 4))):
