@@ -180,3 +180,20 @@ def test_review_goes_from_least_confident_and_skips_confirmed(qtbot, cls):
         widget.set_type_button.click()
     assert widget.review_next() is None
     assert "nothing left to review" in widget.status.text()
+
+
+def test_renamed_labels_layer_keeps_one_types_layer(qtbot, cls):
+    """After the labels layer is renamed, a type correction updates its own points layer (renamed to
+    match) instead of adding a second one and leaving the first stale."""
+    from napari.layers import Points
+
+    viewer, widget, lab = cls
+    run(qtbot, widget)
+    lab.name = "patient A"
+    widget.cell_spin.setValue(2)
+    new_type = next(c for c in CLASSES if c != lab.features.set_index("label").loc[2, "cell_type"])
+    widget.type_combo.setCurrentText(new_type)
+    widget.set_type_button.click()
+    points = [lyr for lyr in viewer.layers if isinstance(lyr, Points)]
+    assert [p.name for p in points] == ["patient A types"]
+    assert points[0].text.values[1] == new_type

@@ -137,12 +137,27 @@ def types_layer_name(labels_layer) -> str:
     return f"{labels_layer.name} {TYPES_SUFFIX}"
 
 
+def _layer_id(layer) -> str | None:
+    uid = getattr(layer, "unique_id", None)
+    return None if uid is None else str(uid)
+
+
 def find_types_layer(viewer, labels_layer):
+    """The ``<labels> types`` points layer of ``labels_layer``: the one made for it (found through its
+    metadata even after the labels layer was renamed, and then renamed to match), else by name."""
     name = types_layer_name(labels_layer)
+    uid = _layer_id(labels_layer)
+    by_name = None
     for lyr in viewer.layers:
-        if isinstance(lyr, Points) and lyr.name == name:
+        if not isinstance(lyr, Points):
+            continue
+        if uid is not None and lyr.metadata.get(META_KEY, {}).get("types_of_id") == uid:
+            if lyr.name != name:
+                lyr.name = name
             return lyr
-    return None
+        if lyr.name == name and by_name is None:
+            by_name = lyr
+    return by_name
 
 
 def _color(t) -> str:
@@ -189,7 +204,7 @@ def render_types(viewer, labels_layer):
             size=size,
             text={"string": "{cell_type}", "color": {"feature": "color"}, "size": 10, "anchor": "upper_left",
                   "translation": [-size, size]},
-            metadata={META_KEY: {"types_of": labels_layer.name}},
+            metadata={META_KEY: {"types_of": labels_layer.name, "types_of_id": _layer_id(labels_layer)}},
         )
         if active is not None:  # keep the user's layer active (clicks pick cells on the labels)
             viewer.layers.selection.active = active
