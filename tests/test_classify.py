@@ -146,6 +146,19 @@ def test_ids_subset_matches_full_run(tiny):
     check_table(alias, [8])
     with pytest.raises(ValueError, match="not present"):
         C.classify(img, lab, model=tiny, ids=[3, 4])
+    with pytest.raises(ValueError, match="integer label ids"):
+        C.classify(img, lab, model=tiny, ids=[1.7])  # not truncated to 1
+    check_table(C.classify(img, lab, model=tiny, device="cpu", ids=np.array([8.0])), [8])
+
+
+def test_bad_device_or_model_reported_without_cells(tiny, tmp_path):
+    img = np.full((40, 40, 3), 200, np.uint8)
+    empty = np.zeros((40, 40), np.int32)
+    assert len(C.classify(img, empty, model=tiny, device="cpu")) == 0
+    with pytest.raises(ValueError, match="not available|not a valid"):
+        C.classify(img, empty, model=tiny, device="bogus")
+    with pytest.raises(ValueError, match="does not exist"):
+        C.classify(img, empty, model=tmp_path / "nope.safetensors", device="cpu")
 
 
 def test_generator_progress_and_batches(tiny):

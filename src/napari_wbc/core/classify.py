@@ -153,7 +153,11 @@ def _regions(labels: np.ndarray, ids) -> tuple[np.ndarray, list, np.ndarray]:
     if ids is None:
         want = present
     else:
-        want = np.unique(np.asarray(list(ids) if not np.isscalar(ids) else [ids]).astype(np.int64))
+        asked = np.asarray(list(ids) if not np.isscalar(ids) else [ids])
+        if asked.size and (asked.dtype.kind not in "uif" or asked.dtype == bool
+                           or (asked.dtype.kind == "f" and not np.all(np.mod(asked, 1) == 0))):
+            raise ValueError(f"ids must be integer label ids, got {list(asked[:10])!r}")
+        want = np.unique(asked.astype(np.int64))
         missing = want[~np.isin(want, present)]
         if len(missing):
             shown = ", ".join(str(int(i)) for i in missing[:10])
@@ -215,6 +219,12 @@ def iter_classify(image, labels, *, model=None, device=None, ids=None, batch_siz
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
     want, slices, areas = _regions(labels, ids)
+    from .device import resolve_device
+    from .models import load_model, resolve_model_path
+
+    dev = resolve_device(device)  # a bad device or model file is reported even when there is no cell
+    if not isinstance(model, tuple):
+        resolve_model_path(model, "classifier")
     total = int(np.ceil(len(want) / batch_size)) if len(want) else 0
     yield ("progress", 0, total)
     if len(want) == 0:
@@ -223,10 +233,6 @@ def iter_classify(image, labels, *, model=None, device=None, ids=None, batch_siz
 
     import torch
 
-    from .device import resolve_device
-    from .models import load_model
-
-    dev = resolve_device(device)
     if isinstance(model, tuple):  # an already loaded (network, card), as training uses
         net, card = model
     else:
