@@ -241,3 +241,24 @@ def test_rerun_over_a_typed_layer_takes_its_old_types_away(qtbot, seg):
     assert [lyr.name for lyr in wbc_labels(viewer)] == ["smear WBC labels"]  # untouched: replaced
     assert "cell_type" not in lab.features
     assert find_types_layer(viewer, lab) is None
+
+
+def test_classify_cells_uses_the_segmenters_paired_classifier(seg, tmp_path):
+    """Without a Classify widget open, 'classify cells' types with the classifier fine-tuned together
+    with the chosen segmenter (its card's ``classifier``), not the shipped one."""
+    import json
+    import shutil
+
+    from napari_wbc.core.models import SHIPPED, card_path
+    from napari_wbc.core.testing import make_tiny_classifier
+
+    viewer, widget, _ = seg
+    assert widget._classifier_choice() == SHIPPED["classifier"]
+    cls = make_tiny_classifier(tmp_path / "paired_cls.safetensors")
+    pair = tmp_path / "paired_seg.safetensors"
+    shutil.copy(widget.model_combo.model_path(), pair)
+    card = json.loads(card_path(widget.model_combo.model_path()).read_text())
+    card["classifier"] = str(cls)
+    card_path(pair).write_text(json.dumps(card))
+    widget.add_model(pair, select=True)
+    assert widget._classifier_choice() == cls

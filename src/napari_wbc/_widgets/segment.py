@@ -103,7 +103,8 @@ class SegmentWidget(QWidget):
         self.auto_diameter.toggled.connect(lambda on: self.diameter.setEnabled(not on))
         self.classify_check = QCheckBox("classify cells")
         self.classify_check.setToolTip(
-            "also type each cell (with the Classify widget's model when it is open, else the shipped classifier)"
+            "also type each cell (with the Classify widget's model when it is open, else the classifier trained "
+            "together with the chosen segmenter, else the shipped classifier)"
         )
         self.buttons = RunButtons("Segment")
         self.buttons.run.clicked.connect(self.segment)
@@ -213,7 +214,21 @@ class SegmentWidget(QWidget):
         widgets = find_widgets(self.viewer, ClassifyWidget)
         if widgets:
             return widgets[-1].model_combo.model_path()
+        paired = self._paired_classifier()
+        if paired is not None:
+            return paired
         return SHIPPED["classifier"] if SHIPPED["classifier"].exists() else None
+
+    def _paired_classifier(self):
+        """The classifier fine-tuned together with the chosen segmenter (its card's ``classifier``), if any."""
+        from napari_wbc.core.models import read_card
+
+        seg = self.model_combo.model_path()
+        try:
+            p = read_card(seg).get("classifier") if seg is not None else None
+        except ValueError:
+            return None
+        return Path(p) if p and Path(p).is_file() else None
 
     def _on_yield(self, item) -> None:
         kind = item[0]
