@@ -87,6 +87,56 @@ def test_tiled_equals_untiled_probabilities(tiny):
     assert np.abs(d1 - d2)[inner].max() <= 2
 
 
+class _RunsOutOfMemory(__import__("torch").nn.Module):
+    """Wraps a network: a batch larger than ``fits`` raises the device's out-of-memory error."""
+
+    def __init__(self, net, fits, error):
+        super().__init__()
+        self.net, self.fits, self.error, self.batches = net, fits, error, []
+
+    def parameters(self, recurse=True):
+        return self.net.parameters(recurse)
+
+    def forward(self, x):
+        self.batches.append(x.shape[0])
+        if x.shape[0] > self.fits:
+            raise self.error
+        return self.net(x)
+
+
+@pytest.mark.parametrize("error", ["cuda", "runtime"])
+def test_out_of_device_memory_retries_with_smaller_batches(tiny, error):
+    """A GPU that cannot hold 8 tiles at once gets them in smaller batches, with the same result;
+    one that cannot hold a single tile gets a MemoryError that says what to do."""
+    import torch
+
+    from napari_wbc.core.device import resolve_device
+    from napari_wbc.core.models import load_model
+
+    err = torch.cuda.OutOfMemoryError("CUDA out of memory.") if error == "cuda" else RuntimeError(
+        "MPS backend out of memory (MPS allocated: 1 GB)")
+    x = np.random.default_rng(2).random((300, 300, 3)).astype(np.float32)
+    net, _ = load_model(tiny, "segmenter", "cpu")
+    dev = resolve_device("cpu")
+
+    def probs(model, batch_size):
+        items = list(S.iter_probabilities(x, model, dev, tile=128, margin=16, batch_size=batch_size))
+        return items[-1][1:], [i for i in items if i[0] == "progress"]
+
+    want, want_progress = probs(net, 1)
+    small = _RunsOutOfMemory(net, 2, err)
+    got, progress = probs(small, 8)
+    assert all((a == b).all() for a, b in zip(got, want))
+    assert small.batches[:3] == [8, 4, 2] and max(small.batches[3:]) <= 2
+    n_tiles = want_progress[-1][2]
+    assert n_tiles == 16 and sum(small.batches[2:]) == n_tiles  # every tile once, once it fits
+    assert progress[-1][1] == progress[-1][2] == n_tiles
+    with pytest.raises(MemoryError, match="device='cpu'"):
+        probs(_RunsOutOfMemory(net, 0, err), 8)
+    with pytest.raises(RuntimeError, match="something else"):  # other errors are not retried
+        probs(_RunsOutOfMemory(net, 0, RuntimeError("something else")), 8)
+
+
 def test_windows_normalised_as_cut_equal_a_normalised_image(tiny):
     """Raw uint8 with its ranges gives the same probabilities as the image normalised beforehand."""
     from napari_wbc.core.device import resolve_device

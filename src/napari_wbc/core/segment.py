@@ -177,7 +177,8 @@ def iter_probabilities(
     if weights_dtype == torch.float32:
         amp = torch.float16 if device.type == "cuda" else torch.bfloat16 if device.type == "cpu" and cpu_bf16_fast() else None
     done = 0
-    for b0 in range(0, total, batch_size):
+    b0 = 0
+    while b0 < total:
         batch_jobs = jobs[b0 : b0 + batch_size]
         arr = np.ones((len(batch_jobs), 3, th, tw), np.float32)  # outside = background-like
         for i, (y0, x0) in enumerate(batch_jobs):
@@ -187,22 +188,63 @@ def iter_probabilities(
             sy1, sx1 = min(wy0 + th, h), min(wx0 + tw, w)
             win = x[sy0:sy1, sx0:sx1] if ranges is None else normalise(x[sy0:sy1, sx0:sx1], ranges)
             arr[i, :, sy0 - wy0 : sy1 - wy0, sx0 - wx0 : sx1 - wx0] = np.moveaxis(win, -1, 0)
-        with torch.inference_mode():
-            t = torch.from_numpy(arr).to(device, weights_dtype).contiguous(memory_format=torch.channels_last)
-            if amp is not None:
-                with torch.autocast(device.type, dtype=amp):
-                    out = net(t)
-            else:
-                out = net(t)
-            out = torch.sigmoid(out.float()).mul_(255).round_().to(torch.uint8).cpu().numpy()
+        out = None
+        try:
+            out = _forward(net, arr, device, weights_dtype, amp)
+        except Exception as e:  # noqa: BLE001 - only running out of device memory is handled here
+            if not _is_out_of_memory(e):
+                raise
+        if out is None:  # out of memory (freed once the exception and its frames are gone)
+            _free_device_memory(device)
+            if batch_size > 1:  # the same tiles again, fewer at a time (results do not depend on it)
+                batch_size = max(1, batch_size // 2)
+                continue
+            raise MemoryError(
+                f"the {device.type} device ran out of memory on one {th}x{tw} tile; free its memory "
+                "(other programs, other models) or run on device='cpu'"
+            ) from None
         for i, (y0, x0) in enumerate(batch_jobs):
             ch = min(core if not small else h, h - y0)
             cw = min(core if not small else w, w - x0)
             fg[y0 : y0 + ch, x0 : x0 + cw] = out[i, 0, margin : margin + ch, margin : margin + cw]
             dist[y0 : y0 + ch, x0 : x0 + cw] = out[i, 1, margin : margin + ch, margin : margin + cw]
         done += len(batch_jobs)
+        b0 += len(batch_jobs)
         yield ("progress", done, total)
     yield ("probs", fg, dist)
+
+
+def _forward(net, arr: np.ndarray, device, weights_dtype, amp) -> np.ndarray:
+    """The network's two maps for a batch of windows, as uint8 (probability x 255)."""
+    import torch
+
+    with torch.inference_mode():
+        t = torch.from_numpy(arr).to(device, weights_dtype).contiguous(memory_format=torch.channels_last)
+        if amp is not None:
+            with torch.autocast(device.type, dtype=amp):
+                out = net(t)
+        else:
+            out = net(t)
+        return torch.sigmoid(out.float()).mul_(255).round_().to(torch.uint8).cpu().numpy()
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    import torch
+
+    oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    return (oom is not None and isinstance(e, oom)) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+
+
+def _free_device_memory(device) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps" and hasattr(torch, "mps"):
+        torch.mps.empty_cache()
 
 
 def instances_from_maps(fg_u8: np.ndarray, dist_u8: np.ndarray, min_area: float) -> np.ndarray:
