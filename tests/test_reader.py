@@ -229,3 +229,47 @@ def test_a_greyscale_integer_tiff_with_its_own_table_is_saved_labels(tmp_path):
     pd.DataFrame({"label": [4]}).to_csv(tmp_path / "x_cells.csv", index=False)
     data, kwargs, kind = napari_get_reader(str(tmp_path / "x.tif"))(str(tmp_path / "x.tif"))[0]
     assert kind == "labels" and data.max() == 4 and list(kwargs["features"]["label"]) == [4]
+
+
+def _two_touching(dtype, a=1, b=2):
+    m = np.zeros((30, 40), dtype)
+    m[5:20, 5:15] = a
+    m[5:20, 15:25] = b  # touches the first
+    m[24:28, 30:36] = a if a == b else 3
+    return m
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int32])
+def test_instance_label_masks_keep_their_cells(dtype):
+    """uint8 ids 0..3 were thresholded at 128 (all cells lost); 16-bit masks with few ids were split
+    into connected components (touching cells merged)."""
+    from napari_wbc.core.io import mask_to_labels
+
+    m = _two_touching(dtype)
+    out = mask_to_labels(m)
+    assert out.dtype == np.int32 and (out == m).all()
+    m[m == 3] = 0  # only two ids, touching
+    assert (mask_to_labels(m) == m).all()
+
+
+def test_binary_jpeg_and_part_level_masks_become_cells():
+    from napari_wbc.core.io import mask_to_labels
+
+    binary = (_two_touching(np.uint8, 255, 255))
+    assert mask_to_labels(binary).max() == 2  # the touching pair is one region: a binary mask cannot split it
+    jpeg = binary.astype(np.int16)
+    rng = np.random.default_rng(0)
+    jpeg = np.clip(jpeg + rng.integers(-12, 13, jpeg.shape), 0, 255).astype(np.uint8)  # noise at both ends
+    assert len(np.unique(jpeg)) > 3 and (mask_to_labels(jpeg) > 0).sum() == (binary > 0).sum()
+    tecom = np.zeros((30, 40), np.uint8)
+    tecom[5:25, 5:25] = 128  # cytoplasm
+    tecom[10:20, 10:20] = 255  # nucleus
+    out = mask_to_labels(tecom)
+    assert out.max() == 1 and (out > 0).sum() == 400
+
+
+def test_mask_file_with_uint8_ids_opens_with_its_cells(tmp_path):
+    from napari_wbc.core.io import read_mask
+
+    Image.fromarray(_two_touching(np.uint8)).save(tmp_path / "x-mask.png")
+    assert sorted(np.unique(read_mask(tmp_path / "x-mask.png"))) == [0, 1, 2, 3]

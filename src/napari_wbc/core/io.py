@@ -100,26 +100,38 @@ def find_mask(path) -> Path | None:
 
 
 def mask_to_labels(mask: np.ndarray) -> np.ndarray:
-    """A stored mask (binary JPEG, 0/128/255 PNG, or instance labels) -> int32 instance labels.
+    """A stored mask (binary, JPEG, part-level PNG, or instance labels) -> int32 instance labels.
 
-    Greyscale/binary masks are thresholded (>= 128 for 8-bit JPEG-like masks with
-    more than a few grey levels, > 0 otherwise) and split into connected components;
-    a mask that already holds many distinct ids is kept as labels.
+    - one non-zero value (0/1, 0/255, bool): a binary mask, split into connected components;
+    - 8-bit with values at both ends (JPEG noise around 0 and 255, >= 90 % of the non-zero pixels
+      within 32 of an end): thresholded at 128, then split;
+    - 8-bit with at most three non-zero values reaching 128 or more (Tecom's 0/128/255 nucleus and
+      cytoplasm): one cell per connected region of everything non-zero;
+    - otherwise integer instance labels, kept as they are (uint8 ids 1..N included: touching
+      cells stay apart);
+    - float masks: non-zero is foreground, split into connected components.
     """
     from scipy import ndimage as ndi
 
     m = np.asarray(mask)
     if m.ndim == 3:
         m = m[..., :3].max(axis=-1)
-    values = np.unique(m)
-    if m.dtype.kind in "ui" and len(values) > 3 and m.dtype != np.uint8:
-        return m.astype(np.int32)  # instance labels stored as 16/32-bit
-    if m.dtype == np.uint8 and len(values) > 3:
-        fg = m >= 128  # lossy JPEG mask
-    else:
-        fg = m > 0
-    labels, _ = ndi.label(fg)
-    return labels.astype(np.int32)
+    nz = m[m != 0]
+    values = np.unique(nz)
+
+    def components(fg):
+        return ndi.label(fg)[0].astype(np.int32)
+
+    if len(values) <= 1 or m.dtype.kind not in "ui" or m.dtype == bool:
+        return components(m != 0)
+    if m.dtype == np.uint8 and values[-1] >= 128:
+        if len(values) <= 3:
+            return components(m != 0)
+        if np.mean((nz <= 32) | (nz >= 223)) >= 0.9:
+            return components(m >= 128)  # lossy JPEG mask
+    if values[0] < 0:
+        raise ValueError("mask holds negative values; expected 0 = background, 1..N cells")
+    return m.astype(np.int32)
 
 
 def read_mask(path) -> np.ndarray:
