@@ -411,6 +411,13 @@ def test_pairing(tmp_path):
     pairs, lone_i, lone_m = pair_images_masks(tmp_path / "im", tmp_path / "ma")
     assert [(a.name, b.name) for a, b in pairs] == [("t0.png", "t0.png")]
     assert [p.name for p in lone_i] == ["t1.png"] and [p.name for p in lone_m] == ["zz_mask.png"]
+    # x-mask.* beside the images counts too (docs: "in the same folder or in MASKS_DIR"); MASKS_DIR wins
+    shutil.copy(tmp_path / "sig" / "t1-mask.png", tmp_path / "im" / "t1-mask.png")
+    shutil.copy(tmp_path / "sig" / "t0-mask.png", tmp_path / "im" / "t0-mask.png")
+    pairs, lone_i, lone_m = pair_images_masks(tmp_path / "im", tmp_path / "ma")
+    assert [(a.name, b.parent.name, b.name) for a, b in pairs] == [("t0.png", "ma", "t0.png"),
+                                                                  ("t1.png", "im", "t1-mask.png")]
+    assert lone_i == [] and [p.name for p in lone_m] == ["zz_mask.png"]
 
 
 def test_train_errors(tmp_path, tiny_models, capsys):

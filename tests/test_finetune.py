@@ -449,3 +449,48 @@ def test_binary_masks_of_any_value_are_split_into_cells(value):
     inst = np.zeros((40, 60), np.uint16)
     inst[5:15, 5:15], inst[15:25, 5:15] = 3, 9  # touching instance labels stay as they are
     assert (F._as_labels(inst, 0) == inst).all()
+
+
+def test_output_card_existing_json_and_folder(tiny, tmp_path, monkeypatch):
+    """An existing card (.json) is never overwritten; a folder as output gets a new dated file inside;
+    the new card describes the fine-tuned model, not its base."""
+    import json
+
+    from napari_wbc.core import train as T
+    from napari_wbc.core.models import card_path
+
+    img, lab = _pair()
+    notes = tmp_path / "results.json"
+    notes.write_text('{"my": "notes"}')
+    with pytest.raises(ValueError, match="results.json"):
+        napari_wbc.finetune([img], [lab], base=tiny, epochs=1, device="cpu", output=tmp_path / "results.safetensors")
+    assert json.loads(notes.read_text()) == {"my": "notes"}
+
+    base_card = json.loads(card_path(tiny).read_text())
+    base_card.update({"version": "9.9.9", "validation": {"all_val_known_diameter": {"matched_dice": 0.99}},
+                      "limits": "Trained on three public data sets.", "training": {"args": {}}})
+    card_path(tiny).write_text(json.dumps(base_card))
+    monkeypatch.setattr(T, "train_segmenter", lambda net, *a, **k: (None, [{"step": 0}]))
+    monkeypatch.setattr(F, "_split_holdout", lambda samples, rng: (samples, []))  # no hold-out: always written
+    folder = tmp_path / "models"
+    folder.mkdir()
+    out = napari_wbc.finetune([img], [lab], base=tiny, epochs=1, device="cpu", output=folder)
+    assert out.parent == folder and out.name.startswith("wbc_unet_ft_") and out.suffix == ".safetensors"
+    card = read_card(out)
+    assert "training" not in card and "validation" not in card
+    assert card["version"] == "9.9.9+finetuned" and card["finetune"]["base_version"] == "9.9.9"
+    assert card["limits"].startswith("Trained on three public data sets. Fine-tuned by its user")
+
+
+def test_save_model_refuses_an_existing_card(tmp_path):
+    from napari_wbc.core.models import save_model
+    from napari_wbc.core.testing import make_tiny_segmenter
+
+    tiny = make_tiny_segmenter(tmp_path / "a.safetensors")
+    (tmp_path / "b.json").write_text("mine")
+    from napari_wbc.core.models import build_network, read_card
+
+    card = read_card(tiny)
+    with pytest.raises(FileExistsError, match="b.json"):
+        save_model(build_network(card["arch"]), card, tmp_path / "b.safetensors")
+    assert (tmp_path / "b.json").read_text() == "mine" and not (tmp_path / "b.safetensors").exists()

@@ -127,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=_positive_int, metavar="E",
                    help="epochs of 25 steps of 8 crops (default: 12, whatever the number of cells)")
     t.add_argument("--out", "-o", metavar="FILE",
-                   help="new model file (.safetensors; never overwritten). Default: a new dated file in "
-                        "the user's napari-wbc data folder")
+                   help="new model file (.safetensors; never overwritten), or an existing folder for a new "
+                        "dated file in it. Default: a new dated file in the user's napari-wbc data folder")
     t.add_argument("--device", default="auto", metavar="D", help="auto, cpu, cuda, mps (default: auto)")
     t.add_argument("--allow-unpaired", action="store_true",
                    help="train on the pairs found even if some images or masks have no partner")
@@ -312,13 +312,24 @@ def _print_segment_summary(rows, out_dir: Path) -> None:
 
 
 # ------------------------------------------------------------------ train
+def _mask_key(m: Path) -> str:
+    """The image stem a mask file belongs to (``x`` for ``x-mask.*``, ``x_mask.*`` or ``x.*``), lower case."""
+    from .core.io import MASK_SUFFIXES
+
+    stem = m.stem
+    for s in MASK_SUFFIXES:
+        if stem.lower().endswith(s):
+            return stem[: -len(s)].lower()
+    return stem.lower()
+
+
 def pair_images_masks(images_dir, masks_dir) -> tuple[list[tuple[Path, Path]], list[Path], list[Path]]:
     """Pair images with masks by stem: ``x`` with ``x-mask``/``x_mask`` (either folder) or ``x`` in ``masks_dir``.
 
     Returns ``(pairs, unpaired_images, unpaired_masks)``.
     """
     from .core.batch import is_mask_name
-    from .core.io import IMAGE_SUFFIXES, MASK_SUFFIXES
+    from .core.io import IMAGE_SUFFIXES
 
     images_dir, masks_dir = Path(images_dir), Path(masks_dir)
     same = images_dir.resolve() == masks_dir.resolve()
@@ -329,26 +340,25 @@ def pair_images_masks(images_dir, masks_dir) -> tuple[list[tuple[Path, Path]], l
 
     images = [f for f in listing(images_dir) if not is_mask_name(f)]
     masks = listing(masks_dir) if not same else [f for f in listing(masks_dir) if is_mask_name(f)]
+    beside = [] if same else [f for f in listing(images_dir) if is_mask_name(f)]  # x-mask.* next to x.*
+    masks += beside
     by_key: dict[str, list[Path]] = {}
     for m in masks:
-        stem = m.stem
-        for s in MASK_SUFFIXES:
-            if stem.lower().endswith(s):
-                stem = stem[: -len(s)]
-                break
-        by_key.setdefault(stem.lower(), []).append(m)
+        by_key.setdefault(_mask_key(m), []).append(m)
     pairs, unpaired, used = [], [], set()
     for im in images:
         cands = by_key.get(im.stem.lower(), [])
         if not cands:
             unpaired.append(im)
             continue
-        # prefer a mask with the same suffix as the image, then a lossless one
-        cands = sorted(cands, key=lambda m: (m.suffix.lower() != im.suffix.lower(),
+        # prefer one in MASKS_DIR, then one with the same suffix as the image, then a lossless one
+        cands = sorted(cands, key=lambda m: (m in beside, m.suffix.lower() != im.suffix.lower(),
                                              m.suffix.lower() in (".jpg", ".jpeg")))
         pairs.append((im, cands[0]))
         used.add(cands[0])
-    unpaired_masks = [m for m in masks if m not in used]
+    paired_keys = {im.stem.lower() for im, _ in pairs}
+    # a mask beside the images that lost to one in MASKS_DIR is an alternative, not an orphan
+    unpaired_masks = [m for m in masks if m not in used and not (m in beside and _mask_key(m) in paired_keys)]
     return pairs, unpaired, unpaired_masks
 
 
@@ -369,11 +379,12 @@ def cmd_train(args) -> int:
             raise UsageError(f"{opt} {str(d)!r} is not a folder")
     base = _check_model(args.base, "segmenter", "--base")
     if args.out is not None:
-        out = Path(args.out).expanduser()
-        if out.suffix != ".safetensors":
-            out = out.with_suffix(".safetensors")
-        if out.exists():
-            raise UsageError(f"--out {str(out)!r} exists; choose a new file name (models are never overwritten)")
+        from .core.finetune import model_output_path
+
+        try:
+            args.out = str(model_output_path(args.out))  # a folder: a new dated file in it
+        except ValueError as e:
+            raise UsageError(f"--out: {e}") from None
     dev = str(_check_device(args.device))
     pairs, lone_images, lone_masks = pair_images_masks(args.images_dir, args.masks_dir)
     if not pairs:

@@ -84,8 +84,9 @@ def finetune_classifier(images, labels, cell_types, *, base=None, output, device
     from .models import build_network, read_card, resolve_model_path, save_model
 
     output = Path(output)
-    if output.exists():
-        raise ValueError(f"output {str(output)!r} exists; choose a new file name (models are never overwritten)")
+    for p in (output, output.with_suffix(".json")):
+        if p.exists():
+            raise ValueError(f"output {str(p)!r} exists; choose a new file name (models are never overwritten)")
     base_path = resolve_model_path(base, "classifier")
     card = read_card(base_path)
     x, y = _cell_inputs(images, labels, cell_types, card)
@@ -144,7 +145,9 @@ def finetune_classifier(images, labels, cell_types, *, base=None, output, device
                       f"(accuracy {before:.2f}); keeping {base_path.name}", stacklevel=2)
         return base_path
     net.load_state_dict(best_state)
-    new_card = {k: v for k, v in card.items() if k != "training"}
+    from .finetune import fine_tuned_card
+
+    new_card = dict(card)
     new_card.update({
         "name": output.stem,
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -152,4 +155,5 @@ def finetune_classifier(images, labels, cell_types, *, base=None, output, device
                      "epochs": epochs, "holdout_accuracy_before": before, "holdout_accuracy_after": best if len(val_idx) else None,
                      "wall_time_s": round(time.time() - t0, 1), "history": history},
     })
+    fine_tuned_card(new_card, card, len(images))
     return save_model(net.cpu(), new_card, output)

@@ -48,8 +48,8 @@ def list_user_models(kind: str = "segmenter") -> list[Path]:
     return sorted(out, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
-def _new_output_path(kind_stem: str) -> Path:
-    d = user_models_dir()
+def _new_output_path(kind_stem: str, folder: Path | None = None) -> Path:
+    d = user_models_dir() if folder is None else Path(folder)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     p = d / f"{kind_stem}_ft_{stamp}.safetensors"
     n = 1
@@ -57,6 +57,44 @@ def _new_output_path(kind_stem: str) -> Path:
         n += 1
         p = d / f"{kind_stem}_ft_{stamp}_{n}.safetensors"
     return p
+
+
+def fine_tuned_card(new_card: dict, base_card: dict, n_images: int) -> dict:
+    """Make a copied card describe the fine-tuned model, not its base (in place; returned).
+
+    The base's training record goes; its validation figures move under ``finetune.base_validation``
+    (they were measured on the base, not on this model); the version says it is fine-tuned.
+    """
+    new_card.pop("training", None)
+    ft = new_card.setdefault("finetune", {})
+    if "validation" in new_card:
+        ft["base_validation"] = new_card.pop("validation")
+    version = str(base_card.get("version", "unknown"))
+    ft["base_version"] = version
+    new_card["version"] = version if version.endswith("+finetuned") else f"{version}+finetuned"
+    limits = str(base_card.get("limits") or "").split(" Fine-tuned by its user")[0].strip()
+    new_card["limits"] = ((limits + " ") if limits else "") + (
+        f"Fine-tuned by its user on {n_images} image(s); its base's figures do not describe it.")
+    return new_card
+
+
+def model_output_path(output, kind_stem: str = "wbc_unet") -> Path:
+    """Where a new model goes for ``output`` (a file name, or an existing folder: a new dated file
+    in it). Raises ValueError when the ``.safetensors``, its ``.json`` card, or (for a segmenter) the
+    ``_classifier`` pair beside it already exists: nothing is ever overwritten."""
+    from .models import SHIPPED, card_path
+
+    out = Path(output).expanduser()
+    if out.is_dir():
+        return _new_output_path(kind_stem, out)
+    if out.suffix != ".safetensors":
+        out = out.with_suffix(".safetensors")
+    for p in (out, card_path(out)):
+        if p.exists():
+            raise ValueError(f"output {str(p)!r} exists; choose a new file name (models are never overwritten)")
+    if out.resolve() == SHIPPED["segmenter"].resolve():
+        raise ValueError("output must not be the shipped model file")
+    return out
 
 
 def _as_labels(lab, i):
@@ -132,9 +170,9 @@ def finetune(
     base : None (shipped model) or a model path to start from.
     epochs : None = 12 (1 epoch = 25 steps of 8 crops, scored on the hold-out after each).
     device : None/"auto", "cpu", "cuda", "mps".
-    output : path of the new ``.safetensors``; None = a new versioned file in the
-        user's data folder (never the working directory, never the shipped model).
-        An existing file is never overwritten.
+    output : path of the new ``.safetensors`` (or an existing folder: a new dated file in it);
+        None = a new dated file in the user's data folder (never the working directory,
+        never the shipped model). An existing file (or its ``.json`` card) is never overwritten.
     progress : callable ``(epoch, total_epochs, metrics_dict)``.
     cell_types : optional list (one per image) of ``{label: cell_type}``; when given
         the classifier is fine-tuned the same way and its file is written beside the
@@ -150,7 +188,7 @@ def finetune(
     neither improved, the base model's path comes back.
     """
     from .device import resolve_device
-    from .models import SHIPPED, build_network, read_card, resolve_model_path, save_model
+    from .models import build_network, read_card, resolve_model_path, save_model
     from .segment import check_image
     from .train import evaluate, make_sample, train_segmenter
 
@@ -183,24 +221,16 @@ def finetune(
     card = read_card(base_path)
     if card.get("kind") != "segmenter":
         raise ValueError(f"base model {str(base_path)!r} is a {card.get('kind')}, expected a segmenter")
-    if output is None:
-        out_path = _new_output_path("wbc_unet")
-    else:
-        out_path = Path(output).expanduser()
-        if out_path.suffix != ".safetensors":
-            out_path = out_path.with_suffix(".safetensors")
-        if out_path.exists():
-            raise ValueError(f"output {str(out_path)!r} exists; choose a new file name (models are never overwritten)")
-        if out_path.resolve() == SHIPPED["segmenter"].resolve():
-            raise ValueError("output must not be the shipped model file")
+    out_path = _new_output_path("wbc_unet") if output is None else model_output_path(output)
 
     cls_path = cls_base = None
     if cell_types is not None:  # checked now, not after minutes of training the segmenter
         from .classifier_finetune import check_cell_types
 
         cls_path = out_path.with_name(out_path.stem + "_classifier.safetensors")
-        if cls_path.exists():
-            raise ValueError(f"classifier output {str(cls_path)!r} exists; choose a new file name (models are never overwritten)")
+        for p in (cls_path, cls_path.with_suffix(".json")):
+            if p.exists():
+                raise ValueError(f"classifier output {str(p)!r} exists; choose a new file name (models are never overwritten)")
         # start from the classifier that goes with the base segmenter (a fine-tuned pair), else the shipped one
         cls_base = card.get("classifier") if card.get("classifier") and Path(card["classifier"]).exists() else None
         check_cell_types(cell_types, read_card(resolve_model_path(cls_base, "classifier")))
@@ -271,7 +301,7 @@ def finetune(
             "history": history,
         },
     })
-    new_card.pop("training", None)
+    fine_tuned_card(new_card, card, len(samples))
     if cell_types is not None:
         from .classifier_finetune import finetune_classifier
 

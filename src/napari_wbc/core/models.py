@@ -250,15 +250,17 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 def save_model(net, card: dict, path, *, overwrite: bool = False) -> Path:
     """Write ``net``'s weights (fp32 safetensors) and ``card`` atomically.
 
-    Refuses to replace an existing file unless ``overwrite``.
+    Refuses to replace an existing file (the weights or the card) unless ``overwrite``.
     """
     from safetensors.torch import save
 
     path = Path(path).expanduser()
     if path.suffix != ".safetensors":
         path = path.with_suffix(".safetensors")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"model file {str(path)!r} exists; refusing to overwrite it")
+    if not overwrite:
+        for p in (path, card_path(path)):
+            if p.exists():
+                raise FileExistsError(f"model file {str(p)!r} exists; refusing to overwrite it")
     for key in ("kind", "arch"):
         if key not in card:
             raise ValueError(f"model card lacks the required key {key!r}")
