@@ -197,3 +197,25 @@ def test_renamed_labels_layer_keeps_one_types_layer(qtbot, cls):
     points = [lyr for lyr in viewer.layers if isinstance(lyr, Points)]
     assert [p.name for p in points] == ["patient A types"]
     assert points[0].text.values[1] == new_type
+
+
+def test_cells_changed_while_classifying_get_their_own_types(qtbot, cls):
+    """Labels replaced while a run classifies the old ones (e.g. segmented again): the old run's
+    results must not land on the new cells; the changed cells are typed again."""
+    import napari_wbc
+
+    viewer, widget, lab = cls
+    old = np.array(lab.data, copy=True)
+    new = np.zeros_like(old)
+    new[old == 1], new[old == 2], new[old == 3], new[old == 4] = 2, 1, 4, 3  # same outlines, ids shuffled
+    new[40:50, 2:12] = 5  # and one more cell
+    assert widget.classify() is not None
+    lab.data = new  # before the run's result reaches the GUI thread
+    qtbot.waitUntil(lambda: not widget.running and lab.features.get("cell_type") is not None
+                    and lab.features["cell_type"].notna().sum() == 5, timeout=TIMEOUT)
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT)
+    fresh = napari_wbc.classify(viewer.layers["smear"].data, new, model=widget.model_combo.model_path(), device="cpu")
+    got = lab.features.set_index("label")
+    for _, row in fresh.iterrows():
+        assert got.loc[row["label"], "cell_type"] == row["cell_type"]
+        assert abs(got.loc[row["label"], "confidence"] - row["confidence"]) < 1e-4

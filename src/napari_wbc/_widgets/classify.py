@@ -234,6 +234,7 @@ class ClassifyWidget(QWidget):
         self.worker = None
         self._layer = None  # the labels layer whose events we follow
         self._pending_sync = False
+        self._retype = None  # cells changed while a run classified them: typed again when it ends
         self._synced_hash = None  # digest of the labels the table was last brought up to date with
 
         self.labels_combo = LayerCombo(napari_viewer, Labels, follow_new=True)
@@ -518,7 +519,7 @@ class ClassifyWidget(QWidget):
             device=self.device_combo.device(),
             ids=None if ids is None else [int(i) for i in ids],
             on_yield=self._on_yield,
-            on_return=lambda table, layer=layer: self._on_return(layer, table),
+            on_return=lambda table, layer=layer, labels=labels: self._on_return(layer, table, labels),
             on_error=self._on_error,
             on_abort=lambda: self.status.setText("cancelled; the table is unchanged"),
             on_finish=self._on_finish,
@@ -535,15 +536,33 @@ class ClassifyWidget(QWidget):
         self.progress.setValue(done)
         self.progress.setFormat(f"{done}/{total} batches")
 
-    def _on_return(self, layer, table) -> None:
+    def _on_return(self, layer, table, classified_labels=None) -> None:
         if layer not in self.viewer.layers:
             return
-        # the labels may have changed meanwhile: measure again, then merge
+        # the labels may have changed meanwhile (painted, or segmented again): a cell whose pixels
+        # changed keeps no type from this run (it is typed again once this run ends); then measure
+        # again and merge
+        current = np.asarray(layer.data)
+        changed = []
+        if classified_labels is not None and classified_labels.shape == current.shape:
+            diff = classified_labels != current
+            if diff.any():
+                ids = np.union1d(np.unique(classified_labels[diff]), np.unique(current[diff]))
+                changed = [int(i) for i in ids if i > 0]
+                table = table[~table["label"].isin(changed)]
         feats, _, _ = remeasure(layer.features, layer.data)
+        if changed and "cell_type" in feats:  # types from an earlier run belong to the old outlines too
+            stale = feats["label"].isin(changed).to_numpy()
+            if "corrected" in feats:
+                stale &= ~feats["corrected"].to_numpy(bool)
+            feats.loc[stale, "cell_type"] = None
         layer.features = merge_classification(feats, table)
         render_types(self.viewer, layer)
+        present = set(np.unique(current).tolist())
+        self._retype = [i for i in changed if i in present] or None
         n = len(table)
-        self.status.setText(f"{n} cell{'s' if n != 1 else ''} classified in {layer.name}")
+        self.status.setText(f"{n} cell{'s' if n != 1 else ''} classified in {layer.name}"
+                            + (f"; {len(self._retype)} changed meanwhile, typed again" if self._retype else ""))
 
     def _on_error(self, exc) -> None:
         self.status.setText("failed")
@@ -553,6 +572,10 @@ class ClassifyWidget(QWidget):
         self.worker = None
         self.buttons.set_busy(False)
         reset_progress(self.progress)
+        retype, self._retype = self._retype, None
+        if retype and alive(self):
+            self.classify(ids=retype)
+            return
         if self._pending_sync:
             self._pending_sync = False
             self._sync_timer.start()
