@@ -273,3 +273,20 @@ def test_mask_file_with_uint8_ids_opens_with_its_cells(tmp_path):
 
     Image.fromarray(_two_touching(np.uint8)).save(tmp_path / "x-mask.png")
     assert sorted(np.unique(read_mask(tmp_path / "x-mask.png"))) == [0, 1, 2, 3]
+
+
+def test_tiff_axes_decide_colour_or_stack(tmp_path):
+    """Colour samples or 3-4 channels become HxWxC; a stack of greyscale planes (an ImageJ Z-stack,
+    3-4 explicit greyscale pages) is refused with the file named instead of read as RGB(A)."""
+    from napari_wbc.core.io import read_image
+
+    z = (np.random.default_rng(0).random((4, 30, 40)) * 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "planar.tif", z[:3])  # tifffile: planar RGB (axes SYX)
+    tifffile.imwrite(tmp_path / "rgba.tif", np.moveaxis(z, 0, -1), photometric="rgb", extrasamples=["unassalpha"])
+    tifffile.imwrite(tmp_path / "zstack.tif", z[:, None], imagej=True, metadata={"axes": "ZCYX"})
+    tifffile.imwrite(tmp_path / "pages.tif", z[:3], photometric="minisblack")
+    assert (read_image(tmp_path / "planar.tif") == np.moveaxis(z[:3], 0, -1)).all()
+    assert read_image(tmp_path / "rgba.tif").shape == (30, 40, 4)
+    for name in ("zstack.tif", "pages.tif"):
+        with pytest.raises(ImageReadError, match=rf"{name}.*stack of (4|3) planes"):
+            read_image(tmp_path / name)

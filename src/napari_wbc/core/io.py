@@ -33,11 +33,7 @@ def read_image(path) -> np.ndarray:
     suffix = path.suffix.lower()
     try:
         if suffix in (".tif", ".tiff"):
-            import tifffile
-
-            arr = np.asarray(tifffile.imread(str(path)))
-            if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[-1] not in (3, 4):
-                arr = np.moveaxis(arr, 0, -1)
+            arr = _read_tiff(path)
         else:
             from PIL import Image
 
@@ -59,6 +55,28 @@ def read_image(path) -> np.ndarray:
         raise ImageReadError(f"{str(path)!r} could not be read as an image: {e}") from e
     if arr.size == 0 or arr.ndim not in (2, 3):
         raise ImageReadError(f"{str(path)!r}: expected a 2-D greyscale or RGB image, got shape {arr.shape}")
+    return arr
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    """A TIFF's first series as HxW or HxWxC, read by the file's own axes: colour samples (``S``, or
+    3-4 ``C`` channels) go last; planes of a stack (``Z``, ``T``, or greyscale pages ``Q``/``I``)
+    are refused with the file named, not read as the channels of one colour image."""
+    import tifffile
+
+    with tifffile.TiffFile(str(path)) as tf:
+        series = tf.series[0]
+        axes = series.axes
+        arr = np.asarray(series.asarray())
+    keep = [i for i, n in enumerate(arr.shape) if n > 1 or axes[i] in "YX"]
+    arr = arr.reshape([arr.shape[i] for i in keep])
+    axes = "".join(axes[i] for i in keep)
+    if arr.ndim == 3 and axes[-1] not in "SC" and axes[0] in "SC" and arr.shape[0] in (3, 4):
+        arr = np.moveaxis(arr, 0, -1)  # planar colour: samples / channels first
+    elif arr.ndim >= 3 and not (arr.ndim == 3 and axes[-1] in "SC"):
+        raise ImageReadError(
+            f"{str(path)!r} holds a stack of {arr.shape[0]} planes (axes {axes}, shape {arr.shape}); "
+            "expected one 2-D greyscale or colour image: save one plane per file")
     return arr
 
 
