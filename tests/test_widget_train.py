@@ -91,6 +91,19 @@ def test_cancel_writes_nothing(qtbot, tr, user_models):
     assert not user_models.exists() or not any(user_models.iterdir())
 
 
+def test_closing_the_dock_cancels_training(qtbot, tr, user_models):
+    """napari's dock close (remove_dock_widget) un-parents the widget: training stops, nothing is written."""
+    viewer, widget, seg, lab, messages = tr
+    widget.auto_epochs.setChecked(False)
+    widget.epochs.setValue(500)
+    widget.train()
+    qtbot.waitUntil(lambda: widget.progress.format().startswith("epoch"), timeout=TIMEOUT)
+    viewer.window.remove_dock_widget(widget)
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT)
+    assert ("show_info", "Train: cancelled, previous model kept") in messages
+    assert not user_models.exists() or not any(user_models.iterdir())
+
+
 def test_bad_pair_is_refused(tr):
     viewer, widget, seg, lab, messages = tr
     viewer.add_image(np.zeros((32, 32)), name="small")

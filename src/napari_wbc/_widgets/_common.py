@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from qtpy.QtCore import Qt, Signal
+from qtpy.QtCore import QEvent, Qt, Signal
 from qtpy.QtWidgets import QComboBox, QFileDialog, QHBoxLayout, QProgressBar, QPushButton, QWidget
 
 BROWSE = "Browse..."
@@ -408,6 +408,18 @@ class ModelCombo(QComboBox):
 
 
 # ----------------------------------------------------------------- running
+class CancelWhenRemoved:
+    """Mixin for a dock widget with ``running`` and ``cancel()``: its work is cancelled when the
+    widget is taken out of napari's window (the dock's close button, ``remove_dock_widget``: napari
+    un-parents the widget rather than deleting it), so a closed widget writes nothing, adds no layer
+    and does not run on unseen."""
+
+    def event(self, e):  # noqa: D102 - Qt's
+        if e.type() == QEvent.Type.ParentChange and self.parent() is None and self.running:
+            self.cancel()
+        return super().event(e)
+
+
 class RunButtons(QWidget):
     """A run button and a Cancel button; run is disabled while busy."""
 

@@ -32,6 +32,7 @@ from qtpy.QtWidgets import (
 from napari_wbc.core.segment import cell_features, remeasure
 
 from ._common import (
+    CancelWhenRemoved,
     META_KEY,
     DeviceCombo,
     LayerCombo,
@@ -223,7 +224,7 @@ def apply_classification(viewer, labels_layer, table) -> None:
 
 
 # ------------------------------------------------------------------ widget
-class ClassifyWidget(QWidget):
+class ClassifyWidget(CancelWhenRemoved, QWidget):
     """Type the segmented cells, show the differential count, correct types by hand, export."""
 
     SYNC_DELAY_MS = 300

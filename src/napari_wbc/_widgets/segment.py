@@ -16,6 +16,7 @@ from qtpy.QtWidgets import QCheckBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, 
 from napari_wbc.core.segment import cell_features
 
 from ._common import (
+    CancelWhenRemoved,
     META_KEY,
     DeviceCombo,
     LayerCombo,
@@ -77,7 +78,7 @@ def is_untouched(layer) -> bool:
     return True
 
 
-class SegmentWidget(QWidget):
+class SegmentWidget(CancelWhenRemoved, QWidget):
     """Segment the white blood cells of an image layer into a labels layer."""
 
     def __init__(self, napari_viewer):

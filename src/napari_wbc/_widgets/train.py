@@ -29,6 +29,7 @@ from qtpy.QtWidgets import (
 )
 
 from ._common import (
+    CancelWhenRemoved,
     DeviceCombo,
     ModelCombo,
     RunButtons,
@@ -57,7 +58,7 @@ def _dice_text(value) -> str:
     return "n/a" if value is None else f"{float(value):.3f}"
 
 
-class TrainWidget(QWidget):
+class TrainWidget(CancelWhenRemoved, QWidget):
     """Fine-tune the WBC segmenter on the labels layers you corrected."""
 
     COLS = ("use", "labels", "image")
