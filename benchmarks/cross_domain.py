@@ -2,7 +2,7 @@
 
     python benchmarks/train_segmenter.py --exclude tecom --steps 1500 --eval-every 500 --batch 16 \\
         --threads 1 [--wide-hue 0.5] --out runs/no_tecom.safetensors
-    python benchmarks/cross_domain.py runs/no_tecom.safetensors [more models ...]
+    python benchmarks/cross_domain.py runs/no_tecom.safetensors [more models ...] [--flip-tta 4]
 
 Tecom's stain (orange-brown cytoplasm on a yellow background, tight single-cell crops) is far from
 SigTuple's and BCCD's lilac, so a model that has never seen it stands in for the smears of other labs
@@ -20,16 +20,49 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import segmentation as B  # noqa: E402
 
 
+def _flip_tta(k: int) -> None:
+    """Make every segmenter that load_model returns average its outputs over ``k`` flips (an experiment)."""
+    import torch
+
+    from napari_wbc.core import models
+
+    class Flipped(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def parameters(self, recurse=True):  # iter_probabilities reads the weights' dtype
+            return self.net.parameters(recurse)
+
+        def forward(self, x):
+            flips = [(), (-1,)] + ([(-2,), (-1, -2)] if k == 4 else [])
+            outs = [self.net(x.flip(f) if f else x).float() for f in flips]
+            return torch.stack([o.flip(f) if f else o for o, f in zip(outs, flips)]).mean(0)
+
+    load = models.load_model
+
+    def flipped(model=None, kind="segmenter", device=None):
+        net, card = load(model, kind, device)
+        return (Flipped(net), card) if kind == "segmenter" else (net, card)
+
+    models.load_model = flipped
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+", help="segmenter .safetensors files ('shipped' for the shipped one)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--flip-tta", type=int, default=1, choices=(1, 2, 4),
+                    help="test-time augmentation (not in the package): average the network's outputs over 2 "
+                         "(left-right) or 4 (and up-down) flips of every window")
     a = ap.parse_args(argv)
     import torch
 
     from napari_wbc import segment
 
     torch.set_num_threads(a.threads)
+    if a.flip_tta > 1:
+        _flip_tta(a.flip_tta)
     sets = B.val_sets()
     print("| model | Tecom Dice / F1 (auto) | Tecom Dice / F1 (known) | SigTuple Dice / F1 (auto) | BCCD odd F1 (auto) |")
     print("|---|---|---|---|---|")
