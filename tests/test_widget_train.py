@@ -78,27 +78,20 @@ def test_no_improvement_keeps_base(qtbot, tr, monkeypatch):
     assert seg.model_combo.model_path() == base
 
 
-def test_cancel_writes_nothing(qtbot, tr, user_models):
+@pytest.mark.parametrize("how", ["cancel", "close the dock"])
+def test_cancel_writes_nothing(qtbot, tr, user_models, how):
+    """Cancel, or closing the dock (napari's remove_dock_widget un-parents the widget): training
+    stops and nothing is written."""
     viewer, widget, seg, lab, messages = tr
     widget.auto_epochs.setChecked(False)
     widget.epochs.setValue(500)
     widget.train()
     qtbot.waitUntil(lambda: widget.progress.format().startswith("epoch"), timeout=TIMEOUT)
     assert not widget.buttons.run.isEnabled()
-    widget.cancel()
-    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT)
-    assert ("show_info", "Train: cancelled, previous model kept") in messages
-    assert not user_models.exists() or not any(user_models.iterdir())
-
-
-def test_closing_the_dock_cancels_training(qtbot, tr, user_models):
-    """napari's dock close (remove_dock_widget) un-parents the widget: training stops, nothing is written."""
-    viewer, widget, seg, lab, messages = tr
-    widget.auto_epochs.setChecked(False)
-    widget.epochs.setValue(500)
-    widget.train()
-    qtbot.waitUntil(lambda: widget.progress.format().startswith("epoch"), timeout=TIMEOUT)
-    viewer.window.remove_dock_widget(widget)
+    if how == "cancel":
+        widget.cancel()
+    else:
+        viewer.window.remove_dock_widget(widget)
     qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT)
     assert ("show_info", "Train: cancelled, previous model kept") in messages
     assert not user_models.exists() or not any(user_models.iterdir())
