@@ -262,3 +262,17 @@ def test_classify_cells_uses_the_segmenters_paired_classifier(seg, tmp_path):
     card_path(pair).write_text(json.dumps(card))
     widget.add_model(pair, select=True)
     assert widget._classifier_choice() == cls
+
+
+def test_image_removed_or_renamed_while_segmenting(qtbot, seg):
+    viewer, widget, layer = seg
+    assert widget.segment() is not None
+    layer.name = "patient A"  # renamed before the result arrives: the result follows the new name
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT)
+    (lab,) = wbc_labels(viewer)
+    assert lab.name == "patient A WBC labels" and lab.metadata["napari_wbc"]["image_layer"] == "patient A"
+    assert widget.segment() is not None
+    viewer.layers.remove(layer)  # removed before the result arrives: nothing is added
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT)
+    assert [lyr.name for lyr in wbc_labels(viewer)] == ["patient A WBC labels"]
+    assert "was removed" in widget.status.text()

@@ -5,6 +5,7 @@ worker; this module only turns its output into a layer.
 """
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -179,7 +180,8 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
         diameter = None if self.auto_diameter.isChecked() else float(self.diameter.value())
         scale, translate = plane_scale(layer)
         self._cancelled = False
-        self._job = {"image": layer.name, "scale": scale, "translate": translate, "model": str(model)}
+        self._job = {"image": layer.name, "scale": scale, "translate": translate, "model": str(model),
+                     "layer": weakref.ref(layer)}
         self.buttons.set_busy(True)
         self.progress.setRange(0, 0)
         self.progress.setFormat("starting...")
@@ -249,6 +251,14 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
             return
         labels, diameter, table = result
         job = self._job
+        image_layer = job["layer"]() if "layer" in job else None
+        if "layer" in job and (image_layer is None or image_layer not in self.viewer.layers):
+            msg = f"Segment WBCs: the image {job['image']!r} was removed while it was segmented; no layer was added"
+            self.status.setText(msg)
+            show_info(msg)
+            return
+        if image_layer is not None and image_layer.name != job["image"]:  # renamed meanwhile
+            job = {**job, "image": image_layer.name}
         try:
             layer = self.put_labels(labels, job, diameter)
             if table is not None:
