@@ -461,6 +461,17 @@ def test_demo(tiny_models, capsys):
     assert "BloodImage_00000" in out and "neutrophil" in out and "basophil" in out
 
 
+def test_output_to_a_closed_pipe_is_quiet(tiny_models):
+    """``napari-wbc demo | head -1``: the reader closing the pipe is no error of ours (no traceback)."""
+    seg, cls = tiny_models
+    code = ("import sys; from napari_wbc.cli import main; "
+            f"sys.exit(main(['demo', '--device', 'cpu', '--model', {str(seg)!r}, '--classifier', {str(cls)!r}]))")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # the reader is gone before anything is written
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
 # ------------------------------------------------------------------ the console script
 def test_console_script(tmp_path, tiny_models):
     exe = shutil.which("napari-wbc", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))

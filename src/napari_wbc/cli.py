@@ -156,13 +156,21 @@ def main(argv=None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below, not at exit
+        return status
     except UsageError as e:
         _err(str(e))
         return EXIT_USAGE
     except KeyboardInterrupt:
         _err("interrupted; finished images are kept, re-run the same command to go on")
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # stdout closed by the reader (``napari-wbc demo | head``): not an error of ours
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that flushing stdout at exit does not raise again
+        return EXIT_OK
 
 
 # ------------------------------------------------------------------ shared checks
