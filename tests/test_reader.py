@@ -290,3 +290,23 @@ def test_tiff_axes_decide_colour_or_stack(tmp_path):
     for name in ("zstack.tif", "pages.tif"):
         with pytest.raises(ImageReadError, match=rf"{name}.*stack of (4|3) planes"):
             read_image(tmp_path / name)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A phone's photo (EXIF orientation 6: turned 90 degrees) opens upright, as photo viewers show it."""
+    from PIL import ImageOps
+
+    from napari_wbc.core.io import read_image
+
+    rgb = np.zeros((20, 50, 3), np.uint8)
+    rgb[:5, :10] = (255, 0, 0)  # a red corner tells the turn
+    im = Image.fromarray(rgb)
+    exif = im.getexif()
+    exif[0x0112] = 6
+    im.save(tmp_path / "phone.png", exif=exif.tobytes())
+    im.save(tmp_path / "plain.png")
+    with Image.open(tmp_path / "phone.png") as ref:
+        want = np.asarray(ImageOps.exif_transpose(ref))
+    got = read_image(tmp_path / "phone.png")
+    assert got.shape == (50, 20, 3) and (got == want).all()
+    assert (read_image(tmp_path / "plain.png") == rgb).all()

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+_EXIF_ORIENTATION = 0x0112
 MASK_SUFFIXES = ("-mask", "_mask")
 
 
@@ -24,8 +25,9 @@ def is_image_path(path) -> bool:
 def read_image(path) -> np.ndarray:
     """Read an image file as stored: HxW (grey) or HxWxC, uint8/uint16/float.
 
-    Palette images are expanded to RGB. Raises ImageReadError naming the file
-    when it is missing, truncated or not an image.
+    Palette images are expanded to RGB; a JPEG/PNG's EXIF orientation is applied
+    (a phone's photo opens upright, as photo viewers show it). Raises ImageReadError
+    naming the file when it is missing, truncated or not an image.
     """
     path = Path(path)
     if not path.is_file():
@@ -39,6 +41,10 @@ def read_image(path) -> np.ndarray:
 
             with Image.open(path) as im:
                 im.load()  # forces decoding: truncated files fail here
+                if im.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # a phone's photo: upright, as viewers show it
+                    from PIL import ImageOps
+
+                    im = ImageOps.exif_transpose(im)
                 if im.mode == "P":
                     im = im.convert("RGBA" if "transparency" in im.info else "RGB")
                 elif im.mode in ("1", "CMYK", "YCbCr", "LA"):
