@@ -30,7 +30,8 @@ def check_cell_types(cell_types, card) -> None:
 
 
 def _cell_inputs(images, labels, cell_types, card):
-    """Network inputs (N x 4 x S x S) and class indices of every typed cell."""
+    """Network inputs (N x 4 x S x S) and class indices of every typed cell (types checked by
+    :func:`check_cell_types`)."""
     from .classify import CLASSES, _regions, cell_input, input_settings
     from .segment import channel_ranges, check_image
 
@@ -44,9 +45,6 @@ def _cell_inputs(images, labels, cell_types, card):
         lab = np.asarray(lab)
         if lab.shape != rgb.shape[:2]:
             raise ValueError(f"labels[{i}] has shape {lab.shape} but images[{i}] is {rgb.shape[:2]}")
-        for k, t in types.items():
-            if t not in classes:
-                raise ValueError(f"cell_types[{i}][{k!r}] = {t!r} is not a known type ({', '.join(classes)})")
         ranges = channel_ranges(rgb, low, high)
         ids, slices, areas = _regions(lab.astype(np.int64), [int(k) for k in types])
         for j, cid in enumerate(ids):
@@ -83,12 +81,13 @@ def finetune_classifier(images, labels, cell_types, *, base=None, output, device
     from .finetune import FinetuneCancelled
     from .models import build_network, read_card, resolve_model_path, save_model
 
+    from .finetune import refuse_existing
+
     output = Path(output)
-    for p in (output, output.with_suffix(".json")):
-        if p.exists():
-            raise ValueError(f"output {str(p)!r} exists; choose a new file name (models are never overwritten)")
+    refuse_existing(output)
     base_path = resolve_model_path(base, "classifier")
     card = read_card(base_path)
+    check_cell_types(cell_types, card)
     x, y = _cell_inputs(images, labels, cell_types, card)
     rng = np.random.default_rng(seed)
     val_idx = []

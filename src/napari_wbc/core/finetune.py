@@ -78,20 +78,27 @@ def fine_tuned_card(new_card: dict, base_card: dict, n_images: int) -> dict:
     return new_card
 
 
+def refuse_existing(path, what: str = "output") -> None:
+    """ValueError naming the file when ``path``'s weights or card already exist."""
+    from .models import existing_model_file
+
+    taken = existing_model_file(path)
+    if taken is not None:
+        raise ValueError(f"{what} {str(taken)!r} exists; choose a new file name (models are never overwritten)")
+
+
 def model_output_path(output, kind_stem: str = "wbc_unet") -> Path:
     """Where a new model goes for ``output`` (a file name, or an existing folder: a new dated file
-    in it). Raises ValueError when the ``.safetensors``, its ``.json`` card, or (for a segmenter) the
-    ``_classifier`` pair beside it already exists: nothing is ever overwritten."""
-    from .models import SHIPPED, card_path
+    in it). Raises ValueError when the ``.safetensors`` or its ``.json`` card already exists:
+    nothing is ever overwritten."""
+    from .models import SHIPPED
 
     out = Path(output).expanduser()
     if out.is_dir():
         return _new_output_path(kind_stem, out)
     if out.suffix != ".safetensors":
         out = out.with_suffix(".safetensors")
-    for p in (out, card_path(out)):
-        if p.exists():
-            raise ValueError(f"output {str(p)!r} exists; choose a new file name (models are never overwritten)")
+    refuse_existing(out)
     if out.resolve() == SHIPPED["segmenter"].resolve():
         raise ValueError("output must not be the shipped model file")
     return out
@@ -228,9 +235,7 @@ def finetune(
         from .classifier_finetune import check_cell_types
 
         cls_path = out_path.with_name(out_path.stem + "_classifier.safetensors")
-        for p in (cls_path, cls_path.with_suffix(".json")):
-            if p.exists():
-                raise ValueError(f"classifier output {str(p)!r} exists; choose a new file name (models are never overwritten)")
+        refuse_existing(cls_path, "classifier output")
         # start from the classifier that goes with the base segmenter (a fine-tuned pair), else the shipped one
         cls_base = card.get("classifier") if card.get("classifier") and Path(card["classifier"]).exists() else None
         check_cell_types(cell_types, read_card(resolve_model_path(cls_base, "classifier")))
@@ -239,7 +244,8 @@ def finetune(
     from safetensors.torch import load_file
 
     net = build_network(card["arch"])
-    net.load_state_dict(load_file(str(base_path)))
+    base_state = load_file(str(base_path))  # kept: a segmenter that does not improve goes back to it
+    net.load_state_dict(base_state)
     net.to(dev)
     rng = np.random.default_rng(seed)
     train, val = _split_holdout(samples, rng)
@@ -278,7 +284,7 @@ def finetune(
             f"keeps {base_path.name}'s segmentation weights (only the classifier is trained)",
             stacklevel=2,
         )
-        net.load_state_dict(load_file(str(base_path)))
+        net.load_state_dict(base_state)
     elif best_state is not None:
         net.load_state_dict(best_state)
     after = evaluate(net, card, val, dev) if val else None

@@ -39,6 +39,12 @@ def card_path(path) -> Path:
     return Path(path).with_suffix(".json")
 
 
+def existing_model_file(path) -> Path | None:
+    """The weights (``.safetensors``) or card (``.json``) of ``path`` that already exists, if any:
+    a new model must not be written there (models are never overwritten)."""
+    return next((p for p in (Path(path), card_path(path)) if p.exists()), None)
+
+
 def resolve_model_path(model, kind: str) -> Path:
     """``None`` -> the shipped model of ``kind``; a shipped model's name (``"wbc_classifier_stain_robust"``)
     -> that model; otherwise a checked path to a .safetensors file."""
@@ -257,10 +263,9 @@ def save_model(net, card: dict, path, *, overwrite: bool = False) -> Path:
     path = Path(path).expanduser()
     if path.suffix != ".safetensors":
         path = path.with_suffix(".safetensors")
-    if not overwrite:
-        for p in (path, card_path(path)):
-            if p.exists():
-                raise FileExistsError(f"model file {str(p)!r} exists; refusing to overwrite it")
+    taken = None if overwrite else existing_model_file(path)
+    if taken is not None:
+        raise FileExistsError(f"model file {str(taken)!r} exists; refusing to overwrite it")
     for key in ("kind", "arch"):
         if key not in card:
             raise ValueError(f"model card lacks the required key {key!r}")
