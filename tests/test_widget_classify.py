@@ -219,3 +219,38 @@ def test_cells_changed_while_classifying_get_their_own_types(qtbot, cls):
     for _, row in fresh.iterrows():
         assert got.loc[row["label"], "cell_type"] == row["cell_type"]
         assert abs(got.loc[row["label"], "confidence"] - row["confidence"]) < 1e-4
+
+
+def test_edits_are_measured_off_the_gui_thread_and_overtaken_results_dropped(qtbot, cls, monkeypatch):
+    """The labels are hashed and measured in a thread; a measurement that later edits overtook is
+    dropped (then done again), and a type corrected meanwhile is kept."""
+    import threading
+
+    import napari_wbc._widgets.classify as mod
+
+    viewer, widget, lab = cls
+    run(qtbot, widget)
+    gate, threads = threading.Event(), []
+    real = mod._sync_job
+
+    def slow(*args):
+        threads.append(threading.current_thread())
+        gate.wait(10)
+        return real(*args)
+
+    monkeypatch.setattr(mod, "_sync_job", slow)
+    yy, xx = np.mgrid[:64, :64]
+    lab.data_setitem(np.nonzero((yy - 31) ** 2 + (xx - 31) ** 2 <= 16), 7)
+    qtbot.waitUntil(lambda: widget.syncing, timeout=TIMEOUT)  # measuring cell 7's edit, held at the gate
+    new_type = next(c for c in CLASSES if c != lab.features.set_index("label").loc[2, "cell_type"])
+    widget.set_type(2, new_type)  # a correction while it measures
+    lab.data_setitem(np.nonzero((yy - 56) ** 2 + (xx - 8) ** 2 <= 9), 8)  # an edit that overtakes it
+    gate.set()
+    qtbot.waitUntil(lambda: {7, 8} <= set(lab.features["label"]) and not widget.running and not widget.syncing
+                    and lab.features["cell_type"].notna().all(), timeout=TIMEOUT)
+    assert threads and all(t is not threading.main_thread() for t in threads)
+    row = lab.features.set_index("label").loc[2]
+    assert row["cell_type"] == new_type and bool(row["corrected"])
+    assert sorted(lab.features["label"]) == [1, 2, 3, 4, 7, 8]
+    np.testing.assert_array_equal(lab.features.set_index("label").loc[8, "area"], (lab.data == 8).sum())
+    assert len(types_layer(viewer).data) == 6

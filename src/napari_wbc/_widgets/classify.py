@@ -29,7 +29,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_wbc.core.segment import cell_features, remeasure
+from napari_wbc.core.segment import cell_features, merge_measured, remeasure
 
 from ._common import (
     CancelWhenRemoved,
@@ -237,6 +237,8 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
         self._pending_sync = False
         self._retype = None  # cells changed while a run classified them: typed again when it ends
         self._synced_hash = None  # digest of the labels the table was last brought up to date with
+        self._sync_worker = None  # hashes and measures the labels in a thread (seconds on a large smear)
+        self._edits = 0  # edit events seen: a measurement that edits overtook is dropped
 
         self.labels_combo = LayerCombo(napari_viewer, Labels, follow_new=True)
         self.image_combo = LayerCombo(napari_viewer, Image)
@@ -335,7 +337,8 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
             for name, slot in self._layer_slots():
                 getattr(layer.events, name).connect(slot)
             layer.mouse_drag_callbacks.append(self._on_click)
-            self._synced_hash = data_hash(layer.data)
+            self._synced_hash = None
+            self._start_sync(layer, measure=False)  # the digest of the labels as they are now
             image_name = wbc_meta(layer).get("image_layer")
             if image_name in self.viewer.layers and isinstance(self.viewer.layers[image_name], Image):
                 self.image_combo.set_layer(self.viewer.layers[image_name])
@@ -353,6 +356,7 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
 
     def _on_labels_edited(self, event=None) -> None:
         if alive(self):
+            self._edits += 1
             self._sync_timer.start()
 
     def _on_features(self, event=None) -> None:
@@ -520,7 +524,7 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
             device=self.device_combo.device(),
             ids=None if ids is None else [int(i) for i in ids],
             on_yield=self._on_yield,
-            on_return=lambda table, layer=layer, labels=labels: self._on_return(layer, table, labels),
+            on_return=lambda result, layer=layer, labels=labels: self._on_return(layer, *result, labels),
             on_error=self._on_error,
             on_abort=lambda: self.status.setText("cancelled; the table is unchanged"),
             on_finish=self._on_finish,
@@ -537,7 +541,9 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
         self.progress.setValue(done)
         self.progress.setFormat(f"{done}/{total} batches")
 
-    def _on_return(self, layer, table, classified_labels=None) -> None:
+    def _on_return(self, layer, table, measured=None, classified_labels=None) -> None:
+        """Merge a run's types; ``measured``: ``cell_features`` of ``classified_labels``, the labels
+        it typed (measured in the worker: the GUI thread measures only when they changed since)."""
         if layer not in self.viewer.layers:
             return
         # the labels may have changed meanwhile (painted, or segmented again): a cell whose pixels
@@ -545,13 +551,17 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
         # again and merge
         current = np.asarray(layer.data)
         changed = []
-        if classified_labels is not None and classified_labels.shape == current.shape:
+        same_shape = classified_labels is not None and classified_labels.shape == current.shape
+        if same_shape:
             diff = classified_labels != current
             if diff.any():
                 ids = np.union1d(np.unique(classified_labels[diff]), np.unique(current[diff]))
                 changed = [int(i) for i in ids if i > 0]
                 table = table[~table["label"].isin(changed)]
-        feats, _, _ = remeasure(layer.features, layer.data)
+        if measured is not None and same_shape and not changed:
+            feats, _, _ = merge_measured(layer.features, measured)  # measured in the worker
+        else:
+            feats, _, _ = remeasure(layer.features, current)
         if changed and "cell_type" in feats:  # types from an earlier run belong to the old outlines too
             stale = feats["label"].isin(changed).to_numpy()
             if "corrected" in feats:
@@ -559,7 +569,7 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
             feats.loc[stale, "cell_type"] = None
         layer.features = merge_classification(feats, table)
         render_types(self.viewer, layer)
-        present = set(np.unique(current).tolist())
+        present = set(feats["label"].astype(int).tolist())
         self._retype = [i for i in changed if i in present] or None
         n = len(table)
         self.status.setText(f"{n} cell{'s' if n != 1 else ''} classified in {layer.name}"
@@ -581,26 +591,60 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
             self._pending_sync = False
             self._sync_timer.start()
 
+    @property
+    def syncing(self) -> bool:
+        """True while the labels are hashed or measured in the background."""
+        return self._sync_worker is not None
+
     def sync_cells(self) -> None:
-        """Follow edits of the labels: drop erased cells, measure again, classify only new ones."""
-        layer = self._layer
-        if layer is None or not alive(self):
-            return
-        if self.running:
+        """Follow edits of the labels: drop erased cells, measure again, classify only new ones.
+
+        The labels are hashed and measured in a thread (about a second on a 70 Mpx smear), on the
+        layer's own array: a result that later edits overtook is dropped, and those edits have
+        already asked for a new measurement. Only the merge into the table runs on the GUI thread.
+        """
+        if self._layer is not None and alive(self):
+            self._start_sync(self._layer, measure=True)
+
+    def _start_sync(self, layer, *, measure: bool) -> None:
+        if self.running or self.syncing:
             self._pending_sync = True
             return
-        digest = data_hash(layer.data)
-        if digest == self._synced_hash:
+        edits = self._edits
+        self._sync_worker = start_worker(
+            _sync_job,
+            layer.data,
+            self._synced_hash if measure else None,
+            measure,
+            on_return=lambda result: self._on_measured(layer, edits, measure, result),
+            on_error=lambda exc: show_error(error_message("Classify WBCs: measuring the edited cells failed", exc)),
+            on_finish=self._on_sync_finish,
+        )
+
+    def _on_measured(self, layer, edits, measure, result) -> None:
+        digest, measured = result
+        if layer is not self._layer or not alive(self) or layer not in self.viewer.layers:
+            return
+        if edits != self._edits or self.running:  # overtaken: measured again when those edits settle
+            self._pending_sync = True
             return
         self._synced_hash = digest
+        if measured is None:  # unchanged, or only the digest was asked for
+            return
         had_types = is_classified(layer.features)
-        feats, new, removed = remeasure(layer.features, layer.data)
+        feats, new, removed = merge_measured(layer.features, measured)
         layer.features = feats
         render_types(self.viewer, layer)
         if had_types and new:
             self.classify(ids=new)
         elif removed:
             self.status.setText(f"{len(removed)} cell(s) removed")
+
+    def _on_sync_finish(self) -> None:
+        self._sync_worker = None
+        if self._pending_sync and not self.running and alive(self):
+            self._pending_sync = False
+            self._sync_timer.start()
 
     # ------------------------------------------------------------ export
     def _on_export(self) -> None:
@@ -638,6 +682,15 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
         return [path, counts_path]
 
 
+def _sync_job(labels, synced_hash, measure):
+    """Run by a thread: ``(digest, cell_features or None)``; None when the labels are those of
+    ``synced_hash`` or only the digest is asked for."""
+    digest = data_hash(labels)
+    if not measure or digest == synced_hash:
+        return digest, None
+    return digest, cell_features(np.asarray(labels))
+
+
 def _classify_job(image, labels, *, model, device, ids):
     """Generator run by the worker: yields progress, returns the classification table."""
     from napari_wbc.core.classify import iter_classify
@@ -648,5 +701,5 @@ def _classify_job(image, labels, *, model, device, ids):
             yield item
         elif item[0] == "table":
             table = item[1]
-    return table
+    return table, cell_features(labels)
 

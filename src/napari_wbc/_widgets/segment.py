@@ -41,10 +41,13 @@ LABELS_SUFFIX = "WBC labels"
 
 
 def segment_job(image, *, model, device, diameter, classify_model=None, classify: bool = False):
-    """Generator run by the worker: yields ``(stage, ...)`` items, returns ``(labels, diameter, table)``.
+    """Generator run by the worker: yields ``(stage, ...)`` items, returns ``(labels, diameter, table,
+    measured)``.
 
     ``stage`` is ``"diameter"`` or ``"progress"`` (segmentation tiles) or
     ``"classify"`` (classification progress). ``table`` is None unless ``classify``.
+    ``measured`` is ``(data_hash, cell_features)`` of the int32 labels, made here so the GUI
+    thread does not (about half a second on a 70 Mpx smear).
     """
     from napari_wbc.core.segment import iter_segment
 
@@ -65,7 +68,11 @@ def segment_job(image, *, model, device, diameter, classify_model=None, classify
                 yield ("classify", item[1], item[2])
             elif item[0] == "table":
                 table = item[1]
-    return labels, d, table
+    measured = None
+    if labels is not None:
+        labels = np.asarray(labels, dtype=np.int32)
+        measured = (data_hash(labels), cell_features(labels))
+    return labels, d, table, measured
 
 
 def is_untouched(layer) -> bool:
@@ -249,7 +256,7 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
     def _on_return(self, result) -> None:
         if self._cancelled:
             return
-        labels, diameter, table = result
+        labels, diameter, table, measured = result
         job = self._job
         image_layer = job["layer"]() if "layer" in job else None
         if "layer" in job and (image_layer is None or image_layer not in self.viewer.layers):
@@ -260,7 +267,7 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
         if image_layer is not None and image_layer.name != job["image"]:  # renamed meanwhile
             job = {**job, "image": image_layer.name}
         try:
-            layer = self.put_labels(labels, job, diameter)
+            layer = self.put_labels(labels, job, diameter, measured=measured)
             if table is not None:
                 from .classify import apply_classification
 
@@ -302,16 +309,19 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
             n += 1
         return f"{base} [{n}]"
 
-    def put_labels(self, labels, job: dict, diameter):
-        """Add (or replace an untouched earlier) ``<image> WBC labels`` layer; returns it."""
+    def put_labels(self, labels, job: dict, diameter, measured=None):
+        """Add (or replace an untouched earlier) ``<image> WBC labels`` layer; returns it.
+
+        ``measured``: ``(data_hash, cell_features)`` of ``labels`` when already made (in the worker).
+        """
         labels = np.asarray(labels, dtype=np.int32)
+        digest, features = measured if measured is not None else (data_hash(labels), cell_features(labels))
         meta = {
             "image_layer": job["image"],
             "model": job["model"],
             "diameter": None if diameter is None else float(diameter),
-            "data_hash": data_hash(labels),
+            "data_hash": digest,
         }
-        features = cell_features(labels)
         layer = self._target_layer(job["image"])
         if layer is None:
             layer = self.viewer.add_labels(
