@@ -247,6 +247,41 @@ def test_outputs_of_another_image_or_corrected_by_hand_are_kept(tmp_path, tiny_m
     assert json.loads((out / "x.done").read_text())["stamp"]["source"] == str((b / "x.png").resolve())
 
 
+def test_skipped_image_is_counted_from_outputs_corrected_by_hand(tmp_path, tiny_models, capsys):
+    """Outputs corrected by hand are kept on a re-run, and the summary and report count what they say
+    now (not the earlier run's counts); an unreadable corrected table fails the image, files kept."""
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    Image.fromarray(smear(seed=1)).save(inp / "x.png")
+    assert main(seg_args([inp], out, tiny_models)) == 0
+    lab = np.zeros((64, 80), np.uint16)
+    lab[2:12, 2:12], lab[20:30, 20:30], lab[40:50, 40:50] = 1, 2, 3
+    tifffile.imwrite(out / "x_labels.tif", lab)
+    table = pd.DataFrame({"label": [1, 2, 3], "cell_type": ["neutrophil", "neutrophil", "lymphocyte"]})
+    table.to_csv(out / "x_cells.csv", index=False)
+    capsys.readouterr()
+    assert main(seg_args([inp], out, tiny_models)) == 0
+    assert "1 already done (1 counted from outputs corrected by hand)" in capsys.readouterr().err
+    row = pd.read_csv(out / "summary.csv").iloc[0]
+    assert row["status"] == "skipped" and row["n_wbc"] == 3
+    assert (row["n_neutrophil"], row["n_lymphocyte"], row["n_monocyte"]) == (2, 1, 0)
+    assert row["pct_neutrophil"] == pytest.approx(66.7)
+    assert row["note"] == "counted from x_labels.tif and x_cells.csv as corrected by hand"
+    assert "counted from x_labels.tif and x_cells.csv as corrected by hand" in (out / "report.html").read_text()
+    lab[lab == 2] = 0  # a cell erased in the labels only: it no longer counts
+    tifffile.imwrite(out / "x_labels.tif", lab)
+    assert main(seg_args([inp], out, tiny_models)) == 0
+    row = pd.read_csv(out / "summary.csv").iloc[0]
+    assert (row["n_wbc"], row["n_neutrophil"], row["n_lymphocyte"]) == (2, 1, 1)
+    (out / "x_cells.csv").write_text("cell,kind\n1,neutrophil\n")  # no label column
+    kept = {f: (out / f).read_bytes() for f in ("x_labels.tif", "x_cells.csv", "x.done")}
+    capsys.readouterr()
+    assert main(seg_args([inp], out, tiny_models)) == 1
+    err = capsys.readouterr().err
+    assert "x_cells.csv" in err and "cannot be read" in err
+    assert {f: (out / f).read_bytes() for f in kept} == kept
+
+
 def test_real_images_with_corrupt_and_greyscale(tmp_path, tiny_models, data_dir, capsys):
     src = data_dir / "sigtuple" / "unlabeled"
     if not all((src / n).is_file() for n in REAL_IMAGES):

@@ -313,7 +313,9 @@ def _print_segment_summary(rows, out_dir: Path) -> None:
 
     n = {s: sum(r["status"] == s for r in rows) for s in (STATUS_OK, STATUS_SKIPPED, STATUS_FAILED)}
     cells = sum(int(r.get("n_wbc") or 0) for r in rows if r["status"] != STATUS_FAILED)
-    msg = f"{len(rows)} image(s): {n[STATUS_OK]} processed, {n[STATUS_SKIPPED]} already done, {n[STATUS_FAILED]} failed; {cells} WBC(s)"
+    edited = sum(bool(r.get("edited")) for r in rows if r["status"] == STATUS_SKIPPED)
+    done = f"{n[STATUS_SKIPPED]} already done" + (f" ({edited} counted from outputs corrected by hand)" if edited else "")
+    msg = f"{len(rows)} image(s): {n[STATUS_OK]} processed, {done}, {n[STATUS_FAILED]} failed; {cells} WBC(s)"
     print(msg, file=sys.stderr)
     print(f"summary: {out_dir / 'summary.csv'}", file=sys.stderr)
     print(f"report:  {out_dir / 'report.html'}", file=sys.stderr)

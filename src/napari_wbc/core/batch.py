@@ -208,10 +208,9 @@ def _read_marker(outs: dict) -> dict | None:
         return None
 
 
-def is_done(path, out_dir, name: str, *, classify: bool = False) -> dict | None:
-    """The stored summary row if ``path``'s outputs in ``out_dir`` are complete and current
-    (and typed, when ``classify``)."""
-    outs = output_paths(out_dir, name)
+def _done_marker(path, outs: dict, classify: bool) -> dict | None:
+    """The marker (stored summary ``row``, written ``outputs``) when ``path``'s outputs ``outs`` are
+    complete and current (and typed, when ``classify``), else None."""
     if not (outs["done"].is_file() and outs["labels"].is_file() and outs["cells"].is_file()):
         return None
     try:
@@ -221,9 +220,48 @@ def is_done(path, out_dir, name: str, *, classify: bool = False) -> dict | None:
             return None
         if classify and not marker["row"].get("classified"):
             return None  # counted without typing earlier: type them now
-        return dict(marker["row"])
+        if not isinstance(marker["row"], dict):
+            return None
+        return marker
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+def hand_edited(outs: dict, marker: dict) -> list[str]:
+    """Which of the outputs (``"labels"``, ``"cells"``) changed after napari-wbc wrote them."""
+    written = marker.get("outputs") or {}
+    return [k for k in ("labels", "cells") if k in written and outs[k].exists() and written[k] != _file_stamp(outs[k])]
+
+
+def recount_from_outputs(outs: dict, row: dict, edited: Sequence[str]) -> dict:
+    """``row`` with its counts taken from the outputs as they are now (corrected by hand): the
+    cells of the labels file (when it was edited) with their types from the cells table.
+
+    Raises ValueError naming the file when an edited output cannot be read."""
+    import pandas as pd
+
+    try:
+        table = pd.read_csv(outs["cells"])
+        if "label" not in table:
+            raise ValueError("no 'label' column")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{str(outs['cells'])!r} (changed after napari-wbc wrote it) cannot be read: {e}") from None
+    types = table["cell_type"] if "cell_type" in table else pd.Series([None] * len(table))
+    by_label = {int(lid): t for lid, t in zip(table["label"], types)}
+    if "labels" in edited:
+        import tifffile
+
+        try:
+            ids = np.unique(tifffile.imread(str(outs["labels"])))
+        except Exception as e:  # noqa: BLE001 - any reader failure is reported with the file
+            raise ValueError(f"{str(outs['labels'])!r} (changed after napari-wbc wrote it) cannot be read: {e}") from None
+        cell_types = [by_label.get(int(i)) for i in ids if i > 0]
+    else:
+        cell_types = list(by_label.values())
+    row = dict(row, n_wbc=len(cell_types), edited=list(edited))
+    if row.get("classified"):
+        row["count"], row["percent"] = differential(cell_types)
+    return row
 
 
 def check_replaceable(path, out_dir, name: str) -> None:
@@ -244,12 +282,11 @@ def check_replaceable(path, out_dir, name: str) -> None:
         raise OutputConflict(
             f"the outputs {', '.join(repr(e.name) for e in existing)} in {str(out_dir)!r} were written for another "
             f"image ({source!r}); not overwritten: pass --overwrite (Settings.overwrite) or choose another output folder")
-    written = marker.get("outputs") or {}
-    for key in ("labels", "cells"):
-        if outs[key].exists() and key in written and written[key] != _file_stamp(outs[key]):
-            raise OutputConflict(
-                f"{str(outs[key])!r} changed after napari-wbc wrote it (corrected by hand?); not overwritten: "
-                f"pass --overwrite (Settings.overwrite) or move it away")
+    edited = hand_edited(outs, marker)
+    if edited:
+        raise OutputConflict(
+            f"{str(outs[edited[0]])!r} changed after napari-wbc wrote it (corrected by hand?); not overwritten: "
+            f"pass --overwrite (Settings.overwrite) or move it away")
 
 
 # ------------------------------------------------------------------ one image
@@ -387,13 +424,16 @@ def process_one(path, out_dir, settings: Settings | None = None, name: str | Non
     t0 = time.perf_counter()
     try:
         outs = output_paths(out_dir, name)
-        if not settings.overwrite:
-            stored = is_done(path, out_dir, name, classify=settings.classify)
-            if stored is not None:
-                stored.update({"image": name, "path": str(path), "status": STATUS_SKIPPED, "error": ""})
-                if settings.thumbnail:
-                    stored["thumbnail"] = _thumbnail_from_outputs(path, outs)
-                return stored
+        marker = None if settings.overwrite else _done_marker(path, outs, settings.classify)
+        if marker is not None:
+            stored = dict(marker["row"])
+            edited = hand_edited(outs, marker)
+            if edited:  # corrected by hand since: the counts are what the outputs say now
+                stored = recount_from_outputs(outs, stored, edited)
+            stored.update({"image": name, "path": str(path), "status": STATUS_SKIPPED, "error": ""})
+            if settings.thumbnail:
+                stored["thumbnail"] = _thumbnail_from_outputs(path, outs)
+            return stored
         if not path.exists():
             raise ImageReadError(f"{str(path)!r}: no such file or folder")
         if path.is_dir():
@@ -556,8 +596,19 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def edited_note(row: dict) -> str:
+    """'' or what a skipped image's counts were taken from (outputs corrected by hand)."""
+    edited = row.get("edited") or []
+    if not edited:
+        return ""
+    suffix = {"labels": LABELS_SUFFIX, "cells": CELLS_SUFFIX}
+    files = " and ".join(f"{row['image']}{suffix[k]}" for k in edited)
+    return f"counted from {files} as corrected by hand"
+
+
 def summary_frame(rows: Sequence[dict]):
-    """One row per image: image, path, status, n_wbc, n_<type> and pct_<type>, diameter, seconds, error."""
+    """One row per image: image, path, status, n_wbc, n_<type> and pct_<type>, diameter, seconds, error,
+    note (what a skipped image's counts come from when its outputs were corrected by hand)."""
     import pandas as pd
 
     classes = list(CLASSES)
@@ -576,6 +627,7 @@ def summary_frame(rows: Sequence[dict]):
         rec["diameter"] = r.get("diameter")
         rec["seconds"] = r.get("seconds")
         rec["error"] = r.get("error") or ""
+        rec["note"] = edited_note(r)
         recs.append(rec)
     df = pd.DataFrame(recs)
     for c in df.columns:
@@ -687,6 +739,8 @@ def render_report(rows: Sequence[dict], run_info: dict) -> str:
             meta += f"; WBC diameter {r['diameter']:.0f} px"
         if r["status"] == STATUS_SKIPPED:
             meta += "; outputs from an earlier run"
+        if edited_note(r):
+            meta += f"; {edited_note(r)}"
         table = _diff_table(r.get("count") or {}, r.get("percent") or {})
         parts.append(
             f"<div class='img' id='{name}'>{img}<div><h3>{name}</h3><p><code>{_esc(r['path'])}</code></p>"
