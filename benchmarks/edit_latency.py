@@ -4,7 +4,8 @@
     PYTHONPATH=<other checkout>/src python benchmarks/edit_latency.py   # the same with other code
 
 A large smear is made by tiling the bundled sample smear (640 x 480; 17 x 13 tiles = 8160 x 8320,
-68 Mpx) and its labels from the shipped segmenter, one cell per tile renumbered. In a napari viewer
+68 Mpx) and its labels from the shipped segmenter, one cell per tile renumbered, held as napari-wbc's
+own layers hold them (uint16 when the ids fit; `--int32` for the wider type). In a napari viewer
 (it needs OpenGL: run under `xvfb-run -a -s "-screen 0 1600x1000x24"` on a machine without a display) the Classify WBCs widget follows the labels layer, then:
 
 1. the cells are classified (shipped classifier);
@@ -31,6 +32,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiles", type=int, nargs=2, default=(17, 13), metavar=("ROWS", "COLS"))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--int32", action="store_true", help="give napari the labels as int32 (as before uint16 layers)")
     args = ap.parse_args(argv)
     import torch
 
@@ -56,6 +58,14 @@ def main(argv=None) -> None:
         r, c = divmod(k, cols)
         labels[r * h:(r + 1) * h, c * w:(c + 1) * w] = np.where(lab1 > 0, lab1 + k * n1, 0)
     n = int(labels.max())
+    results = {"size": list(image.shape[:2]), "mpx": round(image.shape[0] * image.shape[1] / 1e6, 1), "cells": n}
+    try:  # the layer as napari-wbc makes it (Segment, the reader): uint16 when the ids fit
+        from napari_wbc.core.io import labels_for_layer
+    except ImportError:  # code before labels_for_layer: int32
+        labels_for_layer = None
+    if labels_for_layer is not None and not args.int32:
+        labels = labels_for_layer(labels)
+    results["dtype"] = str(labels.dtype)
 
     viewer = napari.Viewer(show=False)
     viewer.add_image(image, name="smear", rgb=True)
@@ -79,7 +89,6 @@ def main(argv=None) -> None:
         ts = [t0] + [t for t in ticks if t0 <= t <= t1] + [t1]
         return max(b - a for a, b in zip(ts, ts[1:]))
 
-    results = {"size": list(image.shape[:2]), "mpx": round(image.shape[0] * image.shape[1] / 1e6, 1), "cells": n}
 
     def step(name, action, until):
         spin(lambda: True)

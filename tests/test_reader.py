@@ -192,7 +192,7 @@ def test_cli_outputs_open_as_labels_with_table(tmp_path):
     layers = napari_get_reader(str(tmp_path / "smear_labels.tif"))(str(tmp_path / "smear_labels.tif"))
     assert len(layers) == 1
     data, kwargs, kind = layers[0]
-    assert kind == "labels" and data.max() == 2
+    assert kind == "labels" and data.max() == 2 and data.dtype == np.uint16
     assert list(kwargs["features"]["index"]) == [1, 2]
     assert list(kwargs["features"]["cell_type"]) == ["neutrophil", "lymphocyte"]
 
@@ -310,3 +310,17 @@ def test_exif_orientation_is_applied(tmp_path):
     got = read_image(tmp_path / "phone.png")
     assert got.shape == (50, 20, 3) and (got == want).all()
     assert (read_image(tmp_path / "plain.png") == rgb).all()
+
+
+def test_labels_for_layer_is_uint16_when_the_ids_fit():
+    from napari_wbc.core.io import labels_for_layer
+
+    lab = np.zeros((4, 5), np.int32)
+    lab[1, 1], lab[2, 3] = 7, 65535
+    out = labels_for_layer(lab)
+    assert out.dtype == np.uint16
+    np.testing.assert_array_equal(out, lab)
+    for wide in (np.array([[0, 65536]], np.int32), np.array([[-1, 3]], np.int32), np.array([[0, 70000]], np.uint32)):
+        assert labels_for_layer(wide).dtype == wide.dtype  # kept as given
+    for dtype in (np.uint8, np.int64):
+        assert labels_for_layer(lab.astype(dtype)).dtype == np.uint16

@@ -57,6 +57,7 @@ def test_segment_adds_labels_layer(qtbot, seg, tiny_segmenter):
     (lab,) = wbc_labels(viewer)
     assert lab.name == "smear WBC labels"
     assert lab.data.shape == (64, 64)
+    assert lab.data.dtype == np.uint16  # napari edits uint16 labels without remapping the whole layer
     np.testing.assert_allclose(lab.scale, (0.5, 0.5))
     np.testing.assert_allclose(lab.translate, (10.0, 20.0))
     feats = lab.features
@@ -219,9 +220,13 @@ def test_hide_triton_marks_it_absent_unless_allowed(monkeypatch):
     monkeypatch.setenv("NAPARI_WBC_ALLOW_TRITON", "1")
     hide_triton()
     assert "triton" not in sys.modules
-    monkeypatch.delenv("NAPARI_WBC_ALLOW_TRITON")
+    monkeypatch.setenv("NAPARI_WBC_ALLOW_TRITON", "0")  # 0 means no, as for the other switches
     hide_triton()
     assert sys.modules["triton"] is None  # "import triton" now raises ImportError: torch treats it as missing
+    monkeypatch.delitem(sys.modules, "triton")
+    monkeypatch.delenv("NAPARI_WBC_ALLOW_TRITON")
+    hide_triton()
+    assert sys.modules["triton"] is None
 
 
 def test_rerun_over_a_typed_layer_takes_its_old_types_away(qtbot, seg):

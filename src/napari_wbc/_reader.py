@@ -30,6 +30,7 @@ from .core.io import (
     find_mask,
     find_voc,
     is_image_path,
+    labels_for_layer,
     read_image,
     read_mask,
     read_voc_boxes,
@@ -86,7 +87,7 @@ def _read_one(path: Path) -> list[tuple]:
         # not a label image (colour, or not integer): a smear that only shares the table's name
     elif is_mask_path(path):
         name = path.stem if any(path.stem.lower().endswith(s) for s in MASK_SUFFIXES) else f"{path.stem} mask"
-        return [(read_mask(path), {"name": name, "metadata": meta}, "labels")]
+        return [(labels_for_layer(read_mask(path)), {"name": name, "metadata": meta}, "labels")]
 
     if arr is None:
         arr = read_image(path)
@@ -121,7 +122,10 @@ def _saved_labels_layer(path: Path, cells_csv: Path, labels: np.ndarray) -> tupl
             kwargs["features"] = features
     except (OSError, ValueError) as e:  # pandas' parser errors are ValueErrors
         warnings.warn(f"Opened {path.name!r} without its table {cells_csv.name!r}: {e}", stacklevel=3)
-    return (labels.astype(np.int32 if labels.max(initial=0) < 2**31 else np.int64), kwargs, "labels")
+    lab = labels_for_layer(labels)  # uint16 when the ids fit: napari edits those fastest
+    if lab.dtype != np.uint16:
+        lab = lab.astype(np.int32 if labels.max(initial=0) < 2**31 else np.int64)
+    return (lab, kwargs, "labels")
 
 
 def _image_layer(path: Path, arr: np.ndarray) -> tuple:
@@ -159,7 +163,7 @@ def _side_layer(image_path: Path, side_path: Path, make):
 
 
 def _mask_layer(image_path: Path, mask_path: Path, shape2d) -> tuple:
-    labels = read_mask(mask_path)
+    labels = labels_for_layer(read_mask(mask_path))
     if labels.shape[:2] != tuple(shape2d):
         raise ValueError(f"mask is {labels.shape[:2]} but the image is {tuple(shape2d)}")
     meta = {"path": str(mask_path)}

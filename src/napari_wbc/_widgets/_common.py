@@ -475,9 +475,10 @@ def hide_triton() -> None:
     in napari on VMs, remote desktops and Xvfb (seen: segfault in
     ``triton/knobs.py``, also from the widgets' background preload).
     napari-wbc never uses triton (no ``torch.compile``), so in the GUI it is
-    marked absent; set ``NAPARI_WBC_ALLOW_TRITON=1`` to keep it.
+    marked absent; set ``NAPARI_WBC_ALLOW_TRITON=1`` to keep it (``0`` or empty: hidden, as for
+    the other ``NAPARI_WBC_*`` switches).
     """
-    if "triton" not in sys.modules and not os.environ.get("NAPARI_WBC_ALLOW_TRITON"):
+    if "triton" not in sys.modules and os.environ.get("NAPARI_WBC_ALLOW_TRITON", "") in ("", "0"):
         sys.modules["triton"] = None  # import triton -> ImportError: torch treats it as missing
 
 

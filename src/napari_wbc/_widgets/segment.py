@@ -14,6 +14,7 @@ from napari.utils.notifications import show_error, show_info
 from napari.viewer import Viewer
 from qtpy.QtWidgets import QCheckBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QLabel, QVBoxLayout, QWidget
 
+from napari_wbc.core.io import labels_for_layer
 from napari_wbc.core.segment import cell_features
 
 from ._common import (
@@ -46,8 +47,9 @@ def segment_job(image, *, model, device, diameter, classify_model=None, classify
 
     ``stage`` is ``"diameter"`` or ``"progress"`` (segmentation tiles) or
     ``"classify"`` (classification progress). ``table`` is None unless ``classify``.
-    ``measured`` is ``(data_hash, cell_features)`` of the int32 labels, made here so the GUI
-    thread does not (about half a second on a 70 Mpx smear).
+    ``labels`` are as the layer will hold them (:func:`~napari_wbc.core.io.labels_for_layer`:
+    uint16 when the ids fit) and ``measured`` is their ``(data_hash, cell_features)``, made here so
+    the GUI thread does not (about half a second on a 70 Mpx smear).
     """
     from napari_wbc.core.segment import iter_segment
 
@@ -70,7 +72,7 @@ def segment_job(image, *, model, device, diameter, classify_model=None, classify
                 table = item[1]
     measured = None
     if labels is not None:
-        labels = np.asarray(labels, dtype=np.int32)
+        labels = labels_for_layer(labels)
         measured = (data_hash(labels), cell_features(labels))
     return labels, d, table, measured
 
@@ -314,7 +316,7 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
 
         ``measured``: ``(data_hash, cell_features)`` of ``labels`` when already made (in the worker).
         """
-        labels = np.asarray(labels, dtype=np.int32)
+        labels = labels_for_layer(labels)
         digest, features = measured if measured is not None else (data_hash(labels), cell_features(labels))
         meta = {
             "image_layer": job["image"],

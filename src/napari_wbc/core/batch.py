@@ -411,8 +411,10 @@ def process_one(path, out_dir, settings: Settings | None = None, name: str | Non
     ``status="failed"`` and ``error`` naming the file and the reason. The row
     holds ``image`` (output name), ``path``, ``status`` ("ok", "skipped" when
     complete outputs of the same source already exist, or "failed"), ``n_wbc``,
-    ``count``/``percent`` dicts per class, ``diameter``, ``device``, ``seconds``,
-    ``error``, and ``thumbnail`` (a base64 PNG) when ``settings.thumbnail``.
+    ``seconds`` and ``error``; an "ok" or "skipped" row also ``count``/``percent``
+    dicts per class (empty when not typed), ``classified``, ``diameter``, ``device``,
+    and ``thumbnail`` (a base64 PNG) when ``settings.thumbnail``; a "skipped" row
+    counted from outputs corrected by hand also ``edited`` (which of them).
     """
     from .io import ImageReadError, read_image
 
