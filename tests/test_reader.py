@@ -324,3 +324,30 @@ def test_labels_for_layer_is_uint16_when_the_ids_fit():
         assert labels_for_layer(wide).dtype == wide.dtype  # kept as given
     for dtype in (np.uint8, np.int64):
         assert labels_for_layer(lab.astype(dtype)).dtype == np.uint16
+
+
+def test_size_limit_is_napari_wbcs_not_pillows(tmp_path, monkeypatch):
+    """Pillow refuses images over 2x its MAX_IMAGE_PIXELS as 'decompression bombs' (179 Mpx by default):
+    read_image applies its own limit instead (1 Gpx, NAPARI_WBC_MAX_PIXELS), to PNG/JPEG and TIFF alike,
+    from the header, with the file named; Pillow's own setting is left as it was."""
+    import PIL.Image
+    import tifffile
+
+    from napari_wbc.core.io import ImageReadError, read_image
+
+    img = np.full((40, 50, 3), 200, np.uint8)
+    Image.fromarray(img).save(tmp_path / "a.png")
+    tifffile.imwrite(tmp_path / "a.tif", img, photometric="rgb")
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 900)  # 2000 px > 2 x 900: Pillow alone would refuse
+    for name in ("a.png", "a.tif"):
+        np.testing.assert_array_equal(read_image(tmp_path / name), img)
+    assert PIL.Image.MAX_IMAGE_PIXELS == 900
+    monkeypatch.setenv("NAPARI_WBC_MAX_PIXELS", "1999")
+    for name in ("a.png", "a.tif"):
+        with pytest.raises(ImageReadError, match=rf"{name}.*50 x 40 pixels.*NAPARI_WBC_MAX_PIXELS"):
+            read_image(tmp_path / name)
+    monkeypatch.setenv("NAPARI_WBC_MAX_PIXELS", "2000")
+    assert read_image(tmp_path / "a.png").shape == (40, 50, 3)
+    monkeypatch.setenv("NAPARI_WBC_MAX_PIXELS", "lots")
+    with pytest.raises(ValueError, match="NAPARI_WBC_MAX_PIXELS='lots'"):
+        read_image(tmp_path / "a.png")

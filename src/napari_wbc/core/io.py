@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import stat
 import tempfile
+import threading
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -16,6 +17,55 @@ MASK_SUFFIXES = ("-mask", "_mask")
 
 class ImageReadError(ValueError):
     """A file that looked like an image could not be read."""
+
+
+MAX_PIXELS_ENV = "NAPARI_WBC_MAX_PIXELS"
+DEFAULT_MAX_PIXELS = 1_000_000_000  # segment() needs about 17 bytes per pixel: ~17 GB at 1 Gpx
+_PIL_LIMIT = threading.Lock()
+
+
+def max_pixels() -> int:
+    """The largest image (height x width) :func:`read_image` reads: ``NAPARI_WBC_MAX_PIXELS`` or 1e9."""
+    value = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not value:
+        return DEFAULT_MAX_PIXELS
+    try:
+        n = int(float(value))
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise ValueError(f"{MAX_PIXELS_ENV}={value!r}: expected a positive number of pixels, e.g. 2e9")
+    return n
+
+
+def _check_size(path: Path, h: int, w: int) -> None:
+    limit = max_pixels()
+    if h * w > limit:
+        raise ImageReadError(
+            f"{str(path)!r} is {w} x {h} pixels ({h * w / 1e6:,.0f} Mpx), more than napari-wbc reads "
+            f"({limit / 1e6:,.0f} Mpx; segmenting takes about 17 bytes of memory per pixel, "
+            f"{17 * h * w / 2**30:,.0f} GiB for this one): cut it into fields, or set {MAX_PIXELS_ENV} to read it")
+
+
+def _open_pil(path: Path):
+    """``PIL.Image.open`` with napari-wbc's size limit instead of Pillow's: Pillow warns from 89 Mpx
+    and refuses from 179 Mpx ("decompression bomb"), while segment() handles 100+ Mpx smears in
+    bounded memory. Pillow's global limit is lifted only for this call (under a lock)."""
+    from PIL import Image
+
+    with _PIL_LIMIT:
+        old = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            im = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = old
+    try:
+        _check_size(path, im.size[1], im.size[0])
+    except ImageReadError:
+        im.close()
+        raise
+    return im
 
 
 def is_image_path(path) -> bool:
@@ -37,9 +87,7 @@ def read_image(path) -> np.ndarray:
         if suffix in (".tif", ".tiff"):
             arr = _read_tiff(path)
         else:
-            from PIL import Image
-
-            with Image.open(path) as im:
+            with _open_pil(path) as im:
                 im.load()  # forces decoding: truncated files fail here
                 if im.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # a phone's photo: upright, as viewers show it
                     from PIL import ImageOps
@@ -73,6 +121,8 @@ def _read_tiff(path: Path) -> np.ndarray:
     with tifffile.TiffFile(str(path)) as tf:
         series = tf.series[0]
         axes = series.axes
+        if "Y" in axes and "X" in axes:  # before decoding: a too large image is refused from its header
+            _check_size(path, series.shape[axes.index("Y")], series.shape[axes.index("X")])
         arr = np.asarray(series.asarray())
     keep = [i for i, n in enumerate(arr.shape) if n > 1 or axes[i] in "YX"]
     arr = arr.reshape([arr.shape[i] for i in keep])
