@@ -199,12 +199,16 @@ def test_renamed_labels_layer_keeps_one_types_layer(qtbot, cls):
     assert points[0].text.values[1] == new_type
 
 
-def test_cells_changed_while_classifying_get_their_own_types(qtbot, cls):
+@pytest.mark.parametrize("typed_before", [False, True])
+def test_cells_changed_while_classifying_get_their_own_types(qtbot, cls, typed_before):
     """Labels replaced while a run classifies the old ones (e.g. segmented again): the old run's
-    results must not land on the new cells; the changed cells are typed again."""
+    results must not land on the new cells; the changed cells are typed again (also when an
+    earlier run typed them: its types belong to the old outlines)."""
     import napari_wbc
 
     viewer, widget, lab = cls
+    if typed_before:
+        run(qtbot, widget)
     old = np.array(lab.data, copy=True)
     new = np.zeros_like(old)
     new[old == 1], new[old == 2], new[old == 3], new[old == 4] = 2, 1, 4, 3  # same outlines, ids shuffled

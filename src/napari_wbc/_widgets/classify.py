@@ -545,6 +545,7 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
         """Merge a run's types; ``measured``: ``cell_features`` of ``classified_labels``, the labels
         it typed (measured in the worker: the GUI thread measures only when they changed since)."""
         if layer not in self.viewer.layers:
+            self.status.setText(f"{layer.name!r} was removed while it was classified; nothing to show")
             return
         # the labels may have changed meanwhile (painted, or segmented again): a cell whose pixels
         # changed keeps no type from this run (it is typed again once this run ends); then measure
@@ -565,7 +566,7 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
         if changed and "cell_type" in feats:  # types from an earlier run belong to the old outlines too
             stale = feats["label"].isin(changed).to_numpy()
             if "corrected" in feats:
-                stale &= ~feats["corrected"].to_numpy(bool)
+                stale = stale & ~feats["corrected"].to_numpy(bool)  # (pandas 3: to_numpy() may be read-only)
             feats.loc[stale, "cell_type"] = None
         layer.features = merge_classification(feats, table)
         render_types(self.viewer, layer)
