@@ -258,3 +258,23 @@ def test_edits_are_measured_off_the_gui_thread_and_overtaken_results_dropped(qtb
     assert sorted(lab.features["label"]) == [1, 2, 3, 4, 7, 8]
     np.testing.assert_array_equal(lab.features.set_index("label").loc[8, "area"], (lab.data == 8).sum())
     assert len(types_layer(viewer).data) == 6
+
+
+def test_table_follows_edits_made_before_the_widget_opened_and_export_is_current(qtbot, make_napari_viewer,
+                                                                                tiny_classifier, disc_smear, tmp_path):
+    from napari_wbc._widgets.segment import cell_features
+
+    viewer = make_napari_viewer()
+    image, labels = disc_smear
+    viewer.add_image(image, name="smear", rgb=True)
+    lab = viewer.add_labels(labels, name="smear WBC labels", features=cell_features(labels),
+                            metadata={"napari_wbc": {"image_layer": "smear"}})
+    lab.fill((14, 14), 0)  # erase cell 1 and paint cell 9 with no Classify widget open
+    lab.data_setitem(np.nonzero(np.pad(np.ones((5, 5), bool), ((40, 19), (2, 57)))), 9)
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Classify WBCs")
+    qtbot.waitUntil(lambda: widget.total_label.text() == "total WBCs: 4" and not widget.syncing, timeout=TIMEOUT)
+    assert sorted(lab.features["label"]) == [2, 3, 4, 9]
+    lab.data_setitem(np.nonzero(np.pad(np.ones((4, 4), bool), ((58, 2), (58, 2)))), 10)
+    written = widget.export_csv(tmp_path / "cells.csv")  # at once: before the widget has measured the edit
+    assert sorted(pd.read_csv(written[0])["label"]) == [2, 3, 4, 9, 10]
+    assert pd.read_csv(written[1]).set_index("cell_type").loc["total", "count"] == 5

@@ -281,3 +281,35 @@ def test_image_removed_or_renamed_while_segmenting(qtbot, seg):
     qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT)
     assert [lyr.name for lyr in wbc_labels(viewer)] == ["patient A WBC labels"]
     assert "was removed" in widget.status.text()
+
+
+def test_labels_follow_their_image_through_a_rename_and_its_transform(qtbot, make_napari_viewer, tiny_segmenter,
+                                                                       tiny_classifier, disc_smear):
+    """The labels sit exactly on a rotated/sheared image in world coordinates (and so do the types
+    points), and stay paired with it - not with another image of the same size - after it is renamed."""
+    viewer = make_napari_viewer()
+    image, _ = disc_smear
+    viewer.add_image(np.full_like(image, 230), name="A", rgb=True)  # another image of the same size
+    b = viewer.add_image(image, name="B", rgb=True, scale=(2, 2), translate=(5, 7), rotate=30, shear=[0.2])
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment WBCs")
+    widget.add_model(tiny_segmenter, select=True)
+    widget.device_combo.set_device("cpu")
+    widget.set_diameter(16)
+    widget.image_combo.set_layer(b)
+    run(qtbot, widget)
+    lab = viewer.layers["B WBC labels"]
+    np.testing.assert_allclose(lab._data_to_world.affine_matrix, b._data_to_world.affine_matrix)
+    b.name = "B renamed"
+    _, cls = viewer.window.add_plugin_dock_widget(PLUGIN, "Classify WBCs")
+    cls.model_combo.add_model(tiny_classifier, select=True)
+    cls.device_combo.set_device("cpu")
+    cls.labels_combo.set_layer(lab)
+    assert cls._image_for(lab) is b and cls.image_combo.layer() is b
+    _, train = viewer.window.add_plugin_dock_widget(PLUGIN, "Train from corrections")
+    assert train.pairs() == [(lab, b)]
+    lab.data = np.where(np.asarray(image).mean(-1) < 150, 1, 0).astype(np.uint16)  # one cell, whatever the net saw
+    qtbot.waitUntil(lambda: len(lab.features) == 1 and not cls.syncing, timeout=TIMEOUT)
+    assert cls.classify() is not None
+    qtbot.waitUntil(lambda: not cls.running, timeout=TIMEOUT)
+    pts = viewer.layers["B WBC labels types"]
+    np.testing.assert_allclose(pts._data_to_world.affine_matrix, b._data_to_world.affine_matrix)

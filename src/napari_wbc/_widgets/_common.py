@@ -83,9 +83,40 @@ def layer_image(layer) -> np.ndarray:
     return np.asarray(data)
 
 
-def plane_scale(layer) -> tuple[tuple, tuple]:
-    """``(scale, translate)`` of the last two (spatial) axes of a layer."""
-    return tuple(layer.scale[-2:]), tuple(layer.translate[-2:])
+def plane_transform(layer) -> dict:
+    """Keyword arguments that place a 2-D layer (labels, points) exactly over ``layer``'s plane in
+    world coordinates: scale and translate, and for a 2-D layer also rotate, shear, affine and units
+    (a labels layer with only scale and translate would sit elsewhere on a rotated image)."""
+    kw = {"scale": tuple(layer.scale[-2:]), "translate": tuple(layer.translate[-2:])}
+    if layer.ndim == 2:
+        kw.update(rotate=np.asarray(layer.rotate), shear=np.asarray(layer.shear),
+                  affine=np.asarray(layer.affine.affine_matrix))
+        units = getattr(layer, "units", None)
+        if units is not None:
+            kw["units"] = units
+    return kw
+
+
+def layer_id(layer) -> str | None:
+    """napari's id of a layer (kept through renames), as a string for metadata."""
+    uid = getattr(layer, "unique_id", None)
+    return None if uid is None else str(uid)
+
+
+def paired_image(viewer, labels_layer):
+    """The image layer a napari-wbc labels layer was made from: by that layer's id (follows a rename),
+    else by its name (an image opened again); None when neither is in the viewer or none is known."""
+    from napari.layers import Image
+
+    meta = wbc_meta(labels_layer)
+    images = [lyr for lyr in viewer.layers if isinstance(lyr, Image)]
+    uid = meta.get("image_layer_id")
+    if uid is not None:
+        for lyr in images:
+            if layer_id(lyr) == uid:
+                return lyr
+    name = meta.get("image_layer")
+    return next((lyr for lyr in images if name is not None and lyr.name == name), None)
 
 
 def error_message(what: str, exc: BaseException) -> str:

@@ -41,14 +41,16 @@ from ._common import (
     alive,
     data_hash,
     error_message,
+    layer_id,
     layer_image,
     make_progress,
     model_preload,
+    paired_image,
+    plane_transform,
     register,
     reset_progress,
     start_worker,
     unwrap_viewer,
-    wbc_meta,
 )
 
 CLASS_COLORS = {
@@ -138,16 +140,11 @@ def types_layer_name(labels_layer) -> str:
     return f"{labels_layer.name} {TYPES_SUFFIX}"
 
 
-def _layer_id(layer) -> str | None:
-    uid = getattr(layer, "unique_id", None)
-    return None if uid is None else str(uid)
-
-
 def find_types_layer(viewer, labels_layer):
     """The ``<labels> types`` points layer of ``labels_layer``: the one made for it (found through its
     metadata even after the labels layer was renamed, and then renamed to match), else by name."""
     name = types_layer_name(labels_layer)
-    uid = _layer_id(labels_layer)
+    uid = layer_id(labels_layer)
     by_name = None
     for lyr in viewer.layers:
         if not isinstance(lyr, Points):
@@ -196,8 +193,7 @@ def render_types(viewer, labels_layer):
         pts = viewer.add_points(
             coords,
             name=types_layer_name(labels_layer),
-            scale=labels_layer.scale[-2:],
-            translate=labels_layer.translate[-2:],
+            **plane_transform(labels_layer),
             features=pfeat,
             face_color=colors,
             border_color="white",
@@ -205,7 +201,7 @@ def render_types(viewer, labels_layer):
             size=size,
             text={"string": "{cell_type}", "color": {"feature": "color"}, "size": 10, "anchor": "upper_left",
                   "translation": [-size, size]},
-            metadata={META_KEY: {"types_of": labels_layer.name, "types_of_id": _layer_id(labels_layer)}},
+            metadata={META_KEY: {"types_of": labels_layer.name, "types_of_id": layer_id(labels_layer)}},
         )
         if active is not None:  # keep the user's layer active (clicks pick cells on the labels)
             viewer.layers.selection.active = active
@@ -338,10 +334,12 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
                 getattr(layer.events, name).connect(slot)
             layer.mouse_drag_callbacks.append(self._on_click)
             self._synced_hash = None
-            self._start_sync(layer, measure=False)  # the digest of the labels as they are now
-            image_name = wbc_meta(layer).get("image_layer")
-            if image_name in self.viewer.layers and isinstance(self.viewer.layers[image_name], Image):
-                self.image_combo.set_layer(self.viewer.layers[image_name])
+            # the table brought up to date with the labels as they are now (edited while no Classify
+            # widget followed them, or opened without a table)
+            self._start_sync(layer, measure=True)
+            image = paired_image(self.viewer, layer)
+            if image is not None:
+                self.image_combo.set_layer(image)
         self.refresh_counts()
         self._show_cell()
 
@@ -480,10 +478,7 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
         return self.worker is not None
 
     def _image_for(self, layer):
-        name = wbc_meta(layer).get("image_layer")
-        if name in self.viewer.layers and isinstance(self.viewer.layers[name], Image):
-            return self.viewer.layers[name]
-        return self.image_combo.layer()
+        return paired_image(self.viewer, layer) or self.image_combo.layer()
 
     def classify(self, ids=None):
         """Classify the cells of the chosen labels layer (only ``ids`` when given); returns the worker."""
@@ -673,8 +668,10 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
         path = Path(path)
         if path.suffix.lower() != ".csv":
             path = path.with_name(path.name + ".csv")
-        cells = layer.features.drop(columns=["index"], errors="ignore")
-        counts = self.counts()
+        # measured now: an edit made a moment ago may not have reached the table yet
+        feats, _, _ = remeasure(layer.features, layer.data)
+        cells = feats.drop(columns=["index"], errors="ignore")
+        counts = differential_count(feats)
         total = pd.DataFrame([{"cell_type": "total", "count": int(counts["count"].sum()), "percent": 100.0}])
         counts = pd.concat([counts, total], ignore_index=True)
         counts_path = path.with_name(f"{path.stem}_counts.csv")

@@ -30,7 +30,9 @@ from ._common import (
     layer_image,
     make_progress,
     model_preload,
-    plane_scale,
+    layer_id,
+    paired_image,
+    plane_transform,
     register,
     reset_progress,
     start_worker,
@@ -187,10 +189,9 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
             )
             return None
         diameter = None if self.auto_diameter.isChecked() else float(self.diameter.value())
-        scale, translate = plane_scale(layer)
         self._cancelled = False
-        self._job = {"image": layer.name, "scale": scale, "translate": translate, "model": str(model),
-                     "layer": weakref.ref(layer)}
+        self._job = {"image": layer.name, "transform": plane_transform(layer), "model": str(model),
+                     "layer": weakref.ref(layer), "image_id": layer_id(layer)}
         self.buttons.set_busy(True)
         self.progress.setRange(0, 0)
         self.progress.setFormat("starting...")
@@ -293,12 +294,15 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
         reset_progress(self.progress)
 
     # ------------------------------------------------------------ layers
-    def _target_layer(self, image_name: str):
+    def _target_layer(self, image_name: str, image_layer=None):
         """An untouched earlier result for this image (to replace), else None."""
         for lyr in self.viewer.layers:
-            if isinstance(lyr, Labels) and wbc_meta(lyr).get("image_layer") == image_name and is_untouched(lyr):
-                if lyr.name.startswith(f"{image_name} {LABELS_SUFFIX}"):
-                    return lyr
+            if not isinstance(lyr, Labels) or not lyr.name.startswith(f"{image_name} {LABELS_SUFFIX}"):
+                continue
+            ours = (paired_image(self.viewer, lyr) is image_layer if image_layer is not None
+                    else wbc_meta(lyr).get("image_layer") == image_name)
+            if ours and is_untouched(lyr):
+                return lyr
         return None
 
     def _new_name(self, image_name: str) -> str:
@@ -320,17 +324,18 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
         digest, features = measured if measured is not None else (data_hash(labels), cell_features(labels))
         meta = {
             "image_layer": job["image"],
+            "image_layer_id": job.get("image_id"),
             "model": job["model"],
             "diameter": None if diameter is None else float(diameter),
             "data_hash": digest,
         }
-        layer = self._target_layer(job["image"])
+        image_layer = job["layer"]() if "layer" in job else None
+        layer = self._target_layer(job["image"], image_layer)
         if layer is None:
             layer = self.viewer.add_labels(
                 labels,
                 name=self._new_name(job["image"]),
-                scale=job["scale"],
-                translate=job["translate"],
+                **job.get("transform", {}),
                 features=features,
                 metadata={META_KEY: meta},
             )

@@ -41,6 +41,7 @@ from ._common import (
     register,
     start_worker,
     unwrap_viewer,
+    paired_image,
     wbc_meta,
     reset_progress,
 )
@@ -142,10 +143,12 @@ class TrainWidget(CancelWhenRemoved, QWidget):
         return [lyr for lyr in self.viewer.layers if isinstance(lyr, Labels)]
 
     def _default_image(self, labels_layer) -> str | None:
-        name = wbc_meta(labels_layer).get("image_layer")
+        paired = paired_image(self.viewer, labels_layer)  # the image it was segmented from, renamed or not
+        if paired is not None:
+            return paired.name
+        if wbc_meta(labels_layer).get("image_layer") is not None:
+            return None  # its image is gone: never guess another one for it
         images = {lyr.name: lyr for lyr in self._images()}
-        if name in images:
-            return name
         shape = tuple(np.shape(labels_layer.data)[-2:])
         for lyr in images.values():
             data = lyr.data[0] if lyr.multiscale else lyr.data
@@ -164,7 +167,7 @@ class TrainWidget(CancelWhenRemoved, QWidget):
             for r, lab in enumerate(labels_layers):
                 key = id(lab)
                 if key not in self._use:
-                    self._use[key] = bool(wbc_meta(lab).get("image_layer") in image_names)
+                    self._use[key] = paired_image(self.viewer, lab) is not None
                 pick = self._image_pick.get(key)
                 if pick not in image_names:
                     pick = self._default_image(lab)
