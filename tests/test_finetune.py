@@ -449,6 +449,22 @@ def test_binary_masks_of_any_value_are_split_into_cells(value):
     inst = np.zeros((40, 60), np.uint16)
     inst[5:15, 5:15], inst[15:25, 5:15] = 3, 9  # touching instance labels stay as they are
     assert (F._as_labels(inst, 0) == inst).all()
+    huge = inst.astype(np.uint64)
+    huge[huge == 9] = 2**32 + 9  # would wrap in int32 (onto cell 9, or negative: background)
+    out = F._as_labels(huge, 0)
+    assert out.dtype == np.int32 and out.min() == 0 and len(np.unique(out)) == 3
+    assert len(np.unique(out[5:15, 5:15])) == 1 and len(np.unique(out[15:25, 5:15])) == 1
+    assert out[5, 5] != out[15, 5]
+
+
+def test_cell_table_keeps_ids_past_int32():
+    from napari_wbc.core.segment import cell_table
+
+    lab = np.zeros((20, 20), np.uint64)
+    lab[1:4, 1:4], lab[10:12, 10:12], lab[15:18, 2:5] = 2**32 + 7, 3, 2**31
+    t = cell_table(lab).set_index("label")
+    assert sorted(t.index) == [3, 2**31, 2**32 + 7]
+    assert (t.loc[2**32 + 7, "area"], t.loc[3, "area"], t.loc[2**31, "centroid-0"]) == (9, 4, 16.0)
 
 
 def test_output_card_existing_json_and_folder(tiny, tmp_path, monkeypatch):
@@ -494,3 +510,18 @@ def test_save_model_refuses_an_existing_card(tmp_path):
     with pytest.raises(FileExistsError, match="b.json"):
         save_model(build_network(card["arch"]), card, tmp_path / "b.safetensors")
     assert (tmp_path / "b.json").read_text() == "mine" and not (tmp_path / "b.safetensors").exists()
+
+
+@pytest.mark.parametrize("scale", [255.0, 4095.0])
+def test_float_images_of_any_range_train_like_their_uint8_version(scale):
+    """A float image in 0..255 or 0..4095 was clipped to 0..1 for training (white crops)."""
+    from napari_wbc.core.train import make_sample
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (30, 40, 3)).astype(np.uint8)
+    img[0, 0] = 255  # the range's top is present, as in a real image
+    lab = np.zeros((30, 40), np.int32)
+    lab[5:15, 5:15] = 1
+    ref = make_sample(img, lab).rgb
+    got = make_sample(img.astype(np.float32) / 255.0 * scale, lab).rgb
+    np.testing.assert_allclose(got, ref, atol=1e-5)

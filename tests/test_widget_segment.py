@@ -313,3 +313,29 @@ def test_labels_follow_their_image_through_a_rename_and_its_transform(qtbot, mak
     qtbot.waitUntil(lambda: not cls.running, timeout=TIMEOUT)
     pts = viewer.layers["B WBC labels types"]
     np.testing.assert_allclose(pts._data_to_world.affine_matrix, b._data_to_world.affine_matrix)
+
+
+def test_a_lazy_image_is_loaded_by_the_worker_and_stacks_are_refused(qtbot, seg, monkeypatch):
+    import dask.array as da
+
+    import napari_wbc._widgets.segment as mod
+
+    viewer, widget, layer = seg
+    given = []
+    real = mod.segment_job
+
+    def spy(image, **kwargs):
+        given.append(image)  # what the GUI thread handed over
+        return (yield from real(image, **kwargs))
+
+    monkeypatch.setattr(mod, "segment_job", spy)
+    full = np.asarray(layer.data)
+    layer.data = da.from_array(full, chunks=(32, 32, 3))
+    run(qtbot, widget)
+    assert len(given) == 1 and isinstance(given[0], da.Array)  # not computed on the GUI thread
+    assert viewer.layers["smear WBC labels"].data.shape == (64, 64)
+    errors = []
+    monkeypatch.setattr(mod, "show_error", errors.append)
+    viewer.add_image(np.zeros((3, 64, 64, 3), np.uint8), name="rgb movie", rgb=True)
+    widget.image_combo.set_layer(viewer.layers["rgb movie"])
+    assert widget.segment() is None and "expected a single 2-D image" in errors[-1]

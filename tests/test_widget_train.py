@@ -177,3 +177,12 @@ def test_a_classifier_trained_with_the_types_is_offered_in_classify(qtbot, tr, u
     assert not [m for m in messages if m[0] == "show_error"], messages
     (new_cls,) = user_models.glob("*_classifier.safetensors")
     assert cls.model_combo.model_path() == new_cls  # offered in Classify and selected
+
+
+def test_negative_labels_are_refused_before_training_with_the_layer_named(tr):
+    viewer, widget, seg, lab, messages = tr
+    bad = np.array(lab.data, dtype=np.int32)
+    bad[:3, :3] = -1
+    lab.data = bad
+    assert widget.train() is None and not widget.running
+    assert any(kind == "show_error" and "'smear WBC labels'" in msg and "ids >= 0" in msg for kind, msg in messages)

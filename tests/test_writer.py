@@ -73,6 +73,14 @@ def test_through_napari_save(make_napari_viewer, tmp_path):
     assert pd.read_csv(tmp_path / "cells_cells.csv")["class"].tolist() == ["a", "b", "c"]
 
 
+def test_multiscale_labels_are_saved_at_full_resolution(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    full = np.kron(_labels(), np.ones((2, 2), _labels().dtype))
+    viewer.add_labels([full, _labels()], name="pyramid", multiscale=True)
+    viewer.layers.save(str(tmp_path / "p.tif"), selected=True, plugin="napari-wbc")
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "p.tif"), full)
+
+
 def test_written_files_have_normal_permissions(tmp_path):
     """Atomic writes must not leave owner-only files (as a bare mkstemp would)."""
     import os

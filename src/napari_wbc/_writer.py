@@ -41,6 +41,8 @@ def write_labels(path: str, data, meta: dict) -> list[str]:
     tif_path = Path(path)
     if tif_path.suffix.lower() not in TIFF_SUFFIXES:
         tif_path = tif_path.with_name(tif_path.name + ".tif")
+    if (meta or {}).get("multiscale") or (isinstance(data, (list, tuple)) and len(data) and np.ndim(data[0]) >= 2):
+        data = data[0]  # a multiscale layer: its full-resolution level (np.asarray would give the last)
     labels = np.asarray(data)
     if labels.dtype.kind not in "uib":
         raise ValueError(f"cannot write {tif_path.name!r}: labels must be integers, got {labels.dtype}")

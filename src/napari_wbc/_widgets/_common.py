@@ -75,12 +75,18 @@ def data_hash(data) -> str:
     return h.hexdigest()
 
 
-def layer_image(layer) -> np.ndarray:
-    """The full-resolution array of an image layer (level 0 of a multiscale)."""
+def layer_level0(layer):
+    """The full-resolution data of an image or labels layer (level 0 of a multiscale), as the layer
+    holds it: a lazy (dask, zarr) array stays lazy, for a worker to load off the GUI thread."""
     data = layer.data
     if getattr(layer, "multiscale", False):
         data = data[0]
-    return np.asarray(data)
+    return data
+
+
+def layer_image(layer) -> np.ndarray:
+    """:func:`layer_level0` as a numpy array (loads a lazy array: not on the GUI thread for large ones)."""
+    return np.asarray(layer_level0(layer))
 
 
 def plane_transform(layer) -> dict:

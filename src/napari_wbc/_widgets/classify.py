@@ -43,6 +43,7 @@ from ._common import (
     error_message,
     layer_id,
     layer_image,
+    layer_level0,
     make_progress,
     model_preload,
     paired_image,
@@ -499,8 +500,8 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
                 "choose a model file with 'Browse...'"
             )
             return None
-        image = layer_image(image_layer)
-        labels = np.array(layer.data, copy=True)  # the user may paint while this runs
+        image = layer_level0(image_layer)  # a lazy image is loaded by the worker
+        labels = np.array(layer_image(layer), copy=True)  # the user may paint while this runs
         if image.shape[:2] != labels.shape[-2:] or labels.ndim != 2:
             show_error(
                 f"Classify WBCs: labels {layer.name!r} {labels.shape} and image {image_layer.name!r} "
@@ -545,7 +546,7 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
         # the labels may have changed meanwhile (painted, or segmented again): a cell whose pixels
         # changed keeps no type from this run (it is typed again once this run ends); then measure
         # again and merge
-        current = np.asarray(layer.data)
+        current = layer_image(layer)
         changed = []
         same_shape = classified_labels is not None and classified_labels.shape == current.shape
         if same_shape:
@@ -609,7 +610,7 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
         edits = self._edits
         self._sync_worker = start_worker(
             _sync_job,
-            layer.data,
+            layer_level0(layer),
             self._synced_hash if measure else None,
             measure,
             on_return=lambda result: self._on_measured(layer, edits, measure, result),
@@ -669,7 +670,7 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
         if path.suffix.lower() != ".csv":
             path = path.with_name(path.name + ".csv")
         # measured now: an edit made a moment ago may not have reached the table yet
-        feats, _, _ = remeasure(layer.features, layer.data)
+        feats, _, _ = remeasure(layer.features, layer_image(layer))
         cells = feats.drop(columns=["index"], errors="ignore")
         counts = differential_count(feats)
         total = pd.DataFrame([{"cell_type": "total", "count": int(counts["count"].sum()), "percent": 100.0}])
@@ -694,6 +695,7 @@ def _classify_job(image, labels, *, model, device, ids):
     from napari_wbc.core.classify import iter_classify
 
     table = None
+    image = np.asarray(image)
     for item in iter_classify(image, labels, model=model, device=device, ids=ids):
         if item[0] == "progress":
             yield item

@@ -31,6 +31,7 @@ from ._common import (
     make_progress,
     model_preload,
     layer_id,
+    layer_level0,
     paired_image,
     plane_transform,
     register,
@@ -55,6 +56,7 @@ def segment_job(image, *, model, device, diameter, classify_model=None, classify
     """
     from napari_wbc.core.segment import iter_segment
 
+    image = np.asarray(image)  # a lazy (dask) layer is computed here, in the worker
     labels, d = None, diameter
     for item in iter_segment(image, model=model, device=device, diameter=diameter):
         if item[0] == "labels":
@@ -82,7 +84,7 @@ def segment_job(image, *, model, device, diameter, classify_model=None, classify
 def is_untouched(layer) -> bool:
     """A labels layer still exactly as the segmenter made it (no painting, no corrected type)."""
     meta = wbc_meta(layer)
-    if meta.get("data_hash") is None or meta.get("data_hash") != data_hash(layer.data):
+    if meta.get("data_hash") is None or meta.get("data_hash") != data_hash(layer_image(layer)):
         return False
     feats = getattr(layer, "features", None)
     if feats is not None and "corrected" in feats and bool(np.asarray(feats["corrected"], bool).any()):
@@ -173,8 +175,8 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
                 "choose a model file with 'Browse...'"
             )
             return None
-        image = layer_image(layer)
-        if getattr(layer, "rgb", False) is False and image.ndim > 2:
+        image = layer_level0(layer)  # a lazy array is loaded by the worker, not here
+        if image.ndim > (3 if getattr(layer, "rgb", False) else 2):  # a stack (z, time) of grey or RGB planes
             show_error(
                 f"Segment WBCs: layer {layer.name!r} has shape {image.shape}; expected a single 2-D image "
                 "(grey or RGB). Split stacks or open the image as RGB."

@@ -37,6 +37,7 @@ from ._common import (
     error_message,
     find_widgets,
     layer_image,
+    layer_level0,
     make_progress,
     register,
     start_worker,
@@ -149,7 +150,7 @@ class TrainWidget(CancelWhenRemoved, QWidget):
         if wbc_meta(labels_layer).get("image_layer") is not None:
             return None  # its image is gone: never guess another one for it
         images = {lyr.name: lyr for lyr in self._images()}
-        shape = tuple(np.shape(labels_layer.data)[-2:])
+        shape = tuple(np.shape(labels_layer.data[0] if labels_layer.multiscale else labels_layer.data)[-2:])
         for lyr in images.values():
             data = lyr.data[0] if lyr.multiscale else lyr.data
             if tuple(data.shape[:2]) == shape:  # shape only: never loads a lazy image
@@ -249,10 +250,13 @@ class TrainWidget(CancelWhenRemoved, QWidget):
         for lab, img in pairs:
             if img is None:
                 raise ValueError(f"choose the image that labels {lab.name!r} belong to")
-            arr = layer_image(img)
-            data = np.asarray(lab.data)
+            arr = layer_level0(img)  # a lazy image is loaded by the worker
+            data = layer_image(lab)
             if data.ndim != 2:
                 raise ValueError(f"labels {lab.name!r} have shape {data.shape}; expected one 2-D plane")
+            if data.dtype.kind not in "ui" or (data.size and data.min() < 0):
+                raise ValueError(f"labels {lab.name!r} must hold ids >= 0 (0 = background), "
+                                 f"got {data.dtype} from {data.min()}")
             if tuple(arr.shape[:2]) != data.shape:
                 raise ValueError(
                     f"labels {lab.name!r} {data.shape} and image {img.name!r} {arr.shape[:2]} differ in size"
@@ -275,7 +279,7 @@ class TrainWidget(CancelWhenRemoved, QWidget):
             types = {}
             if {"corrected", "cell_type"} <= set(f.columns):
                 ids = f["label"] if "label" in f.columns else f.get("index")
-                present = set(np.unique(np.asarray(lab.data)))
+                present = set(np.unique(layer_image(lab)))
                 for i, t, c in zip(ids, f["cell_type"], f["corrected"]):
                     if bool(c) and isinstance(t, str) and int(i) in present:
                         types[int(i)] = t
@@ -423,4 +427,4 @@ def _finetune_job(images, labels, **kwargs) -> Path:
     """Run by the worker (a plain function: finetune reports through its callback)."""
     from napari_wbc.core.finetune import finetune
 
-    return finetune(images, labels, **kwargs)
+    return finetune([np.asarray(a) for a in images], labels, **kwargs)  # lazy images computed here

@@ -119,6 +119,9 @@ def _as_labels(lab, i):
             raise ValueError(f"labels[{i}] holds non-integer values; expected integer instance labels")
     if lab.min() < 0:
         raise ValueError(f"labels[{i}] holds negative values; expected 0 = background, 1..N cells")
+    if lab.max() >= 2**31:  # ids past int32 (which would wrap to negative): numbered 1..N again
+        ids, inverse = np.unique(lab, return_inverse=True)
+        return (inverse.reshape(lab.shape) + (0 if ids[0] == 0 else 1)).astype(np.int32)
     return lab.astype(np.int32)
 
 

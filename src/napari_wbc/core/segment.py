@@ -528,8 +528,17 @@ def cell_table(labels: np.ndarray):
     labels = np.asarray(labels)
     if labels.max() <= 0:
         return pd.DataFrame({c: pd.Series(dtype=float if "centroid" in c else int) for c in cols})
+    top = int(labels.max())
+    ids = None
+    if top > max(2**16, labels.size):  # sparse large ids (2**31 and more would wrap in int32): measured
+        ids, inverse = np.unique(labels, return_inverse=True)  # as 1..N, then named by their own ids
+        if ids[0] != 0:
+            ids, inverse = np.concatenate([[0], ids]), inverse + 1
+        labels = inverse.reshape(labels.shape)
     t = regionprops_table(labels.astype(np.int32), properties=("label", "area", "centroid", "bbox"))
     df = pd.DataFrame(t)[cols]
+    if ids is not None:
+        df["label"] = ids[df["label"].to_numpy()].astype(np.int64)
     df["area"] = df["area"].astype(int)
     return df
 

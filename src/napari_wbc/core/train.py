@@ -56,8 +56,11 @@ def make_sample(image, labels, *, diameter=None, weight=None, name="") -> Sample
         rgb = rgb.astype(np.float32) / 255.0
     elif rgb.dtype.kind == "u":
         rgb = rgb.astype(np.float32) / float(np.iinfo(rgb.dtype).max)
-    else:
+    else:  # float: training's colour augmentation works on 0..1, so other ranges (0..255, 0..4095) go there
         rgb = rgb.astype(np.float32)
+        lo, hi = min(float(rgb.min()), 0.0), float(rgb.max())
+        if hi > 1.0 or lo < 0.0:
+            rgb = (rgb - lo) / max(hi - lo, 1e-6)
     labels = np.asarray(labels)
     if labels.shape != rgb.shape[:2]:
         raise ValueError(f"labels shape {labels.shape} does not match image shape {rgb.shape[:2]} ({name})")
