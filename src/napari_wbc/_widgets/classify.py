@@ -72,11 +72,6 @@ def class_names() -> list[str]:
 
 
 # ------------------------------------------------------------------ the per-cell table (pandas only)
-def measure(labels) -> pd.DataFrame:
-    """``index`` + label, area, centroid, bbox of every cell (the geometry part of ``features``)."""
-    return cell_features(labels)
-
-
 def is_classified(features) -> bool:
     return features is not None and "cell_type" in features and bool(pd.notna(features["cell_type"]).any())
 
@@ -337,7 +332,7 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
             self._synced_hash = None
             # the table brought up to date with the labels as they are now (edited while no Classify
             # widget followed them, or opened without a table)
-            self._start_sync(layer, measure=True)
+            self._start_sync(layer)
             image = paired_image(self.viewer, layer)
             if image is not None:
                 self.image_combo.set_layer(image)
@@ -601,9 +596,9 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
         already asked for a new measurement. Only the merge into the table runs on the GUI thread.
         """
         if self._layer is not None and alive(self):
-            self._start_sync(self._layer, measure=True)
+            self._start_sync(self._layer)
 
-    def _start_sync(self, layer, *, measure: bool) -> None:
+    def _start_sync(self, layer) -> None:
         if self.running or self.syncing:
             self._pending_sync = True
             return
@@ -611,14 +606,13 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
         self._sync_worker = start_worker(
             _sync_job,
             layer_level0(layer),
-            self._synced_hash if measure else None,
-            measure,
-            on_return=lambda result: self._on_measured(layer, edits, measure, result),
+            self._synced_hash,
+            on_return=lambda result: self._on_measured(layer, edits, result),
             on_error=lambda exc: show_error(error_message("Classify WBCs: measuring the edited cells failed", exc)),
             on_finish=self._on_sync_finish,
         )
 
-    def _on_measured(self, layer, edits, measure, result) -> None:
+    def _on_measured(self, layer, edits, result) -> None:
         digest, measured = result
         if layer is not self._layer or not alive(self) or layer not in self.viewer.layers:
             return
@@ -626,7 +620,7 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
             self._pending_sync = True
             return
         self._synced_hash = digest
-        if measured is None:  # unchanged, or only the digest was asked for
+        if measured is None:  # unchanged
             return
         had_types = is_classified(layer.features)
         feats, new, removed = merge_measured(layer.features, measured)
@@ -681,17 +675,17 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
         return [path, counts_path]
 
 
-def _sync_job(labels, synced_hash, measure):
+def _sync_job(labels, synced_hash):
     """Run by a thread: ``(digest, cell_features or None)``; None when the labels are those of
-    ``synced_hash`` or only the digest is asked for."""
+    ``synced_hash``."""
     digest = data_hash(labels)
-    if not measure or digest == synced_hash:
+    if digest == synced_hash:
         return digest, None
     return digest, cell_features(np.asarray(labels))
 
 
 def _classify_job(image, labels, *, model, device, ids):
-    """Generator run by the worker: yields progress, returns the classification table."""
+    """Generator run by the worker: yields progress, returns ``(table, cell_features(labels))``."""
     from napari_wbc.core.classify import iter_classify
 
     table = None
