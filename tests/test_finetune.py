@@ -124,10 +124,23 @@ def test_cell_types_finetune_the_classifier(tmp_path):
     types = [{1: "neutrophil", 2: "lymphocyte", 3: "monocyte"}] * 3
     out = napari_wbc.finetune(list(imgs), list(labs), base=seg, epochs=1, device="cpu",
                               output=tmp_path / "ft.safetensors", cell_types=types)
-    cls_new = read_card(out)["classifier"]
-    assert cls_new.endswith(".safetensors")
+    from napari_wbc.core.finetune import paired_classifier
+
+    card = read_card(out)
+    assert card["classifier"] == "ft_classifier.safetensors"  # by name beside it: the pair can be moved
+    cls_new = paired_classifier(out, card)
+    assert cls_new == tmp_path / "ft_classifier.safetensors"
     table = napari_wbc.classify(imgs[0], labs[0], model=cls_new, device="cpu")
     assert list(table["label"]) == [1, 2, 3]
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for f in tmp_path.glob("ft*"):
+        f.rename(moved / f.name)
+    assert paired_classifier(moved / "ft.safetensors", card) == moved / "ft_classifier.safetensors"
+    cc = read_card(moved / "ft_classifier.safetensors")  # its card describes it, not its base
+    assert "command" not in cc and "data" not in cc and cc["finetune"]["base_card"]
+    assert cc["finetune"]["seed"] == 0 and len(cc["finetune"]["base_sha256"]) == 64
+    assert card["finetune"]["environment"]["torch"] and card["finetune"]["data_sha256"]
 
 
 def test_cell_types_bad_type(tmp_path):

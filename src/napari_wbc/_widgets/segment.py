@@ -236,14 +236,15 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
 
     def _paired_classifier(self):
         """The classifier fine-tuned together with the chosen segmenter (its card's ``classifier``), if any."""
+        from napari_wbc.core.finetune import paired_classifier
         from napari_wbc.core.models import read_card
 
         seg = self.model_combo.model_path()
         try:
-            p = read_card(seg).get("classifier") if seg is not None else None
+            card = read_card(seg) if seg is not None else {}
         except ValueError:
             return None
-        return Path(p) if p and Path(p).is_file() else None
+        return paired_classifier(seg, card) if card.get("classifier") else None
 
     def _on_yield(self, item) -> None:
         kind = item[0]

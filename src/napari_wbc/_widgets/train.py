@@ -398,14 +398,16 @@ class TrainWidget(CancelWhenRemoved, QWidget):
     def _new_classifier(seg_path: Path) -> Path | None:
         """The classifier this run trained beside the segmenter ``seg_path`` (None when types were not
         trained, or did not improve and the card points at the base classifier)."""
+        from napari_wbc.core.finetune import paired_classifier
         from napari_wbc.core.models import read_card
 
         try:
-            p = read_card(seg_path).get("classifier")
+            card = read_card(seg_path)
         except ValueError:
             return None
-        mine = seg_path.with_name(seg_path.stem + "_classifier.safetensors")
-        return mine if p and Path(p).resolve() == mine.resolve() and mine.is_file() else None
+        mine = paired_classifier(seg_path, card) if card.get("classifier") else None
+        # this run's: written beside the segmenter under its name (not the base classifier it kept)
+        return mine if mine is not None and mine.parent == seg_path.parent and mine.stem.startswith(seg_path.stem) else None
 
     def _on_error(self, exc) -> None:
         from napari_wbc.core.finetune import FinetuneCancelled

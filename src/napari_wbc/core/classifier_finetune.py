@@ -67,21 +67,22 @@ def _augment(x, rng):
 
 
 def finetune_classifier(images, labels, cell_types, *, base=None, output, device=None, epochs=None,
-                        should_stop=None, seed: int = 0) -> Path:
+                        should_stop=None, seed: int = 0, unique: bool = False) -> Path:
     """Fine-tune the classifier on ``cell_types`` (per image ``{label: type}``); return the model path.
 
     A stratified ~25% of the typed cells is held out (when there are at least 4);
     the best epoch by hold-out accuracy is kept, and the base model's path comes
-    back (with a warning) when no epoch beat it. ``output`` must not exist.
+    back (with a warning) when no epoch beat it. ``output`` must not exist (with ``unique``, a
+    name taken by the time the model is saved gets ``_2``, ``_3``...). ``epochs``: default 10,
+    each a pass over the typed cells (not the segmenter's epochs).
     """
     import torch
     from safetensors.torch import load_file
 
     from .device import resolve_device
     from .finetune import FinetuneCancelled
-    from .models import build_network, read_card, resolve_model_path, save_model
-
     from .finetune import refuse_existing
+    from .models import build_from_card, read_card, resolve_model_path, save_model
 
     output = Path(output)
     refuse_existing(output)
@@ -101,7 +102,7 @@ def finetune_classifier(images, labels, cell_types, *, base=None, output, device
         tr_idx, val_idx = np.arange(len(y)), np.array([], int)
     dev = resolve_device(device)
     torch.manual_seed(seed)
-    net = build_network(card["arch"])
+    net = build_from_card(card, base_path)
     net.load_state_dict(load_file(str(base_path)))
     net.to(dev)
 
@@ -144,15 +145,18 @@ def finetune_classifier(images, labels, cell_types, *, base=None, output, device
                       f"(accuracy {before:.2f}); keeping {base_path.name}", stacklevel=2)
         return base_path
     net.load_state_dict(best_state)
-    from .finetune import fine_tuned_card
+    from .finetune import data_sha256, file_sha256, fine_tuned_card
 
     new_card = dict(card)
     new_card.update({
         "name": output.stem,
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
-        "finetune": {"base": str(base_path), "n_cells": int(len(y)), "n_holdout": int(len(val_idx)),
+        "finetune": {"base": str(base_path), "base_sha256": file_sha256(base_path),
+                     "data_sha256": data_sha256([*images, *labels]), "seed": seed, "learning_rate": 3e-4,
+                     "cell_types": [{str(k): v for k, v in t.items()} for t in cell_types],
+                     "n_cells": int(len(y)), "n_holdout": int(len(val_idx)),
                      "epochs": epochs, "holdout_accuracy_before": before, "holdout_accuracy_after": best if len(val_idx) else None,
                      "wall_time_s": round(time.time() - t0, 1), "history": history},
     })
     fine_tuned_card(new_card, card, len(images))
-    return save_model(net.cpu(), new_card, output)
+    return save_model(net.cpu(), new_card, output, unique=unique)

@@ -220,11 +220,14 @@ def iter_classify(image, labels, *, model=None, device=None, ids=None, batch_siz
         raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
     want, slices, areas = _regions(labels, ids)
     from .device import resolve_device
-    from .models import load_model, resolve_model_path
+    from .models import load_model, read_card, resolve_model_path
 
     dev = resolve_device(device)  # a bad device or model file is reported even when there is no cell
     if not isinstance(model, tuple):
-        resolve_model_path(model, "classifier")
+        path = resolve_model_path(model, "classifier")
+        kind = read_card(path)["kind"]
+        if kind != "classifier":
+            raise ValueError(f"model file {str(path)!r} is a {kind}, expected a classifier")
     total = int(np.ceil(len(want) / batch_size)) if len(want) else 0
     yield ("progress", 0, total)
     if len(want) == 0:

@@ -34,7 +34,8 @@ def user_models_dir() -> Path:
 
 
 def list_user_models(kind: str = "segmenter") -> list[Path]:
-    """Fine-tuned model files of ``kind`` in the user's data folder, newest first."""
+    """Fine-tuned model files of ``kind`` in the user's data folder, newest first (a file that cannot
+    be read - a broken card, a dangling link - is left out, never the others with it)."""
     from .models import read_card
 
     d = user_models_dir()
@@ -42,10 +43,10 @@ def list_user_models(kind: str = "segmenter") -> list[Path]:
     for p in d.glob("*.safetensors") if d.is_dir() else []:
         try:
             if read_card(p).get("kind") == kind:
-                out.append(p)
-        except ValueError:
+                out.append((p.stat().st_mtime, p))
+        except (ValueError, OSError):
             continue
-    return sorted(out, key=lambda p: p.stat().st_mtime, reverse=True)
+    return [p for _, p in sorted(out, key=lambda t: t[0], reverse=True)]
 
 
 def _new_output_path(kind_stem: str, folder: Path | None = None) -> Path:
@@ -59,23 +60,78 @@ def _new_output_path(kind_stem: str, folder: Path | None = None) -> Path:
     return p
 
 
+# a base card's record of how *it* was made and scored: not true of a model fine-tuned from it
+BASE_PROVENANCE = ("training", "command", "data", "split", "train_fit", "note", "validation_last_weights_not_shipped")
+
+
 def fine_tuned_card(new_card: dict, base_card: dict, n_images: int) -> dict:
     """Make a copied card describe the fine-tuned model, not its base (in place; returned).
 
-    The base's training record goes; its validation figures move under ``finetune.base_validation``
-    (they were measured on the base, not on this model); the version says it is fine-tuned.
+    The base's own record (training, command, data, split, notes) moves under ``finetune.base_card``
+    and its validation figures under ``finetune.base_validation`` (measured on the base, not on
+    this model); the version says it is fine-tuned; ``finetune.environment`` records the versions.
     """
-    new_card.pop("training", None)
     ft = new_card.setdefault("finetune", {})
+    moved = {k: new_card.pop(k) for k in BASE_PROVENANCE if k in new_card}
+    if moved:
+        ft["base_card"] = moved
     if "validation" in new_card:
         ft["base_validation"] = new_card.pop("validation")
-    version = str(base_card.get("version", "unknown"))
+    ft.setdefault("environment", environment())
+    version = str(base_card.get("version") or base_card.get("name") or Path(str(ft.get("base", "unknown"))).stem)
     ft["base_version"] = version
     new_card["version"] = version if version.endswith("+finetuned") else f"{version}+finetuned"
     limits = str(base_card.get("limits") or "").split(" Fine-tuned by its user")[0].strip()
     new_card["limits"] = ((limits + " ") if limits else "") + (
         f"Fine-tuned by its user on {n_images} image(s); its base's figures do not describe it.")
     return new_card
+
+
+def environment() -> dict:
+    """Versions a fine-tune ran with (for its card)."""
+    import platform
+
+    import torch
+
+    from .. import __version__
+
+    return {"napari_wbc": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def file_sha256(path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def data_sha256(arrays) -> str:
+    """A fingerprint of the training arrays (shape, dtype and bytes of each, in order)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(np.asarray(a))
+        h.update(str((a.shape, a.dtype.str)).encode())
+        h.update(a.view(np.uint8).reshape(-1))
+    return h.hexdigest()
+
+
+def paired_classifier(seg_path, card: dict) -> Path | None:
+    """The classifier fine-tuned with a segmenter: the card's ``classifier`` (a file name beside the
+    segmenter, or an older card's absolute path), else ``<stem>_classifier.safetensors`` beside it;
+    None when there is none (a moved pair still finds its classifier beside it)."""
+    seg_path = Path(seg_path)
+    ref = card.get("classifier")
+    candidates = []
+    if ref:
+        ref = Path(str(ref))
+        candidates += [seg_path.parent / ref.name] if not ref.is_absolute() else [seg_path.parent / ref.name, ref]
+    candidates.append(seg_path.with_name(seg_path.stem + "_classifier.safetensors"))
+    return next((c for c in candidates if c.is_file() and c.with_suffix(".json").is_file()), None)
 
 
 def refuse_existing(path, what: str = "output") -> None:
@@ -93,11 +149,12 @@ def model_output_path(output, kind_stem: str = "wbc_unet") -> Path:
     nothing is ever overwritten."""
     from .models import SHIPPED
 
+    from .models import model_file
+
     out = Path(output).expanduser()
     if out.is_dir():
         return _new_output_path(kind_stem, out)
-    if out.suffix != ".safetensors":
-        out = out.with_suffix(".safetensors")
+    out = model_file(out)
     refuse_existing(out)
     if out.resolve() == SHIPPED["segmenter"].resolve():
         raise ValueError("output must not be the shipped model file")
@@ -198,7 +255,7 @@ def finetune(
     neither improved, the base model's path comes back.
     """
     from .device import resolve_device
-    from .models import build_network, read_card, resolve_model_path, save_model
+    from .models import build_from_card, read_card, resolve_model_path, save_model
     from .segment import check_image
     from .train import evaluate, make_sample, train_segmenter
 
@@ -232,6 +289,7 @@ def finetune(
     if card.get("kind") != "segmenter":
         raise ValueError(f"base model {str(base_path)!r} is a {card.get('kind')}, expected a segmenter")
     out_path = _new_output_path("wbc_unet") if output is None else model_output_path(output)
+    auto_name = output is None or Path(output).expanduser().is_dir()  # a dated name of ours, not the user's
 
     cls_path = cls_base = None
     if cell_types is not None:  # checked now, not after minutes of training the segmenter
@@ -240,13 +298,13 @@ def finetune(
         cls_path = out_path.with_name(out_path.stem + "_classifier.safetensors")
         refuse_existing(cls_path, "classifier output")
         # start from the classifier that goes with the base segmenter (a fine-tuned pair), else the shipped one
-        cls_base = card.get("classifier") if card.get("classifier") and Path(card["classifier"]).exists() else None
+        cls_base = paired_classifier(base_path, card)
         check_cell_types(cell_types, read_card(resolve_model_path(cls_base, "classifier")))
 
     dev = resolve_device(device)
     from safetensors.torch import load_file
 
-    net = build_network(card["arch"])
+    net = build_from_card(card, base_path)
     base_state = load_file(str(base_path))  # kept: a segmenter that does not improve goes back to it
     net.load_state_dict(base_state)
     net.to(dev)
@@ -297,6 +355,11 @@ def finetune(
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "finetune": {
             "base": str(base_path),
+            "base_sha256": file_sha256(base_path),
+            "data_sha256": data_sha256([*images, *labels]),
+            "seed": seed,
+            "learning_rate": LEARNING_RATE,
+            "batch_size": BATCH_SIZE,
             "n_images": len(samples),
             "n_cells": int(n_cells),
             "n_holdout_images": len(val),
@@ -316,8 +379,10 @@ def finetune(
 
         labs = [_as_labels(lab, i) for i, lab in enumerate(labels)]
         got = finetune_classifier(images, labs, cell_types, base=cls_base, output=cls_path, device=dev,
-                                  should_stop=should_stop)
+                                  should_stop=should_stop, unique=auto_name, seed=seed)
         if kept_base and Path(got).resolve() == resolve_model_path(cls_base, "classifier").resolve():
             return base_path  # neither network improved: nothing new to write (both warnings said so)
-        new_card["classifier"] = str(got)
-    return save_model(net, new_card, out_path)
+        # beside the segmenter: by file name, so the pair can be moved or copied together
+        new_card["classifier"] = Path(got).name if Path(got).parent == out_path.parent else str(got)
+    # a default (dated) name taken meanwhile by another run gets _2, _3...: never replaced
+    return save_model(net, new_card, out_path, unique=auto_name)

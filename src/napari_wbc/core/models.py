@@ -36,7 +36,16 @@ _LOAD_LOCK = threading.Lock()  # one load at a time: a second caller of the same
 
 
 def card_path(path) -> Path:
-    return Path(path).with_suffix(".json")
+    return model_file(path).with_suffix(".json")
+
+
+def model_file(path) -> Path:
+    """The ``.safetensors`` path of a model named ``path`` (``x``, ``x.json`` or ``x.safetensors``);
+    a name with dots keeps them (``run v1.2`` -> ``run v1.2.safetensors``, not ``run v1.safetensors``)."""
+    p = Path(path).expanduser()
+    if p.suffix in (".safetensors", ".json"):
+        return p.with_suffix(".safetensors")
+    return p.with_name(p.name + ".safetensors")
 
 
 def existing_model_file(path) -> Path | None:
@@ -48,10 +57,15 @@ def existing_model_file(path) -> Path | None:
 def resolve_model_path(model, kind: str) -> Path:
     """``None`` -> the shipped model of ``kind``; a shipped model's name (``"wbc_classifier_stain_robust"``)
     -> that model; otherwise a checked path to a .safetensors file."""
-    if isinstance(model, str):
+    if isinstance(model, (str, Path)) and not Path(model).suffix and not Path(model).expanduser().exists():
+        name = str(model)
         named = {p.stem: p for p in shipped_models(kind)}
-        if model in named:
-            return named[model]
+        if name in named:
+            return named[name]
+        for other in SHIPPED:
+            if other != kind and name in {p.stem for p in shipped_models(other)}:
+                raise ValueError(f"{name!r} is the shipped {other}; expected a {kind} "
+                                 f"({', '.join(sorted(named)) or 'none shipped'}, or a model file)")
     if model is None:
         if not SHIPPED[kind].exists():
             raise ValueError(
@@ -77,12 +91,30 @@ def read_card(path) -> dict:
     cp = card_path(path)
     try:
         card = json.loads(cp.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"model card {str(cp)!r} could not be read: {e}") from e
+    if not isinstance(card, dict):
+        raise ValueError(f"model card {str(cp)!r} holds a JSON {type(card).__name__}; expected an object "
+                         "with 'kind' and 'arch'")
     for key in ("kind", "arch"):
         if key not in card:
             raise ValueError(f"model card {str(cp)!r} lacks the required key {key!r}")
+    if card["kind"] not in SHIPPED:
+        raise ValueError(f"model card {str(cp)!r}: kind {card['kind']!r} is not one of {', '.join(SHIPPED)}")
+    arch = card["arch"]
+    if not isinstance(arch, dict) or not isinstance(arch.get("name"), str):
+        raise ValueError(f"model card {str(cp)!r}: 'arch' must be an object with the network's 'name'")
     return card
+
+
+def build_from_card(card: dict, path=None):
+    """:func:`build_network` for a model file's card: any failure (an unknown encoder, a wrong
+    argument) is a ValueError naming the file."""
+    try:
+        return build_network(card["arch"])
+    except Exception as e:  # noqa: BLE001 - smp/timm raise KeyError, TypeError, RuntimeError
+        where = f"model file {str(path)!r}" if path is not None else "the model card"
+        raise ValueError(f"{where}: its architecture cannot be built ({type(e).__name__}: {e})") from e
 
 
 def build_network(arch: dict):
@@ -128,7 +160,7 @@ def load_model(model=None, kind: str = "segmenter", device=None):
     cpu_segmenter = kind == "segmenter" and dev.type == "cpu"
     bf16 = cpu_segmenter and cpu_bf16_fast()
     jit = cpu_segmenter and _jit_enabled()
-    key = (str(path.resolve()), path.stat().st_mtime_ns, str(dev), bf16, jit)
+    key = (str(path.resolve()), _stamp(path), _stamp(card_path(path)), str(dev), bf16, jit)
     with _CACHE_LOCK:
         if key in _CACHE:
             return _CACHE[key]
@@ -139,13 +171,20 @@ def load_model(model=None, kind: str = "segmenter", device=None):
         return _load_uncached(path, kind, dev, bf16, jit, key)
 
 
+def _stamp(path: Path) -> tuple:
+    """What tells a changed file: a copy that keeps the modification time (``cp -p``) still gets a
+    new inode or change time, an edited card a new size or time."""
+    st = path.stat()
+    return (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
+
+
 def _load_uncached(path: Path, kind: str, dev, bf16: bool, jit: bool, key):
     from safetensors.torch import load_file
 
     card = read_card(path)
     if card["kind"] != kind:
         raise ValueError(f"model file {str(path)!r} is a {card['kind']}, expected a {kind}")
-    net = build_network(card["arch"])
+    net = build_from_card(card, path)
     try:
         state = load_file(str(path))
         net.load_state_dict(state)
@@ -237,7 +276,8 @@ def _split_norm_act(net) -> None:
             setattr(parent, name, torch.nn.Sequential(bn.eval(), child.drop, child.act))
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def _temp_file(path: Path, data: bytes) -> str:
+    """``data`` in a hidden temporary file beside ``path`` (flushed to disk, mode 0644)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -246,35 +286,75 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; a model file is for everyone who can read the folder
-        os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        os.unlink(tmp)
         raise
+    return tmp
 
 
-def save_model(net, card: dict, path, *, overwrite: bool = False) -> Path:
-    """Write ``net``'s weights (fp32 safetensors) and ``card`` atomically.
+def _publish_new(tmp: str, path: Path) -> None:
+    """Give the finished temporary file ``tmp`` the name ``path`` only if no file has it: checking
+    and naming in one step (a hard link), so two runs saving at once never replace each other's."""
+    try:
+        os.link(tmp, path)  # FileExistsError when taken
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: reserve the name exclusively, then fill it
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        os.replace(tmp, path)
+    else:
+        os.unlink(tmp)
 
-    Refuses to replace an existing file (the weights or the card) unless ``overwrite``.
+
+def save_model(net, card: dict, path, *, overwrite: bool = False, unique: bool = False) -> Path:
+    """Write ``net``'s weights (fp32 safetensors) and ``card`` atomically; returns the weights' path.
+
+    Never replaces an existing file (the weights or the card) unless ``overwrite``: the check and
+    the naming are one step, so a second run saving to the same name at the same moment fails
+    (``FileExistsError``) instead of replacing it. With ``unique`` a taken name gets ``_2``, ``_3``...
+    (dated default names of two runs started in the same second). Nothing is left under the final
+    names when writing fails.
     """
     from safetensors.torch import save
 
-    path = Path(path).expanduser()
-    if path.suffix != ".safetensors":
-        path = path.with_suffix(".safetensors")
-    taken = None if overwrite else existing_model_file(path)
-    if taken is not None:
-        raise FileExistsError(f"model file {str(taken)!r} exists; refusing to overwrite it")
+    path = model_file(path)
     for key in ("kind", "arch"):
         if key not in card:
             raise ValueError(f"model card lacks the required key {key!r}")
     state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
     blob = save(state, metadata={"kind": str(card["kind"])})
-    # card first (harmless alone), weights last: the .safetensors appearing marks completion
-    _atomic_write_bytes(card_path(path), json.dumps(card, indent=2, default=str).encode())
-    _atomic_write_bytes(path, blob)
-    return path
+    text = json.dumps(card, indent=2, default=str).encode()
+    stem = path.stem
+    for n in range(1, 1000):
+        if n > 1:
+            path = path.with_name(f"{stem}_{n}.safetensors")
+        taken = None if overwrite else existing_model_file(path)
+        if taken is not None:
+            if unique:
+                continue
+            raise FileExistsError(f"model file {str(taken)!r} exists; refusing to overwrite it")
+        tmp_card, tmp_w = _temp_file(card_path(path), text), None
+        published = []
+        try:
+            tmp_w = _temp_file(path, blob)
+            # card first (harmless alone), weights last: the .safetensors appearing marks completion
+            for tmp, final in ((tmp_card, card_path(path)), (tmp_w, path)):
+                if overwrite:
+                    os.replace(tmp, final)
+                else:
+                    _publish_new(tmp, final)
+                published.append(final)
+            return path
+        except FileExistsError:
+            if not unique:
+                raise FileExistsError(f"model file {str(path)!r} was written meanwhile; refusing to overwrite it") from None
+        finally:
+            for tmp in (tmp_card, tmp_w):
+                if tmp is not None and os.path.exists(tmp):
+                    os.unlink(tmp)
+            if len(published) == 1:  # the card alone: not a model
+                published[0].unlink(missing_ok=True)
+    raise FileExistsError(f"no free name for {str(path)!r}")
 
 
 def clear_cache() -> None:
