@@ -466,6 +466,33 @@ def test_train_errors(tmp_path, tiny_models, capsys):
     assert "no image/mask pairs" in capsys.readouterr().err
 
 
+def test_output_folders_that_cannot_be_written_stop_the_run_before_it_starts(tmp_path, tiny_models, capsys):
+    """--out under a file, or through a link to nothing: exit 2 at once, nothing processed."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    Image.fromarray(smear(seed=1)).save(inp / "x.png")
+    (tmp_path / "afile").write_text("not a folder")
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    for out in (tmp_path / "afile" / "sub", tmp_path / "dangling" / "sub"):
+        assert main(seg_args([inp], out, tiny_models)) == 2
+        err = capsys.readouterr().err
+        assert "--out" in err and "Traceback" not in err
+    assert not (tmp_path / "nowhere").exists()
+    _training_pairs(tmp_path / "d")
+    assert main(["train", str(tmp_path / "d"), str(tmp_path / "d"), "--base", str(tiny_models[0]),
+                 "--out", str(tmp_path / "afile" / "m.safetensors"), "--device", "cpu"]) == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_train_on_masks_without_cells_is_a_usage_error(tmp_path, tiny_models, capsys):
+    (tmp_path / "d").mkdir()
+    Image.fromarray(smear(seed=1)).save(tmp_path / "d" / "x.png")
+    Image.fromarray(np.zeros((64, 80), np.uint8)).save(tmp_path / "d" / "x-mask.png")
+    assert main(["train", str(tmp_path / "d"), str(tmp_path / "d"), "--base", str(tiny_models[0]),
+                 "--device", "cpu"]) == 2
+    assert "hold no cell" in capsys.readouterr().err
+
+
 def test_train_one_epoch(tmp_path, tiny_models, capsys, monkeypatch):
     from napari_wbc.core import finetune
 

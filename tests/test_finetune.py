@@ -538,3 +538,56 @@ def test_float_images_of_any_range_train_like_their_uint8_version(scale):
     ref = make_sample(img, lab).rgb
     got = make_sample(img.astype(np.float32) / 255.0 * scale, lab).rgb
     np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_masks_at_or_below_one_and_negative_labels():
+    lab = np.zeros((40, 60), np.float32)
+    lab[5:15, 5:15], lab[20:30, 30:45] = 0.5, 0.5  # a binary mask of 0/0.5: two cells, not background
+    assert sorted(np.unique(F._as_labels(lab, 0))) == [0, 1, 2]
+    neg = np.zeros((40, 60), np.int32)
+    neg[5:15, 5:15] = -1
+    with pytest.raises(ValueError, match="labels\\[3\\] holds negative values"):
+        F._as_labels(neg, 3)
+
+
+def test_a_default_name_taken_meanwhile_gets_a_new_one(tiny, tmp_path, monkeypatch):
+    """Two fine-tunes into one folder in the same second: the second gets _2, the first stays."""
+    import shutil
+
+    from napari_wbc.core.models import card_path
+
+    taken = tmp_path / "out" / "wbc_unet_ft_20260101-000000.safetensors"
+    taken.parent.mkdir()
+    shutil.copy(tiny, taken)
+    shutil.copy(card_path(tiny), card_path(taken))
+    before = taken.read_bytes()
+    monkeypatch.setattr(F, "_new_output_path", lambda stem, folder=None: taken)  # chosen before the other saved
+    import napari_wbc.core.train as T
+
+    def improved(net, *args, **kwargs):  # training that beat the base (whatever a random net does)
+        return {k: v.clone() for k, v in net.state_dict().items()}, []
+
+    monkeypatch.setattr(T, "train_segmenter", improved)
+    imgs, labs = zip(*[_pair(i) for i in range(2)])
+    out = napari_wbc.finetune(list(imgs), list(labs), base=tiny, epochs=1, device="cpu", output=tmp_path / "out")
+    assert out == taken.with_name(taken.stem + "_2.safetensors")
+    assert taken.read_bytes() == before and read_card(out)["finetune"]["epochs"] == 1
+
+
+def test_without_a_hold_out_the_last_weights_are_kept(tiny):
+    """With nothing held out there is nothing to pick an epoch by: the weights of the last step come
+    back (the first evaluation's were kept, and progress showed Dice 0.000 for 'no figure')."""
+    import torch
+
+    from napari_wbc.core.models import build_network
+    from napari_wbc.core.train import make_sample, train_segmenter
+
+    card = read_card(tiny)
+    net = build_network(card["arch"])
+    img, lab = _pair(0)
+    seen = []
+    best, history = train_segmenter(net, card, [make_sample(img, lab)], [], steps=4, batch_size=2, eval_every=2,
+                                    crop=48, progress=lambda step, steps, rec: seen.append(rec))
+    final = net.state_dict()
+    assert all(torch.equal(best[k], final[k].cpu()) for k in final)
+    assert [r["matched_dice"] for r in seen] == [None, None]

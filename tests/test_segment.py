@@ -673,3 +673,23 @@ def test_drop_out_of_field_removes_cells_mostly_outside_and_renumbers():
     assert sorted(np.unique(got)) == [0, 1, 2]
     assert (got[20:30, 5:15] == 1).all() and (got[20:30, 25:35] == 2).all() and (got[2:10, 2:10] == 0).all()
     assert drop_out_of_field(small, None) is small
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1.0, 4095.0, 1e300])
+def test_float_images_of_any_scale_normalise_alike(scale):
+    """'The value range does not matter': a float image in 0..1e-4 collapsed to flat, one in 0..1e300
+    overflowed float32 to inf."""
+    import warnings
+
+    from napari_wbc.core.segment import channel_ranges, check_image, normalise
+
+    rng = np.random.default_rng(0)
+    x = rng.random((40, 50, 3))
+    ref = normalise(x.astype(np.float32), channel_ranges(x.astype(np.float32)))
+    img = x * scale if scale > 1e30 else (x * scale).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow
+        rgb = check_image(img)
+        got = normalise(rgb, channel_ranges(rgb))
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, atol=1e-4)

@@ -163,7 +163,8 @@ def main(argv=None) -> int:
         _err(str(e))
         return EXIT_USAGE
     except KeyboardInterrupt:
-        _err("interrupted; finished images are kept, re-run the same command to go on")
+        _err({"cmd_segment": "interrupted; finished images are kept, re-run the same command to go on",
+              "cmd_train": "interrupted; no model was written"}.get(getattr(args.func, "__name__", ""), "interrupted"))
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # stdout closed by the reader (``napari-wbc demo | head``): not an error of ours
         import os
@@ -171,6 +172,9 @@ def main(argv=None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so that flushing stdout at exit does not raise again
         return EXIT_OK
+    except OSError as e:  # a folder or disk that failed under the run: one line, not a traceback
+        _err(f"failed: {e}")
+        return EXIT_FAILED
 
 
 # ------------------------------------------------------------------ shared checks
@@ -208,6 +212,28 @@ def _check_device(device: str):
         raise UsageError(f"--device: {e}") from None
 
 
+def _check_writable_folder(folder: Path, option: str) -> None:
+    """UsageError unless ``folder`` exists and takes new files, or can be made where its nearest
+    existing parent takes them (a probe file, removed at once: permissions as the system applies them)."""
+    import tempfile
+
+    folder = Path(folder)
+    existing = folder
+    try:
+        while not existing.exists():
+            if existing.is_symlink():
+                raise UsageError(f"{option} {str(folder)!r}: {str(existing)!r} is a link to nothing (or a loop)")
+            if existing.parent == existing:
+                break
+            existing = existing.parent
+        if not existing.is_dir():
+            raise UsageError(f"{option} {str(folder)!r}: {str(existing)!r} is not a folder")
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise UsageError(f"{option} {str(folder)!r} cannot be written to: {e.strerror or e}") from None
+
+
 # ------------------------------------------------------------------ segment
 def cmd_segment(args) -> int:
     from .core import batch
@@ -216,6 +242,7 @@ def cmd_segment(args) -> int:
     out_dir = Path(args.out).expanduser().absolute()
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out {str(out_dir)!r} exists and is not a folder")
+    _check_writable_folder(out_dir, "--out")  # before any image is processed, not after all of them
     if args.scheduler and args.workers > 1:
         raise UsageError("--workers and --scheduler exclude each other (the cluster decides the parallelism)")
     model = _check_model(args.model, "segmenter", "--model")
@@ -388,13 +415,17 @@ def cmd_train(args) -> int:
         if not Path(d).is_dir():
             raise UsageError(f"{opt} {str(d)!r} is not a folder")
     base = _check_model(args.base, "segmenter", "--base")
-    if args.out is not None:
-        from .core.finetune import model_output_path
+    from .core.finetune import model_output_path, user_models_dir
 
+    if args.out is not None:
         try:
-            args.out = str(model_output_path(args.out))  # a folder: a new dated file in it
+            out = Path(args.out).expanduser()
+            if not out.is_dir():  # a folder stays a folder: the dated name is chosen when the model is saved
+                args.out = str(model_output_path(out))
         except ValueError as e:
             raise UsageError(f"--out: {e}") from None
+    target = user_models_dir() if args.out is None else Path(args.out)
+    _check_writable_folder(target if target.is_dir() or args.out is None else target.parent, "--out")
     dev = str(_check_device(args.device))
     pairs, lone_images, lone_masks = pair_images_masks(args.images_dir, args.masks_dir)
     if not pairs:
@@ -422,6 +453,8 @@ def cmd_train(args) -> int:
         images.append(a)
         labels.append(lab)
     n_cells = sum(int(len(np.unique(lab)) - (lab.min() == 0)) for lab in labels)
+    if n_cells == 0:
+        raise UsageError(f"the masks hold no cell ({_names([m for _, m in pairs])}): nothing to learn from")
     print(f"training on {len(pairs)} image(s), {n_cells} cell(s); device {dev}", file=sys.stderr)
     t0 = time.time()
 
@@ -443,7 +476,7 @@ def cmd_train(args) -> int:
         try:
             path = finetune(images, labels, base=base, epochs=args.epochs, device=dev,
                             output=args.out, progress=progress)
-        except ValueError as e:
+        except (ValueError, OSError) as e:  # OSError: the folder, the disk; FileExistsError: a name taken meanwhile
             _err(f"training failed: {e}")
             return EXIT_FAILED
     for w in caught:

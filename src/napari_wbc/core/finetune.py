@@ -167,8 +167,12 @@ def _as_labels(lab, i):
     lab = np.asarray(lab)
     if lab.ndim != 2:
         raise ValueError(f"labels[{i}] has shape {lab.shape}; expected a 2-D label image")
+    if lab.dtype.kind not in "uifb":
+        raise ValueError(f"labels[{i}] has dtype {lab.dtype}; expected integer instance labels or a binary mask")
+    if lab.size and lab.dtype != bool and lab.min() < 0:
+        raise ValueError(f"labels[{i}] holds negative values; expected 0 = background, 1..N cells")
     if lab.dtype == bool or (lab.size and lab.max() <= 1):
-        return mask_to_labels(lab.astype(np.uint8))
+        return mask_to_labels((lab != 0).astype(np.uint8))  # 0/1, or 0/0.5: non-zero is a cell
     if lab.size and lab.dtype.kind in "uif" and len(np.unique(lab[lab != 0])) == 1 and lab.min() >= 0:
         return mask_to_labels((lab != 0).astype(np.uint8))  # a binary mask of any value (0/255): split into cells
     if lab.dtype.kind == "f":

@@ -68,6 +68,10 @@ def check_image(image) -> np.ndarray:
         raise ValueError(f"image of shape {image.shape} is too small; expected at least 8x8 pixels")
     if image.dtype.kind == "f" and not np.isfinite(image).all():
         raise ValueError("image contains NaN or infinite values")
+    if image.dtype.kind == "f" and image.dtype.itemsize > 4:
+        top = float(np.abs(image).max())
+        if top > 1e30:  # float64 past float32's range (which the resizing works in): brought to 0..1,
+            image = image / top  # the same image to the normalisation, which is by percentiles anyway
     from .io import to_rgb
 
     return to_rgb(image)
@@ -80,6 +84,10 @@ def channel_ranges(rgb: np.ndarray, lo: float = 0.5, hi: float = 99.5) -> np.nda
     sub = rgb[::step, ::step].reshape(-1, 3)
     if sub.dtype == np.uint8:
         p = _percentiles_u8(sub, (lo, hi))
+    elif sub.dtype.kind == "f":  # any scale (0..1e-4 as well as 1e300): float64, a floor relative to it
+        p = np.percentile(sub.astype(np.float64), [lo, hi], axis=0)
+        p[1] = np.maximum(p[1], p[0] + 1e-3 * max(float(np.abs(p).max()), 1e-30))
+        return p if sub.dtype == np.float64 else p.astype(np.float32)
     else:
         p = np.percentile(sub.astype(np.float32), [lo, hi], axis=0)  # 2x3
     p[1] = np.maximum(p[1], p[0] + 1e-3 * max(float(np.abs(p).max()), 1.0))
@@ -97,8 +105,10 @@ def _percentiles_u8(values: np.ndarray, qs) -> np.ndarray:
 
 def normalise(rgb: np.ndarray, ranges: np.ndarray) -> np.ndarray:
     """Map each channel's robust range to 0..1 (float32, clipped to -0.5..1.5)."""
-    x = (rgb.astype(np.float32) - ranges[0]) / (ranges[1] - ranges[0])
-    return np.clip(x, -0.5, 1.5)
+    dt = np.float64 if rgb.dtype == np.float64 else np.float32  # float64 data may lie past float32's range
+    r = np.asarray(ranges, dt)
+    x = (rgb.astype(dt) - r[0]) / (r[1] - r[0])
+    return np.clip(x, -0.5, 1.5).astype(np.float32, copy=False)
 
 
 def _resize(x: np.ndarray, shape, order: int) -> np.ndarray:

@@ -436,15 +436,16 @@ def train_segmenter(
         running.append(float(loss.detach()))
         if step % eval_every == 0 or step == steps:
             judged = net if averaged is None else averaged.module
-            m = evaluate(judged, card, val, dev) if val else {"matched_dice": 0.0, "f1": 0.0}
+            m = evaluate(judged, card, val, dev) if val else {"matched_dice": None, "f1": None}
             rec = {"step": step, "loss": float(np.mean(running)), "time_s": time.time() - t0, **m}
             history.append(rec)
             running = []
-            improved = score(m) > best_score
+            improved = not val or score(m) > best_score  # no hold-out: nothing to judge by, the latest weights
             if improved:
-                best_score = score(m)
+                best_score = score(m) if val else best_score
                 best_state = copy.deepcopy({k: v.detach().cpu() for k, v in judged.state_dict().items()})
-            log(f"step {step}/{steps} loss {rec['loss']:.4f} val dice {m['matched_dice']:.4f} f1 {m['f1']:.4f} {'*' if improved else ''} ({rec['time_s']:.0f}s)")
+            figures = f"val dice {m['matched_dice']:.4f} f1 {m['f1']:.4f}" if val else "no hold-out"
+            log(f"step {step}/{steps} loss {rec['loss']:.4f} {figures} {'*' if improved else ''} ({rec['time_s']:.0f}s)")
             if progress is not None:
                 progress(step, steps, rec)
     net.eval()
