@@ -279,3 +279,38 @@ def test_optional_shipped_classifier_by_name(sample_path):
     assert len(table) == labels.max() and set(table["cell_type"]) <= set(read_card(path)["classes"])
     with pytest.raises(ValueError, match="does not exist"):
         resolve_model_path("wbc_classifier_no_such", "classifier")
+
+
+def test_huge_cells_are_cut_strided_not_at_full_resolution():
+    """A stray brush stroke across a smear (one label 6000 px long) was cut as a 6000 x 6000 window
+    (1.8 GB, a minute) only to be shrunk to 64 px; windows past 4x the input are sampled instead."""
+    from napari_wbc.core.classify import cut_window, inside_window, window_step
+
+    assert window_step(300, 64) == 1 and window_step(511, 64) == 1 and window_step(6002, 64) == 23
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        h, w = rng.integers(1, 40, 2)
+        arr = rng.integers(0, 100, (h, w))
+        cy, cx = rng.uniform(-20, 60, 2)
+        side = rng.uniform(1, 50)
+        full, ins = cut_window(arr, cy, cx, side, -1), inside_window(arr.shape, cy, cx, side)
+        for step in (2, 3, 7):
+            np.testing.assert_array_equal(cut_window(arr, cy, cx, side, -1, step), full[::step, ::step])
+            np.testing.assert_array_equal(inside_window(arr.shape, cy, cx, side, step), ins[::step, ::step])
+
+
+@pytest.mark.parametrize("batch_size", [1.5, "2", None, True, 0])
+def test_batch_size_must_be_a_whole_number(batch_size):
+    import napari_wbc
+
+    with pytest.raises(ValueError, match="batch_size"):
+        napari_wbc.classify(np.zeros((20, 20, 3), np.uint8), np.zeros((20, 20), np.int32), batch_size=batch_size)
+
+
+def test_uint64_ids_past_int64_are_refused_not_made_negative():
+    import napari_wbc
+
+    lab = np.zeros((20, 20), np.uint64)
+    lab[2:5, 2:5] = 2**63 + 5
+    with pytest.raises(ValueError, match="too large"):
+        napari_wbc.classify(np.zeros((20, 20, 3), np.uint8), lab)

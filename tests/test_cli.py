@@ -328,6 +328,16 @@ def test_stem_collisions_and_collection(tmp_path, tiny_models):
     files, notes = batch.collect_images([root], recursive=True)
     assert sorted(f.name for f in files) == ["a.png", "b.jpg", "corrupt.jpg", "empty.png", "grey.png", "top.png"]
     assert any("mask" in n for n in notes)
+    # linked sub-folders are followed (Path.rglob skipped them), each real folder once (no loop)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    Image.fromarray(smear()).save(elsewhere / "linked.png")
+    os.symlink(elsewhere, root / "link")
+    os.symlink(root, elsewhere / "back_to_root")  # a loop
+    files, _ = batch.collect_images([root], recursive=True)
+    assert sorted(f.name for f in files) == ["a.png", "b.jpg", "corrupt.jpg", "empty.png", "grey.png", "linked.png",
+                                             "top.png"]
+    (root / "link").unlink()
     # an output folder inside the input folder: our label images are not inputs
     (root / "sub" / "a_labels.tif").write_bytes(b"")
     files, _ = batch.collect_images([root / "sub"], exclude=[root / "sub"])

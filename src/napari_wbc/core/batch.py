@@ -98,6 +98,20 @@ def _is_output_file(path: Path) -> bool:
     return path.name.endswith(LABELS_SUFFIX)
 
 
+def _walk_files(root: Path) -> list[Path]:
+    """Every file under ``root``, in path order, following linked sub-folders (``Path.rglob`` skips
+    them on Python < 3.13) but entering each real folder once (a link to a parent is no loop)."""
+    out, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        out += [Path(dirpath) / f for f in filenames]
+    return sorted(out)
+
+
 def collect_images(paths: Iterable, *, recursive: bool = False, exclude: Sequence = ()) -> tuple[list[Path], list[str]]:
     """Expand files and folders into the image files to process.
 
@@ -131,7 +145,7 @@ def collect_images(paths: Iterable, *, recursive: bool = False, exclude: Sequenc
     for raw in paths:
         p = Path(raw).expanduser()
         if p.is_dir():
-            found = sorted(p.rglob("*") if recursive else p.iterdir())
+            found = _walk_files(p) if recursive else sorted(p.iterdir())
             for f in found:
                 if not f.is_file() or f.suffix.lower() not in IMAGE_SUFFIXES:
                     continue

@@ -48,22 +48,49 @@ def _bounds(h: int, w: int, cy: float, cx: float, side: float):
     return s, y0, x0, max(y0, 0), max(x0, 0), min(y0 + s, h), min(x0 + s, w)
 
 
-def cut_window(arr: np.ndarray, cy: float, cx: float, side: float, fill) -> np.ndarray:
-    """The ``ceil(side)`` square of ``arr`` centred at (cy, cx), padded with ``fill`` outside."""
+def _strided(n_img: int, start: int, s: int, step: int) -> tuple[int, int, int]:
+    """(window length, first and end window index inside the image) for samples start + i*step."""
+    n = -(-s // step)
+    i0 = max(0, -(start // step)) if start < 0 else 0
+    while i0 < n and start + i0 * step < 0:
+        i0 += 1
+    i1 = min(n, max(0, (n_img - 1 - start) // step + 1)) if start <= n_img - 1 else 0
+    return n, i0, max(i0, i1)
+
+
+def cut_window(arr: np.ndarray, cy: float, cx: float, side: float, fill, step: int = 1) -> np.ndarray:
+    """The ``ceil(side)`` square of ``arr`` centred at (cy, cx), padded with ``fill`` outside; with
+    ``step`` > 1 every ``step``-th pixel of it (a huge cell, e.g. a stray brush stroke across a smear,
+    is not cut at full resolution only to be shrunk to the network's input)."""
     s, y0, x0, sy0, sx0, sy1, sx1 = _bounds(arr.shape[0], arr.shape[1], cy, cx, side)
-    win = np.full((s, s) + arr.shape[2:], fill, dtype=arr.dtype)
-    if sy1 > sy0 and sx1 > sx0:
-        win[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = arr[sy0:sy1, sx0:sx1]
+    if step == 1:
+        win = np.full((s, s) + arr.shape[2:], fill, dtype=arr.dtype)
+        if sy1 > sy0 and sx1 > sx0:
+            win[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = arr[sy0:sy1, sx0:sx1]
+        return win
+    n, i0, i1 = _strided(arr.shape[0], y0, s, step)
+    _, j0, j1 = _strided(arr.shape[1], x0, s, step)
+    win = np.full((n, n) + arr.shape[2:], fill, dtype=arr.dtype)
+    if i1 > i0 and j1 > j0:
+        win[i0:i1, j0:j1] = arr[y0 + i0 * step : y0 + (i1 - 1) * step + 1 : step,
+                                x0 + j0 * step : x0 + (j1 - 1) * step + 1 : step]
     return win
 
 
-def inside_window(shape, cy: float, cx: float, side: float) -> np.ndarray:
+def inside_window(shape, cy: float, cx: float, side: float, step: int = 1) -> np.ndarray:
     """Which pixels of :func:`cut_window`'s square lie inside an image of ``shape``."""
-    s, y0, x0, sy0, sx0, sy1, sx1 = _bounds(shape[0], shape[1], cy, cx, side)
-    inside = np.zeros((s, s), bool)
-    if sy1 > sy0 and sx1 > sx0:
-        inside[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = True
+    s, y0, x0, *_ = _bounds(shape[0], shape[1], cy, cx, side)
+    n, i0, i1 = _strided(shape[0], y0, s, step)
+    _, j0, j1 = _strided(shape[1], x0, s, step)
+    inside = np.zeros((n, n), bool)
+    inside[i0:i1, j0:j1] = True
     return inside
+
+
+def window_step(side: float, size: int) -> int:
+    """Sampling step of a cell's window: 1 (every pixel) unless the window is over 4x the network's
+    input (512 px for 64): then it is cut at no more than about 4x that size before resizing."""
+    return max(1, int(side // (4 * size)))
 
 
 def resize_square(x: np.ndarray, size: int) -> np.ndarray:
@@ -101,9 +128,10 @@ def cell_input(rgb, ranges, labels, label_id, sl, area, *, size, context, backgr
     cy = (sl[0].start + sl[0].stop - 1) / 2.0
     cx = (sl[1].start + sl[1].stop - 1) / 2.0
     side = window_side(area, extent, context)
-    x = normalise(cut_window(rgb, cy, cx, side, 0), ranges)  # any dtype: cast per window only
-    x[~inside_window(rgb.shape, cy, cx, side)] = background
-    m = (cut_window(labels, cy, cx, side, 0) == label_id).astype(np.float32)
+    step = window_step(side, size)
+    x = normalise(cut_window(rgb, cy, cx, side, 0, step), ranges)  # any dtype: cast per window only
+    x[~inside_window(rgb.shape, cy, cx, side, step)] = background
+    m = (cut_window(labels, cy, cx, side, 0, step) == label_id).astype(np.float32)
     return finish_input(resize_square(x, size), resize_square(m, size), background=background, dilation=dilation)
 
 
@@ -134,6 +162,8 @@ def _check_labels(labels, shape) -> np.ndarray:
         raise ValueError(f"labels dtype {labels.dtype} is not supported; expected integers")
     if labels.size and labels.min() < 0:
         raise ValueError("labels must not be negative (0 background, 1..N cells)")
+    if labels.dtype == np.uint64 and labels.size and labels.max() >= 2**63:
+        raise ValueError(f"label id {int(labels.max())} is too large; expected ids below 2**63")
     return labels
 
 
@@ -216,8 +246,8 @@ def iter_classify(image, labels, *, model=None, device=None, ids=None, batch_siz
 
     rgb = check_image(image)
     labels = _check_labels(labels, rgb.shape[:2])
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
+    if isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number of cells, at least 1, got {batch_size!r}")
     want, slices, areas = _regions(labels, ids)
     from .device import resolve_device
     from .models import load_model, read_card, resolve_model_path
