@@ -342,6 +342,13 @@ def test_stem_collisions_and_collection(tmp_path, tiny_models):
     (root / "sub" / "a_labels.tif").write_bytes(b"")
     files, _ = batch.collect_images([root / "sub"], exclude=[root / "sub"])
     assert "a_labels.tif" not in [f.name for f in files]
+    # nor those an earlier run wrote there with another --out (its marker says so); a user's own stays
+    (root / "sub" / "own_labels.tif").write_bytes(b"")
+    files, _ = batch.collect_images([root / "sub"])
+    assert "a_labels.tif" in [f.name for f in files] and "own_labels.tif" in [f.name for f in files]
+    (root / "sub" / "a.done").write_text("{}")
+    files, _ = batch.collect_images([root / "sub"])
+    assert "a_labels.tif" not in [f.name for f in files] and "own_labels.tif" in [f.name for f in files]
 
 
 def test_untyped_when_no_classifier(tmp_path, tiny_models, capsys, monkeypatch):

@@ -98,6 +98,12 @@ def _is_output_file(path: Path) -> bool:
     return path.name.endswith(LABELS_SUFFIX)
 
 
+def _is_our_output(path: Path) -> bool:
+    """A ``x_labels.tif`` an earlier run wrote (its ``x.done`` marker beside it), wherever it lies:
+    not a smear to segment, even in a folder that is not this run's ``--out``."""
+    return _is_output_file(path) and path.with_name(path.name[: -len(LABELS_SUFFIX)] + DONE_SUFFIX).is_file()
+
+
 def _walk_files(root: Path) -> list[Path]:
     """Every file under ``root``, in path order, following linked sub-folders (``Path.rglob`` skips
     them on Python < 3.13) but entering each real folder once (a link to a parent is no loop)."""
@@ -155,7 +161,7 @@ def collect_images(paths: Iterable, *, recursive: bool = False, exclude: Sequenc
                 if "masks" in (part.lower() for part in rel.parts[:-1]) or is_mask_name(f):
                     n_masks += 1
                     continue
-                if _is_output_file(f) and excluded(f.parent):
+                if _is_output_file(f) and (excluded(f.parent) or _is_our_output(f)):
                     continue
                 if recursive and excluded(f.parent) and not excluded(p):
                     continue
