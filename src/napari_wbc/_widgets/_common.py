@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 import sys
@@ -68,11 +67,9 @@ def wbc_meta(layer) -> dict:
 
 def data_hash(data) -> str:
     """A digest of a label array, to tell whether the user changed it."""
-    arr = np.ascontiguousarray(np.asarray(data))
-    h = hashlib.blake2b(digest_size=16)
-    h.update(str((arr.shape, arr.dtype.str)).encode())
-    h.update(arr.view(np.uint8).reshape(-1))
-    return h.hexdigest()
+    from napari_wbc.core.io import array_digest
+
+    return array_digest([data])
 
 
 def layer_level0(layer):

@@ -110,14 +110,9 @@ def file_sha256(path) -> str:
 
 def data_sha256(arrays) -> str:
     """A fingerprint of the training arrays (shape, dtype and bytes of each, in order)."""
-    import hashlib
+    from .io import array_digest
 
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(np.asarray(a))
-        h.update(str((a.shape, a.dtype.str)).encode())
-        h.update(a.view(np.uint8).reshape(-1))
-    return h.hexdigest()
+    return array_digest(arrays, algorithm="sha256", digest_size=None)
 
 
 def paired_classifier(seg_path, card: dict) -> Path | None:
@@ -147,9 +142,7 @@ def model_output_path(output, kind_stem: str = "wbc_unet") -> Path:
     """Where a new model goes for ``output`` (a file name, or an existing folder: a new dated file
     in it). Raises ValueError when the ``.safetensors`` or its ``.json`` card already exists:
     nothing is ever overwritten."""
-    from .models import SHIPPED
-
-    from .models import model_file
+    from .models import SHIPPED, model_file
 
     out = Path(output).expanduser()
     if out.is_dir():

@@ -173,6 +173,19 @@ def find_mask(path) -> Path | None:
     return None
 
 
+def array_digest(arrays, *, algorithm: str = "blake2b", digest_size: int | None = 16) -> str:
+    """A hex digest of arrays (shape, dtype and bytes of each, in order): blake2b-128 to tell whether
+    labels changed, sha256 for a model card's record of its training data."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=digest_size) if algorithm == "blake2b" else hashlib.new(algorithm)
+    for a in arrays:
+        a = np.ascontiguousarray(np.asarray(a))
+        h.update(str((a.shape, a.dtype.str)).encode())
+        h.update(a.view(np.uint8).reshape(-1))
+    return h.hexdigest()
+
+
 def labels_for_layer(labels: np.ndarray) -> np.ndarray:
     """Instance labels as a napari Labels layer should hold them: uint16 when every id fits
     (0..65535), else int32/int64 as given.
