@@ -5,6 +5,7 @@ import json
 import os
 
 import numpy as np
+import PIL.Image
 import pytest
 
 from napari_wbc.core import models as M
@@ -130,3 +131,24 @@ def test_classify_checks_the_model_even_without_cells(tiny):
     cls = make_tiny_classifier(tiny.with_name("cls.safetensors"))
     assert len(napari_wbc.classify(np.zeros((20, 20, 3), np.uint8), np.zeros((20, 20), np.int32), model=cls,
                                    device="cpu")) == 0
+
+
+def test_a_card_setting_that_is_not_a_number_is_found_at_load(tiny, capsys):
+    """Found once, at load (the CLI: exit 2 before any image), not as a failure on every image."""
+    from napari_wbc.cli import main
+
+    card = json.loads(M.card_path(tiny).read_text())
+    card["target_diameter"] = "big"
+    M.card_path(tiny).write_text(json.dumps(card))
+    M.clear_cache()
+    with pytest.raises(ValueError, match="'target_diameter' must be a number"):
+        M.load_model(tiny, "segmenter", "cpu")
+    assert main(["demo", "--device", "cpu", "--model", str(tiny)]) == 2
+    assert "target_diameter" in capsys.readouterr().err
+    inp = tiny.parent / "in"
+    inp.mkdir()
+    for i in range(2):
+        PIL.Image.fromarray(np.full((40, 40, 3), 200, np.uint8)).save(inp / f"x{i}.png")
+    assert main(["segment", str(inp), "--out", str(tiny.parent / "out"), "--model", str(tiny), "--no-classify",
+                 "--device", "cpu", "--quiet"]) == 2
+    assert not (tiny.parent / "out").exists() or not list((tiny.parent / "out").glob("*.done"))

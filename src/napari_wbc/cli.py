@@ -502,6 +502,9 @@ def cmd_demo(args) -> int:
         classify = False
     classifier = _check_model(args.classifier, "classifier", "--classifier") if classify else None
     dev = _check_device(args.device)
+    from types import SimpleNamespace
+
+    _preload(SimpleNamespace(model=model, classify=classify, classifier=classifier), dev)  # a broken model: exit 2
     path = sample_path()
     image = read_image(path)
     t0 = time.time()

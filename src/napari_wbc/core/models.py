@@ -171,6 +171,23 @@ def load_model(model=None, kind: str = "segmenter", device=None):
         return _load_uncached(path, kind, dev, bf16, jit, key)
 
 
+# a card's settings that are numbers (the segmenter's working scale, the classifier's input)
+NUMERIC_SETTINGS = {"target_diameter": (1.0, 1e4), "input_size": (8, 1024), "context": (0.5, 10.0)}
+
+
+def _check_settings(card: dict, path) -> None:
+    """ValueError naming the file and the key when a numeric setting is not a number in its range
+    (found at load - once - not as a failure on every image)."""
+    for key, (lo, hi) in NUMERIC_SETTINGS.items():
+        if key not in card:
+            continue
+        value = card[key]
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and lo <= float(value) <= hi
+        if not ok:
+            raise ValueError(f"model card {str(card_path(path))!r}: {key!r} must be a number from {lo:g} to "
+                             f"{hi:g}, got {value!r}")
+
+
 def _stamp(path: Path) -> tuple:
     """What tells a changed file: a copy that keeps the modification time (``cp -p``) still gets a
     new inode or change time, an edited card a new size or time."""
@@ -184,6 +201,7 @@ def _load_uncached(path: Path, kind: str, dev, bf16: bool, jit: bool, key):
     card = read_card(path)
     if card["kind"] != kind:
         raise ValueError(f"model file {str(path)!r} is a {card['kind']}, expected a {kind}")
+    _check_settings(card, path)
     net = build_from_card(card, path)
     try:
         state = load_file(str(path))
