@@ -591,3 +591,19 @@ def test_without_a_hold_out_the_last_weights_are_kept(tiny):
     final = net.state_dict()
     assert all(torch.equal(best[k], final[k].cpu()) for k in final)
     assert [r["matched_dice"] for r in seen] == [None, None]
+
+
+def test_typed_cells_held_out_to_check_a_fine_tuned_classifier():
+    """Few corrections over several types held nothing out (round(0.25 x 1 or 2) = 0), and a classifier
+    fine-tuned on 5 cells was adopted unchecked (it then called every cell of the next smear eosinophil)."""
+    from napari_wbc.core.classifier_finetune import check_cell_types, holdout_indices
+
+    rng = np.random.default_rng(0)
+    assert len(holdout_indices(np.array([0, 0, 1, 2, 3]), rng)) == 1  # one of the type with two cells
+    assert len(holdout_indices(np.array([0] * 8 + [1] * 4), rng)) == 3  # a quarter of each type
+    assert len(holdout_indices(np.array([0, 1, 2, 3]), rng)) == 0
+    assert len(holdout_indices(np.array([0, 0, 1]), rng)) == 0  # fewer than 4
+    card = {"classes": ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"]}
+    with pytest.raises(ValueError, match="too few corrected cells"):
+        check_cell_types([{1: "neutrophil", 2: "lymphocyte"}, {1: "monocyte", 2: "eosinophil"}], card)
+    check_cell_types([{1: "neutrophil", 2: "lymphocyte"}, {1: "monocyte", 2: "neutrophil"}], card)

@@ -152,3 +152,35 @@ def test_a_card_setting_that_is_not_a_number_is_found_at_load(tiny, capsys):
     assert main(["segment", str(inp), "--out", str(tiny.parent / "out"), "--model", str(tiny), "--no-classify",
                  "--device", "cpu", "--quiet"]) == 2
     assert not (tiny.parent / "out").exists() or not list((tiny.parent / "out").glob("*.done"))
+
+
+def test_forward_passes_and_graph_tracing_in_other_threads_do_not_collide(tiny):
+    """torch.fx (batch-norm folding at model load) replaces torch.nn.Module.__call__ process-wide while
+    it traces: a widget's background model load made a training or segmentation in another thread fail
+    with "module is not installed as a submodule"."""
+    import threading
+
+    import torch
+
+    from napari_wbc.core.segment import _forward
+
+    net = M.build_network(json.loads(M.card_path(tiny).read_text())["arch"]).eval()
+    arr = np.random.default_rng(0).random((1, 3, 64, 64)).astype(np.float32)
+    errors, stop = [], threading.Event()
+
+    def run_forwards():
+        try:
+            while not stop.is_set():
+                _forward(net, arr, torch.device("cpu"), torch.float32, None)
+        except Exception as e:  # noqa: BLE001 - collected for the assertion
+            errors.append(e)
+
+    t = threading.Thread(target=run_forwards)
+    t.start()
+    try:
+        for _ in range(8):
+            M.inference_network(net)
+    finally:
+        stop.set()
+        t.join()
+    assert not errors, errors

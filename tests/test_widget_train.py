@@ -168,7 +168,8 @@ def test_a_classifier_trained_with_the_types_is_offered_in_classify(qtbot, tr, u
 
     monkeypatch.setattr(cf, "finetune_classifier", fake_classifier)
     ids = [int(i) for i in np.unique(lab.data) if i > 0]
-    monkeypatch.setattr(widget, "_corrected_types", lambda: [{ids[0]: "lymphocyte"}])
+    kinds = ["lymphocyte", "lymphocyte", "neutrophil", "monocyte"]  # enough to hold some out
+    monkeypatch.setattr(widget, "_corrected_types", lambda: [dict(zip(ids, kinds))])
     _, cls = viewer.window.add_plugin_dock_widget(PLUGIN, "Classify WBCs")
     widget.auto_epochs.setChecked(False)
     widget.epochs.setValue(1)
@@ -186,3 +187,17 @@ def test_negative_labels_are_refused_before_training_with_the_layer_named(tr):
     lab.data = bad
     assert widget.train() is None and not widget.running
     assert any(kind == "show_error" and "'smear WBC labels'" in msg and "ids >= 0" in msg for kind, msg in messages)
+
+
+def test_types_too_few_to_check_are_not_learned_and_the_user_is_told(qtbot, tr, user_models, monkeypatch):
+    viewer, widget, seg, lab, messages = tr
+    ids = [int(i) for i in np.unique(lab.data) if i > 0]
+    kinds = ["neutrophil", "lymphocyte", "monocyte", "eosinophil"]  # one of each: none can be held out
+    monkeypatch.setattr(widget, "_corrected_types", lambda: [dict(zip(ids, kinds))])
+    widget.auto_epochs.setChecked(False)
+    widget.epochs.setValue(1)
+    widget.train()
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT)
+    assert not [m for m in messages if m[0] == "show_error"], messages
+    assert "the corrected types were not learned: too few corrected cells" in widget.status.text()
+    assert not list(user_models.glob("*_classifier.safetensors"))

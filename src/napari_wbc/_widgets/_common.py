@@ -524,6 +524,7 @@ def start_worker(
     on_error: Callable | None = None,
     on_finish: Callable | None = None,
     on_abort: Callable | None = None,
+    on_warning: Callable | None = None,
     **kwargs,
 ):
     """Start ``func(*args, **kwargs)`` (a generator function or a plain one) in a thread worker.
@@ -548,6 +549,7 @@ def start_worker(
         ("errored", on_error),
         ("finished", on_finish),
         ("aborted", on_abort),
+        ("warned", on_warning),  # warnings.warn in the work: the showwarning arguments (message first)
     ):
         if slot is not None and hasattr(worker, signal):
             getattr(worker, signal).connect(slot)

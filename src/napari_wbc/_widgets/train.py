@@ -301,8 +301,17 @@ class TrainWidget(CancelWhenRemoved, QWidget):
             return None
         epochs = None if self.auto_epochs.isChecked() else int(self.epochs.value())
         cell_types = self._corrected_types()
+        types_note = None
+        if cell_types is not None:
+            from napari_wbc.core.classifier_finetune import check_cell_types
+            from napari_wbc.core.classify import CLASSES
+
+            try:  # too few to check a new classifier on: the outlines are still learned
+                check_cell_types(cell_types, {"classes": list(CLASSES)})
+            except ValueError as e:
+                types_note, cell_types = f"the corrected types were not learned: {e}", None
         self._stop = stop = threading.Event()
-        self._job = {"base": Path(base), "names": names}
+        self._job = {"base": Path(base), "names": names, "types": cell_types is not None, "types_note": types_note}
         self.buttons.set_busy(True)
         self.progress.setRange(0, 0)
         self.progress.setFormat("scoring the starting model...")
@@ -329,6 +338,7 @@ class TrainWidget(CancelWhenRemoved, QWidget):
             on_return=self._on_return,
             on_error=self._on_error,
             on_finish=self._on_finish,
+            on_warning=lambda w: show_warning(f"Train: {w[0]}"),  # (message, category, file, line...)
         )
         return self.worker
 
@@ -355,6 +365,8 @@ class TrainWidget(CancelWhenRemoved, QWidget):
         base = self._job["base"]
         if path.resolve() == base.resolve():
             msg = f"Train: no improvement on the held-out cells; the base model {base.name!r} is kept"
+            if self._job.get("types_note"):
+                msg += f"; {self._job['types_note']}"
             self.status.setText(msg)
             show_warning(msg)
             return
@@ -374,6 +386,13 @@ class TrainWidget(CancelWhenRemoved, QWidget):
         else:
             dice = f"validation Dice {_dice_text(before)} -> {_dice_text(after)}"
         msg = f"Train: new model {path.name} ({dice})"
+        cls_path = self._new_classifier(path)
+        if self._job.get("types_note"):
+            msg += f"; {self._job['types_note']}"
+        elif self._job.get("types"):
+            msg += ("; the classifier learned the corrected types: " + cls_path.name if cls_path is not None else
+                    "; the corrected types were not learned: the classifier trained on them was worse on the "
+                    "held-out corrected cells, the previous one is kept")
         self.status.setText(msg)
         self.model_combo.add_model(path, select=False)
         from .segment import SegmentWidget
@@ -383,7 +402,6 @@ class TrainWidget(CancelWhenRemoved, QWidget):
                 w.add_model(path, select=True)
             except ValueError as e:
                 show_error(error_message("Train: could not add the new model to Segment", e))
-        cls_path = self._new_classifier(path)
         if cls_path is not None:
             from .classify import ClassifyWidget
 

@@ -10,11 +10,10 @@ import numpy as np
 
 
 def check_cell_types(cell_types, card) -> None:
-    """Raise a ValueError unless every ``cell_types`` entry names a type the classifier ``card`` knows
-    and at least one cell is typed (checked before any training starts)."""
-    from .classify import CLASSES
-
-    classes = list(card.get("classes", CLASSES))
+    """Raise a ValueError unless every ``cell_types`` entry names a type the classifier ``card`` knows,
+    at least one cell is typed, and some can be held out to check the result (at least 4, with 2 of
+    one type: :func:`holdout_indices`) - checked before any training starts."""
+    classes = _card_classes(card)
     n = 0
     for i, types in enumerate(cell_types):
         if types is None:
@@ -27,15 +26,22 @@ def check_cell_types(cell_types, card) -> None:
         n += len(types)
     if n == 0:
         raise ValueError("cell_types names no cell; expected {label: type} for at least one labelled cell")
+    y = np.array([classes.index(t) for types in cell_types if types for t in types.values()])
+    if len(holdout_indices(y, np.random.default_rng(0))) == 0:
+        per_type = ", ".join(f"{int((y == c).sum())} {classes[c]}" for c in np.unique(y))
+        raise ValueError(
+            f"too few corrected cells to check a new classifier on ({per_type}): at least 4, with 2 of one "
+            "type, are needed (some are held out to check the result; a classifier fine-tuned on fewer could "
+            "be far worse and nothing would show it)")
 
 
 def _cell_inputs(images, labels, cell_types, card):
     """Network inputs (N x 4 x S x S) and class indices of every typed cell (types checked by
     :func:`check_cell_types`)."""
-    from .classify import CLASSES, _regions, cell_input, input_settings
+    from .classify import _regions, cell_input, input_settings
     from .segment import channel_ranges, check_image
 
-    classes = list(card.get("classes", CLASSES))
+    classes = _card_classes(card)
     settings, (low, high) = input_settings(card)
     xs, ys = [], []
     for i, (im, lab, types) in enumerate(zip(images, labels, cell_types)):
@@ -66,6 +72,27 @@ def _augment(x, rng):
     return x
 
 
+def _card_classes(card: dict) -> list[str]:
+    from .classify import CLASSES
+
+    return list(card.get("classes") or CLASSES)
+
+
+def holdout_indices(y: np.ndarray, rng) -> np.ndarray:
+    """Typed cells held out to check a fine-tuned classifier: a quarter of each type (rounded down);
+    when that is none but there are at least 4 cells, one cell of each type that has 2 or more (at
+    most a quarter of all cells, the most common types first). Empty when fewer than 4 cells or
+    every type has a single cell."""
+    if len(y) < 4:
+        return np.array([], int)
+    by_type = {int(c): rng.permutation(np.nonzero(y == c)[0]) for c in np.unique(y)}
+    val = [i for idx in by_type.values() for i in idx[: len(idx) // 4]]
+    if not val:
+        common = sorted((c for c, idx in by_type.items() if len(idx) >= 2), key=lambda c: -len(by_type[c]))
+        val = [int(by_type[c][0]) for c in common[: max(1, len(y) // 4)]]
+    return np.array(sorted(val), int)
+
+
 def finetune_classifier(images, labels, cell_types, *, base=None, output, device=None, epochs=None,
                         should_stop=None, seed: int = 0, unique: bool = False) -> Path:
     """Fine-tune the classifier on ``cell_types`` (per image ``{label: type}``); return the model path.
@@ -82,7 +109,7 @@ def finetune_classifier(images, labels, cell_types, *, base=None, output, device
     from .device import resolve_device
     from .finetune import FinetuneCancelled
     from .finetune import refuse_existing
-    from .models import build_from_card, read_card, resolve_model_path, save_model
+    from .models import build_from_card, forward_pass, read_card, resolve_model_path, save_model
 
     output = Path(output)
     refuse_existing(output)
@@ -91,15 +118,8 @@ def finetune_classifier(images, labels, cell_types, *, base=None, output, device
     check_cell_types(cell_types, card)
     x, y = _cell_inputs(images, labels, cell_types, card)
     rng = np.random.default_rng(seed)
-    val_idx = []
-    if len(y) >= 4:
-        for c in np.unique(y):
-            idx = rng.permutation(np.nonzero(y == c)[0])
-            val_idx += list(idx[: int(round(0.25 * len(idx)))])
-    val_idx = np.array(sorted(val_idx), int)
+    val_idx = holdout_indices(y, rng)  # not empty: check_cell_types saw to it
     tr_idx = np.setdiff1d(np.arange(len(y)), val_idx)
-    if len(tr_idx) == 0:
-        tr_idx, val_idx = np.arange(len(y)), np.array([], int)
     dev = resolve_device(device)
     torch.manual_seed(seed)
     net = build_from_card(card, base_path)
@@ -111,7 +131,8 @@ def finetune_classifier(images, labels, cell_types, *, base=None, output, device
             return None
         net.eval()
         with torch.inference_mode():
-            p = net(torch.from_numpy(x[val_idx]).to(dev)).argmax(1).cpu().numpy()
+            with forward_pass():
+                p = net(torch.from_numpy(x[val_idx]).to(dev)).argmax(1).cpu().numpy()
         return float((p == y[val_idx]).mean())
 
     before = accuracy()
@@ -131,18 +152,21 @@ def finetune_classifier(images, labels, cell_types, *, base=None, output, device
                 raise FinetuneCancelled("classifier fine-tuning was cancelled; no model file was written")
             b = rng.choice(tr_idx, size=min(16, len(tr_idx) * 2), p=wts)
             xb = torch.from_numpy(np.stack([_augment(x[i], rng) for i in b])).to(dev)
-            loss = torch.nn.functional.cross_entropy(net(xb), torch.from_numpy(y[b]).to(dev))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            with forward_pass():
+                loss = torch.nn.functional.cross_entropy(net(xb), torch.from_numpy(y[b]).to(dev))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
         acc = accuracy()
         history.append({"epoch": ep, "loss": float(loss.detach()), "holdout_accuracy": acc})
-        if acc is None or acc > best:
-            best = acc if acc is not None else best
+        # at least as good as the base on the held-out cells (ties: the later epoch, which learned the
+        # corrections longer): mostly confirmed cells the base already got right must not block learning
+        if acc >= best:
+            best = acc
             best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-    if len(val_idx) and best_state is None:
-        warnings.warn(f"classifier fine-tuning did not beat the base model on held-out cells "
-                      f"(accuracy {before:.2f}); keeping {base_path.name}", stacklevel=2)
+    if best_state is None:
+        warnings.warn(f"the classifier fine-tuned on the corrected types was worse than its base on the held-out "
+                      f"cells in every epoch (base accuracy {before:.2f}); keeping {base_path.name}", stacklevel=2)
         return base_path
     net.load_state_dict(best_state)
     from .finetune import data_sha256, file_sha256, fine_tuned_card

@@ -250,7 +250,7 @@ def iter_classify(image, labels, *, model=None, device=None, ids=None, batch_siz
         raise ValueError(f"batch_size must be a whole number of cells, at least 1, got {batch_size!r}")
     want, slices, areas = _regions(labels, ids)
     from .device import resolve_device
-    from .models import load_model, read_card, resolve_model_path
+    from .models import forward_pass, load_model, read_card, resolve_model_path
 
     dev = resolve_device(device)  # a bad device or model file is reported even when there is no cell
     if not isinstance(model, tuple):
@@ -283,7 +283,7 @@ def iter_classify(image, labels, *, model=None, device=None, ids=None, batch_siz
             cell_input(rgb, ranges, labels, int(want[i]), slices[i], areas[i], **settings)
             for i in range(b0, min(b0 + batch_size, len(want)))
         ])
-        with torch.inference_mode():
+        with torch.inference_mode(), forward_pass():
             x = torch.from_numpy(batch).to(dev)
             if use_amp:
                 with torch.autocast("cuda", dtype=torch.float16):

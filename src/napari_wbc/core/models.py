@@ -30,6 +30,67 @@ def shipped_models(kind: str) -> list[Path]:
     """The shipped models of ``kind`` that are installed: the default first, then the optional ones."""
     return [p for p in [SHIPPED[kind], *SHIPPED_OPTIONAL.get(kind, [])] if p.exists()]
 
+class _SharedExclusive:
+    """Many holders at once (forward passes) or one alone (``torch.fx`` tracing, which replaces
+    ``torch.nn.Module.__call__`` for the whole process while it runs: a forward pass in another
+    thread then fails with "module is not installed as a submodule"). A waiting exclusive holder
+    goes first. Not re-entrant: hold it around single calls only."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
+
+    def shared(self):
+        return _Hold(self, False)
+
+    def exclusive(self):
+        return _Hold(self, True)
+
+    def _acquire(self, exclusive: bool) -> None:
+        with self._cond:
+            if exclusive:
+                self._waiting += 1
+                while self._exclusive or self._shared:
+                    self._cond.wait()
+                self._waiting -= 1
+                self._exclusive = True
+            else:
+                while self._exclusive or self._waiting:
+                    self._cond.wait()
+                self._shared += 1
+
+    def _release(self, exclusive: bool) -> None:
+        with self._cond:
+            if exclusive:
+                self._exclusive = False
+            else:
+                self._shared -= 1
+            self._cond.notify_all()
+
+
+class _Hold:
+    def __init__(self, lock: _SharedExclusive, exclusive: bool):
+        self.lock, self.exclusive = lock, exclusive
+
+    def __enter__(self):
+        self.lock._acquire(self.exclusive)
+
+    def __exit__(self, *exc):
+        self.lock._release(self.exclusive)
+
+
+# forward passes hold it shared (forward_pass()), graph tracing exclusively
+GRAPH_LOCK = _SharedExclusive()
+
+
+def forward_pass():
+    """Context for one forward (or training) pass of a network: never while another thread traces a
+    graph with ``torch.fx`` (model loading, :func:`inference_network`)."""
+    return GRAPH_LOCK.shared()
+
+
 _CACHE: dict = {}
 _CACHE_LOCK = threading.Lock()
 _LOAD_LOCK = threading.Lock()  # one load at a time: a second caller of the same model waits and reuses it
@@ -259,7 +320,8 @@ def inference_network(net):
     try:
         from torch.fx.experimental.optimization import fuse
 
-        net = fuse(net)
+        with GRAPH_LOCK.exclusive():  # fx patches torch.nn.Module.__call__ process-wide while tracing
+            net = fuse(net)
     except Exception:  # noqa: BLE001 - an untraceable graph only loses the folding
         pass
     return net.to(memory_format=torch.channels_last)

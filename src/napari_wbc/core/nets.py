@@ -125,7 +125,9 @@ class TracedNetwork(nn.Module):
             return
         _quiet_jit_deprecation()
         try:
-            with torch.inference_mode():
+            from .models import forward_pass
+
+            with torch.inference_mode(), forward_pass():
                 traced = torch.jit.freeze(torch.jit.trace(self.eager, example, check_trace=False).eval())
                 ref, out = self.eager(example).float(), traced(example).float()
             if out.shape == ref.shape and torch.allclose(out, ref, atol=1e-3, rtol=1e-2):  # else keep eager

@@ -228,7 +228,9 @@ def _forward(net, arr: np.ndarray, device, weights_dtype, amp) -> np.ndarray:
     """The network's two maps for a batch of windows, as uint8 (probability x 255)."""
     import torch
 
-    with torch.inference_mode():
+    from .models import forward_pass
+
+    with torch.inference_mode(), forward_pass():
         t = torch.from_numpy(arr).to(device, weights_dtype).contiguous(memory_format=torch.channels_last)
         if amp is not None:
             with torch.autocast(device.type, dtype=amp):

@@ -390,6 +390,7 @@ def train_segmenter(
     import torch
 
     from .device import resolve_device
+    from .models import forward_pass
 
     dev = resolve_device(device)
     torch.manual_seed(seed)
@@ -425,9 +426,10 @@ def train_segmenter(
                                                              stain_share=stain_share, stain_weak=stain_weak,
                                                              field_norm=field_norm, empty_share=empty_share,
                                                              small_field=small_field, grey=grey))
-        out = net(x)
-        loss = seg_loss(out, fg, dist, wgt)
-        opt.zero_grad()
+        with forward_pass():
+            out = net(x)
+            loss = seg_loss(out, fg, dist, wgt)
+            opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
