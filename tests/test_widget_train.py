@@ -201,3 +201,22 @@ def test_types_too_few_to_check_are_not_learned_and_the_user_is_told(qtbot, tr, 
     assert not [m for m in messages if m[0] == "show_error"], messages
     assert "the corrected types were not learned: too few corrected cells" in widget.status.text()
     assert not list(user_models.glob("*_classifier.safetensors"))
+
+
+def test_labels_saved_and_opened_again_pair_with_their_own_image(tr, tmp_path):
+    """Two smears of one size (one camera): labels saved with napari-wbc's writer and opened again were
+    paired with whichever image came first; the writer records the image, the reader restores it, and
+    a labels layer with nothing recorded is not guessed among several images of its size."""
+    viewer, widget, seg, lab, messages = tr
+    viewer.add_image(np.full((64, 64, 3), 230, np.uint8), name="another smear", rgb=True)
+    viewer.layers.move(viewer.layers.index("another smear"), 0)  # listed first
+    path = tmp_path / "corrected.tif"
+    viewer.layers.selection.active = lab
+    viewer.layers.save(str(path), selected=True, plugin="napari-wbc")
+    viewer.layers.remove(lab)
+    (reopened,) = viewer.open(str(path), plugin="napari-wbc")
+    widget.set_pair(reopened)
+    assert widget.pairs() == [(reopened, viewer.layers["smear"])]
+    mine = viewer.add_labels(np.zeros((64, 64), np.uint16), name="drawn by hand")
+    widget.set_pair(mine)
+    assert (mine, None) in widget.pairs()  # two images of its size: the user picks

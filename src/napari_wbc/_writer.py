@@ -1,6 +1,7 @@
 """npe2 writer: a labels layer -> lossless TIFF + its per-cell table as ``<stem>_cells.csv``."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +61,13 @@ def write_labels(path: str, data, meta: dict) -> list[str]:
         ids = np.unique(labels)
         table = pd.DataFrame({"index": ids[ids != 0]})
 
-    atomic_write(tif_path, lambda tmp: tifffile.imwrite(tmp, labels, compression="zlib"))
+    # the image the labels belong to (napari-wbc's layer metadata), so that opening the file again
+    # pairs it with that image, not with any image of the same size
+    source = ((meta or {}).get("metadata") or {}).get("napari_wbc") or {}
+    keep = {k: source[k] for k in ("image_layer", "model", "diameter") if source.get(k) is not None}
+    description = json.dumps({"napari_wbc": keep}) if keep else None
+    atomic_write(tif_path, lambda tmp: tifffile.imwrite(tmp, labels, compression="zlib", description=description,
+                                                        metadata=None if description else {}))
     csv_path = cells_csv_path(tif_path)
     atomic_write(csv_path, lambda tmp: table.to_csv(tmp, index=False))
     return [str(tif_path), str(csv_path)]

@@ -149,13 +149,10 @@ class TrainWidget(CancelWhenRemoved, QWidget):
             return paired.name
         if wbc_meta(labels_layer).get("image_layer") is not None:
             return None  # its image is gone: never guess another one for it
-        images = {lyr.name: lyr for lyr in self._images()}
         shape = tuple(np.shape(labels_layer.data[0] if labels_layer.multiscale else labels_layer.data)[-2:])
-        for lyr in images.values():
-            data = lyr.data[0] if lyr.multiscale else lyr.data
-            if tuple(data.shape[:2]) == shape:  # shape only: never loads a lazy image
-                return lyr.name
-        return None
+        same = [lyr.name for lyr in self._images()
+                if tuple((lyr.data[0] if lyr.multiscale else lyr.data).shape[:2]) == shape]  # never loads a lazy image
+        return same[0] if len(same) == 1 else None  # several of that size (one camera): the user picks
 
     def refresh_pairs(self) -> None:
         """Rebuild the list of labels layers with their images (keeps your ticks and picks)."""
