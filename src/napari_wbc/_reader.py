@@ -137,11 +137,13 @@ def _saved_source(path: Path) -> dict:
 
     import tifffile
 
+    from ._writer import SAVED_META_KEYS
+
     try:
         with tifffile.TiffFile(str(path)) as tf:
             info = json.loads(tf.pages[0].description or "{}")
         value = info.get("napari_wbc") if isinstance(info, dict) else None
-        return {k: v for k, v in value.items() if k in ("image_layer", "model", "diameter")} if isinstance(value, dict) else {}
+        return {k: v for k, v in value.items() if k in SAVED_META_KEYS} if isinstance(value, dict) else {}
     except Exception:  # noqa: BLE001 - another program's TIFF: nothing recorded
         return {}
 

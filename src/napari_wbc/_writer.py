@@ -9,6 +9,8 @@ import numpy as np
 from .core.io import atomic_write
 
 TIFF_SUFFIXES = (".tif", ".tiff")
+# what a labels TIFF records of its napari-wbc layer metadata (the reader gives it back)
+SAVED_META_KEYS = ("image_layer", "model", "diameter")
 
 
 def labels_dtype(data: np.ndarray) -> np.dtype:
@@ -64,7 +66,7 @@ def write_labels(path: str, data, meta: dict) -> list[str]:
     # the image the labels belong to (napari-wbc's layer metadata), so that opening the file again
     # pairs it with that image, not with any image of the same size
     source = ((meta or {}).get("metadata") or {}).get("napari_wbc") or {}
-    keep = {k: source[k] for k in ("image_layer", "model", "diameter") if source.get(k) is not None}
+    keep = {k: source[k] for k in SAVED_META_KEYS if source.get(k) is not None}
     description = json.dumps({"napari_wbc": keep}) if keep else None
     atomic_write(tif_path, lambda tmp: tifffile.imwrite(tmp, labels, compression="zlib", description=description,
                                                         metadata=None if description else {}))

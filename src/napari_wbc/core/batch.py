@@ -35,7 +35,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from .io import IMAGE_SUFFIXES, MASK_SUFFIXES, atomic_write
+from .io import IMAGE_SUFFIXES, MASK_SUFFIXES, atomic_write, free_path
 
 CLASSES = ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"]
 PROB_COLUMNS = [f"p_{c}" for c in CLASSES]
@@ -228,23 +228,20 @@ def _read_marker(outs: dict) -> dict | None:
         return None
 
 
-def _done_marker(path, outs: dict, classify: bool) -> dict | None:
-    """The marker (stored summary ``row``, written ``outputs``) when ``path``'s outputs ``outs`` are
-    complete and current (and typed, when ``classify``), else None."""
-    if not (outs["done"].is_file() and outs["labels"].is_file() and outs["cells"].is_file()):
-        return None
+def _is_done(path, outs: dict, marker: dict | None, classify: bool) -> bool:
+    """Whether ``marker`` (:func:`_read_marker`) vouches for complete, current outputs ``outs`` of
+    ``path`` (typed, when ``classify``)."""
+    if marker is None or marker.get("pending") or not isinstance(marker.get("row"), dict):
+        return False
+    if not (outs["labels"].is_file() and outs["cells"].is_file()):
+        return False
     try:
-        marker = _read_marker(outs)
         path = Path(path)
-        if marker is None or marker.get("pending") or not path.is_file() or marker.get("stamp") != _source_stamp(path):
-            return None
-        if classify and not marker["row"].get("classified"):
-            return None  # counted without typing earlier: type them now
-        if not isinstance(marker["row"], dict):
-            return None
-        return marker
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
+        if not path.is_file() or marker.get("stamp") != _source_stamp(path):
+            return False
+    except OSError:
+        return False
+    return not (classify and not marker["row"].get("classified"))  # counted untyped earlier: type them now
 
 
 def hand_edited(outs: dict, marker: dict) -> list[str]:
@@ -284,15 +281,15 @@ def recount_from_outputs(outs: dict, row: dict, edited: Sequence[str]) -> dict:
     return row
 
 
-def check_replaceable(path, out_dir, name: str) -> None:
-    """Raise OutputConflict unless ``name``'s existing outputs in ``out_dir`` may be replaced without
-    ``overwrite``: they must have been written by napari-wbc for this same source file and not
-    changed since (a labels file corrected by hand, or another image's outputs, are kept)."""
-    outs = output_paths(out_dir, name)
+def check_replaceable(path, outs: dict, marker: dict | None) -> None:
+    """Raise OutputConflict unless the existing outputs ``outs`` (with their ``marker``,
+    :func:`_read_marker`) may be replaced without ``overwrite``: they must have been written by
+    napari-wbc for this same source file and not changed since (a labels file corrected by hand, or
+    another image's outputs, are kept)."""
     existing = [outs[k] for k in ("labels", "cells") if outs[k].exists()]
     if not existing:
         return
-    marker = _read_marker(outs)
+    out_dir = outs["done"].parent
     if marker is None:
         raise OutputConflict(
             f"{str(existing[0])!r} exists but no napari-wbc marker ({outs['done'].name}) says which image it "
@@ -446,8 +443,8 @@ def process_one(path, out_dir, settings: Settings | None = None, name: str | Non
     t0 = time.perf_counter()
     try:
         outs = output_paths(out_dir, name)
-        marker = None if settings.overwrite else _done_marker(path, outs, settings.classify)
-        if marker is not None:
+        marker = None if settings.overwrite else _read_marker(outs)  # read once: done? replaceable?
+        if _is_done(path, outs, marker, settings.classify):
             stored = dict(marker["row"])
             edited = hand_edited(outs, marker)
             if edited:  # corrected by hand since: the counts are what the outputs say now
@@ -468,7 +465,7 @@ def process_one(path, out_dir, settings: Settings | None = None, name: str | Non
         if path.is_file() and path.stat().st_size == 0:
             raise ImageReadError(f"{str(path)!r} is empty (0 bytes)")
         if not settings.overwrite:  # before the work: another image's or hand-corrected outputs are kept
-            check_replaceable(path, out_dir, name)
+            check_replaceable(path, outs, marker)
         stamp = _source_stamp(path) if path.is_file() else None
         image = read_image(path)
         _set_threads(settings.torch_threads)
@@ -682,10 +679,7 @@ def keep_earlier_summary(out_dir, rows: Sequence[dict]) -> list[Path]:
     for f in (prev, out_dir / "report.html"):
         if not f.is_file():
             continue
-        dest, n = f.with_name(f"{f.stem}_{stamp}{f.suffix}"), 1
-        while dest.exists():
-            n += 1
-            dest = f.with_name(f"{f.stem}_{stamp}_{n}{f.suffix}")
+        dest = free_path(f.with_name(f"{f.stem}_{stamp}{f.suffix}"))
         f.rename(dest)
         moved.append(dest)
     return moved

@@ -51,10 +51,8 @@ def _bounds(h: int, w: int, cy: float, cx: float, side: float):
 def _strided(n_img: int, start: int, s: int, step: int) -> tuple[int, int, int]:
     """(window length, first and end window index inside the image) for samples start + i*step."""
     n = -(-s // step)
-    i0 = max(0, -(start // step)) if start < 0 else 0
-    while i0 < n and start + i0 * step < 0:
-        i0 += 1
-    i1 = min(n, max(0, (n_img - 1 - start) // step + 1)) if start <= n_img - 1 else 0
+    i0 = min(n, max(0, -(start // step)))  # the first i with start + i*step >= 0
+    i1 = min(n, max(0, (n_img - 1 - start) // step + 1)) if start < n_img else 0
     return n, i0, max(i0, i1)
 
 
@@ -62,12 +60,7 @@ def cut_window(arr: np.ndarray, cy: float, cx: float, side: float, fill, step: i
     """The ``ceil(side)`` square of ``arr`` centred at (cy, cx), padded with ``fill`` outside; with
     ``step`` > 1 every ``step``-th pixel of it (a huge cell, e.g. a stray brush stroke across a smear,
     is not cut at full resolution only to be shrunk to the network's input)."""
-    s, y0, x0, sy0, sx0, sy1, sx1 = _bounds(arr.shape[0], arr.shape[1], cy, cx, side)
-    if step == 1:
-        win = np.full((s, s) + arr.shape[2:], fill, dtype=arr.dtype)
-        if sy1 > sy0 and sx1 > sx0:
-            win[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = arr[sy0:sy1, sx0:sx1]
-        return win
+    s, y0, x0, *_ = _bounds(arr.shape[0], arr.shape[1], cy, cx, side)
     n, i0, i1 = _strided(arr.shape[0], y0, s, step)
     _, j0, j1 = _strided(arr.shape[1], x0, s, step)
     win = np.full((n, n) + arr.shape[2:], fill, dtype=arr.dtype)
@@ -253,16 +246,17 @@ def iter_classify(image, labels, *, model=None, device=None, ids=None, batch_siz
     from .models import forward_pass, load_model, read_card, resolve_model_path
 
     dev = resolve_device(device)  # a bad device or model file is reported even when there is no cell
-    if not isinstance(model, tuple):
-        path = resolve_model_path(model, "classifier")
-        kind = read_card(path)["kind"]
-        if kind != "classifier":
-            raise ValueError(f"model file {str(path)!r} is a {kind}, expected a classifier")
-    total = int(np.ceil(len(want) / batch_size)) if len(want) else 0
-    yield ("progress", 0, total)
     if len(want) == 0:
+        if not isinstance(model, tuple):  # (with cells, loading the model checks it)
+            path = resolve_model_path(model, "classifier")
+            kind = read_card(path)["kind"]
+            if kind != "classifier":
+                raise ValueError(f"model file {str(path)!r} is a {kind}, expected a classifier")
+        yield ("progress", 0, 0)
         yield ("table", empty_table())
         return
+    total = int(np.ceil(len(want) / batch_size))
+    yield ("progress", 0, total)
 
     import torch
 

@@ -51,13 +51,11 @@ def list_user_models(kind: str = "segmenter") -> list[Path]:
 
 def _new_output_path(kind_stem: str, folder: Path | None = None) -> Path:
     d = user_models_dir() if folder is None else Path(folder)
+    from .io import free_path
+    from .models import existing_model_file
+
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    p = d / f"{kind_stem}_ft_{stamp}.safetensors"
-    n = 1
-    while p.exists():
-        n += 1
-        p = d / f"{kind_stem}_ft_{stamp}_{n}.safetensors"
-    return p
+    return free_path(d / f"{kind_stem}_ft_{stamp}.safetensors", lambda p: existing_model_file(p) is not None)
 
 
 # a base card's record of how *it* was made and scored: not true of a model fine-tuned from it
@@ -174,8 +172,9 @@ def _as_labels(lab, i):
     if lab.min() < 0:
         raise ValueError(f"labels[{i}] holds negative values; expected 0 = background, 1..N cells")
     if lab.max() >= 2**31:  # ids past int32 (which would wrap to negative): numbered 1..N again
-        ids, inverse = np.unique(lab, return_inverse=True)
-        return (inverse.reshape(lab.shape) + (0 if ids[0] == 0 else 1)).astype(np.int32)
+        from skimage.segmentation import relabel_sequential
+
+        return relabel_sequential(lab.astype(np.int64) if lab.dtype.kind == "f" else lab)[0].astype(np.int32)
     return lab.astype(np.int32)
 
 

@@ -173,6 +173,18 @@ def find_mask(path) -> Path | None:
     return None
 
 
+def free_path(path, taken=None) -> Path:
+    """``path``, else ``<stem>_2<suffix>``, ``_3``...: the first that ``taken`` (default: it exists)
+    says is free - a new file never replaces one."""
+    path = Path(path)
+    taken = taken or Path.exists
+    candidate, n = path, 1
+    while taken(candidate):
+        n += 1
+        candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
+    return candidate
+
+
 def array_digest(arrays, *, algorithm: str = "blake2b", digest_size: int | None = 16) -> str:
     """A hex digest of arrays (shape, dtype and bytes of each, in order): blake2b-128 to tell whether
     labels changed, sha256 for a model card's record of its training data."""

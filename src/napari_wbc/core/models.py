@@ -404,14 +404,14 @@ def save_model(net, card: dict, path, *, overwrite: bool = False, unique: bool =
     state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
     blob = save(state, metadata={"kind": str(card["kind"])})
     text = json.dumps(card, indent=2, default=str).encode()
-    stem = path.stem
-    for n in range(1, 1000):
-        if n > 1:
-            path = path.with_name(f"{stem}_{n}.safetensors")
+    wanted = path
+    while True:  # (with unique, again under the next free name when another run took this one meanwhile)
+        if unique and not overwrite:
+            from .io import free_path
+
+            path = free_path(wanted, lambda p: existing_model_file(p) is not None)
         taken = None if overwrite else existing_model_file(path)
         if taken is not None:
-            if unique:
-                continue
             raise FileExistsError(f"model file {str(taken)!r} exists; refusing to overwrite it")
         tmp_card, tmp_w = _temp_file(card_path(path), text), None
         published = []
@@ -434,7 +434,6 @@ def save_model(net, card: dict, path, *, overwrite: bool = False, unique: bool =
                     os.unlink(tmp)
             if len(published) == 1:  # the card alone: not a model
                 published[0].unlink(missing_ok=True)
-    raise FileExistsError(f"no free name for {str(path)!r}")
 
 
 def clear_cache() -> None:

@@ -47,11 +47,11 @@ def _levels(rgb: np.ndarray) -> np.ndarray:
     maximum (after shifting its minimum to 0 when it is negative, e.g. a z-scored image)."""
     if rgb.dtype == np.uint8:
         return rgb
-    x = rgb.astype(np.float64 if rgb.dtype == np.float64 else np.float32)  # float64 past float32's range
+    x = rgb.astype(np.float32)  # (check_image brought float64 data into float32's range)
     lo = float(x.min())
     if lo < 0:
-        x -= x.dtype.type(lo)
-    x *= x.dtype.type(4095.0 / max(float(x.max()), 1e-30))  # any scale: 1e-4 as well as 1e300
+        x -= np.float32(lo)
+    x *= np.float32(4095.0 / max(float(x.max()), 1e-30))  # any scale: 0..1e-4 as well
     np.clip(x, 0, 4095, out=x)
     return x.round().astype(np.uint16)
 

@@ -84,13 +84,11 @@ def channel_ranges(rgb: np.ndarray, lo: float = 0.5, hi: float = 99.5) -> np.nda
     sub = rgb[::step, ::step].reshape(-1, 3)
     if sub.dtype == np.uint8:
         p = _percentiles_u8(sub, (lo, hi))
-    elif sub.dtype.kind == "f":  # any scale (0..1e-4 as well as 1e300): float64, a floor relative to it
-        p = np.percentile(sub.astype(np.float64), [lo, hi], axis=0)
-        p[1] = np.maximum(p[1], p[0] + 1e-3 * max(float(np.abs(p).max()), 1e-30))
-        return p if sub.dtype == np.float64 else p.astype(np.float32)
     else:
         p = np.percentile(sub.astype(np.float32), [lo, hi], axis=0)  # 2x3
-    p[1] = np.maximum(p[1], p[0] + 1e-3 * max(float(np.abs(p).max()), 1.0))
+    # the smallest range: relative to the values for floats (0..1e-4 is an image too), >= 1e-3 for integers
+    floor = 1e-30 if sub.dtype.kind == "f" else 1.0
+    p[1] = np.maximum(p[1], p[0] + 1e-3 * max(float(np.abs(p).max()), floor))
     return p
 
 
@@ -105,10 +103,9 @@ def _percentiles_u8(values: np.ndarray, qs) -> np.ndarray:
 
 def normalise(rgb: np.ndarray, ranges: np.ndarray) -> np.ndarray:
     """Map each channel's robust range to 0..1 (float32, clipped to -0.5..1.5)."""
-    dt = np.float64 if rgb.dtype == np.float64 else np.float32  # float64 data may lie past float32's range
-    r = np.asarray(ranges, dt)
-    x = (rgb.astype(dt) - r[0]) / (r[1] - r[0])
-    return np.clip(x, -0.5, 1.5).astype(np.float32, copy=False)
+    r = np.asarray(ranges, np.float32)  # check_image brought float64 data into float32's range
+    x = (rgb.astype(np.float32) - r[0]) / (r[1] - r[0])
+    return np.clip(x, -0.5, 1.5)
 
 
 def _resize(x: np.ndarray, shape, order: int) -> np.ndarray:
@@ -540,17 +537,15 @@ def cell_table(labels: np.ndarray):
     labels = np.asarray(labels)
     if labels.max() <= 0:
         return pd.DataFrame({c: pd.Series(dtype=float if "centroid" in c else int) for c in cols})
-    top = int(labels.max())
-    ids = None
-    if top > max(2**16, labels.size):  # sparse large ids (2**31 and more would wrap in int32): measured
-        ids, inverse = np.unique(labels, return_inverse=True)  # as 1..N, then named by their own ids
-        if ids[0] != 0:
-            ids, inverse = np.concatenate([[0], ids]), inverse + 1
-        labels = inverse.reshape(labels.shape)
+    back = None
+    if int(labels.max()) > max(2**16, labels.size):  # sparse large ids (2**31 and more would wrap in int32):
+        from skimage.segmentation import relabel_sequential  # measured as 1..N, named by their own ids
+
+        labels, _, back = relabel_sequential(labels)
     t = regionprops_table(labels.astype(np.int32), properties=("label", "area", "centroid", "bbox"))
     df = pd.DataFrame(t)[cols]
-    if ids is not None:
-        df["label"] = ids[df["label"].to_numpy()].astype(np.int64)
+    if back is not None:
+        df["label"] = back.out_values[np.searchsorted(back.in_values, df["label"].to_numpy())].astype(np.int64)
     df["area"] = df["area"].astype(int)
     return df
 
