@@ -105,7 +105,8 @@ def test_the_cache_sees_a_replaced_file_even_with_the_old_time(tmp_path):
     net1, _ = M.load_model(a, "segmenter", "cpu")
     st = a.stat()
     b = make_tiny_segmenter(tmp_path / "b.safetensors", target_diameter=16, seed=1)
-    os.replace(b, a)  # new weights under the old name, the old time put back (as cp -p or rsync -t do)
+    os.replace(b, a)  # new weights (and their card) under the old name, the old time put back (cp -p, rsync -t)
+    os.replace(M.card_path(b), M.card_path(a))
     os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
     net2, _ = M.load_model(a, "segmenter", "cpu")
     assert net2 is not net1
@@ -113,6 +114,47 @@ def test_the_cache_sees_a_replaced_file_even_with_the_old_time(tmp_path):
     card["target_diameter"] = 20  # only the card edited
     M.card_path(a).write_text(json.dumps(card))
     assert M.load_model(a, "segmenter", "cpu")[1]["target_diameter"] == 20
+
+
+def test_weights_swapped_or_damaged_are_found_at_load(tmp_path):
+    a = make_tiny_segmenter(tmp_path / "a.safetensors", target_diameter=16)
+    b = make_tiny_segmenter(tmp_path / "b.safetensors", target_diameter=16, seed=1)
+    assert len(json.loads(M.card_path(a).read_text())["weights_sha256"]) == 64
+    os.replace(b, a)  # another model's weights (same network) under a's card: loaded silently before
+    with pytest.raises(ValueError, match=r"a\.safetensors.*does not hold the weights its card 'a\.json'"):
+        M.load_model(a, "segmenter", "cpu")
+    with pytest.raises(ValueError, match="does not hold the weights"):
+        M.read_weights(a)  # what fine-tuning starts from
+    card = json.loads(M.card_path(a).read_text())
+    del card["weights_sha256"]  # a card written before the check: loads as it did
+    M.card_path(a).write_text(json.dumps(card))
+    M.load_model(a, "segmenter", "cpu")
+
+
+def test_fine_tuning_refuses_a_base_whose_weights_are_not_its_own(tmp_path):
+    from napari_wbc import finetune
+
+    a = make_tiny_segmenter(tmp_path / "a.safetensors", target_diameter=16)
+    b = make_tiny_segmenter(tmp_path / "b.safetensors", target_diameter=16, seed=1)
+    os.replace(b, a)
+    img = np.full((48, 48, 3), 230, np.uint8)
+    lab = np.zeros((48, 48), np.int32)
+    lab[10:26, 10:26] = 1
+    img[lab > 0] = (120, 60, 160)
+    with pytest.raises(ValueError, match="does not hold the weights"):
+        finetune([img], [lab], base=a, output=tmp_path / "out.safetensors", epochs=1, device="cpu")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_every_shipped_card_holds_its_weights_checksum():
+    import hashlib
+
+    shipped = sorted(M.Path(M.SHIPPED["segmenter"]).parent.glob("*.safetensors"))
+    if not shipped:
+        pytest.skip("shipped models not installed")
+    for w in shipped:
+        card = json.loads(M.card_path(w).read_text())
+        assert card["weights_sha256"] == hashlib.sha256(w.read_bytes()).hexdigest(), w.name
 
 
 def test_shipped_names_of_the_other_kind_say_so():

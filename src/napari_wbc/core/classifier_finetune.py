@@ -104,12 +104,10 @@ def finetune_classifier(images, labels, cell_types, *, base=None, output, device
     each a pass over the typed cells (not the segmenter's epochs).
     """
     import torch
-    from safetensors.torch import load_file
-
     from .device import resolve_device
     from .finetune import FinetuneCancelled
     from .finetune import refuse_existing
-    from .models import build_from_card, forward_pass, read_card, resolve_model_path, save_model
+    from .models import build_from_card, forward_pass, read_card, read_weights, resolve_model_path, save_model
 
     output = Path(output)
     refuse_existing(output)
@@ -123,7 +121,7 @@ def finetune_classifier(images, labels, cell_types, *, base=None, output, device
     dev = resolve_device(device)
     torch.manual_seed(seed)
     net = build_from_card(card, base_path)
-    net.load_state_dict(load_file(str(base_path)))
+    net.load_state_dict(read_weights(base_path, card))
     net.to(dev)
 
     def accuracy():

@@ -251,7 +251,7 @@ def finetune(
     neither improved, the base model's path comes back.
     """
     from .device import resolve_device
-    from .models import build_from_card, read_card, resolve_model_path, save_model
+    from .models import build_from_card, read_card, read_weights, resolve_model_path, save_model
     from .segment import check_image
     from .train import evaluate, make_sample, train_segmenter
 
@@ -298,10 +298,8 @@ def finetune(
         check_cell_types(cell_types, read_card(resolve_model_path(cls_base, "classifier")))
 
     dev = resolve_device(device)
-    from safetensors.torch import load_file
-
     net = build_from_card(card, base_path)
-    base_state = load_file(str(base_path))  # kept: a segmenter that does not improve goes back to it
+    base_state = read_weights(base_path, card)  # kept: a segmenter that does not improve goes back to it
     net.load_state_dict(base_state)
     net.to(dev)
     rng = np.random.default_rng(seed)

@@ -256,16 +256,40 @@ def _stamp(path: Path) -> tuple:
     return (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
 
 
-def _load_uncached(path: Path, kind: str, dev, bf16: bool, jit: bool, key):
-    from safetensors.torch import load_file
+def read_weights(path, card: dict | None = None) -> dict:
+    """The state dict of model file ``path``, checked against its card's ``weights_sha256`` (written
+    by :func:`save_model`; cards without it, from before, are not checked): weights swapped for
+    another model's, or damaged in a copy, are a ValueError naming both files."""
+    import hashlib
 
+    from safetensors.torch import load
+
+    path = Path(path)
+    card = read_card(path) if card is None else card
+    try:
+        blob = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"model file {str(path)!r} could not be read: {e}") from e
+    want = card.get("weights_sha256")
+    if want is not None and hashlib.sha256(blob).hexdigest() != str(want).lower():
+        raise ValueError(
+            f"model file {str(path)!r} does not hold the weights its card {card_path(path).name!r} was saved "
+            "with (SHA-256 differs): the file was replaced or damaged. Keep each .safetensors with the .json "
+            "saved beside it, or save the model again")
+    try:
+        return load(blob)
+    except Exception as e:  # noqa: BLE001 - any failure here means a broken file
+        raise ValueError(f"model file {str(path)!r} could not be loaded: {e}") from e
+
+
+def _load_uncached(path: Path, kind: str, dev, bf16: bool, jit: bool, key):
     card = read_card(path)
     if card["kind"] != kind:
         raise ValueError(f"model file {str(path)!r} is a {card['kind']}, expected a {kind}")
     _check_settings(card, path)
     net = build_from_card(card, path)
+    state = read_weights(path, card)
     try:
-        state = load_file(str(path))
         net.load_state_dict(state)
     except Exception as e:  # noqa: BLE001 - any failure here means a broken file
         raise ValueError(f"model file {str(path)!r} could not be loaded: {e}") from e
@@ -395,6 +419,8 @@ def save_model(net, card: dict, path, *, overwrite: bool = False, unique: bool =
     (dated default names of two runs started in the same second). Nothing is left under the final
     names when writing fails.
     """
+    import hashlib
+
     from safetensors.torch import save
 
     path = model_file(path)
@@ -403,6 +429,7 @@ def save_model(net, card: dict, path, *, overwrite: bool = False, unique: bool =
             raise ValueError(f"model card lacks the required key {key!r}")
     state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
     blob = save(state, metadata={"kind": str(card["kind"])})
+    card = {**card, "weights_sha256": hashlib.sha256(blob).hexdigest()}  # checked at load (read_weights)
     text = json.dumps(card, indent=2, default=str).encode()
     wanted = path
     while True:  # (with unique, again under the next free name when another run took this one meanwhile)
