@@ -133,8 +133,15 @@ def test_export_csv(qtbot, cls, tmp_path):
     assert cells.set_index("label").loc[3, "cell_type"] == "eosinophil"
     assert bool(cells.set_index("label").loc[3, "corrected"])
     counts = pd.read_csv(written[1]).set_index("cell_type")
-    assert counts.loc["total", "count"] == 4
+    assert counts.loc["total", "count"] == 4 and counts.loc["total", "percent"] == 100.0
     assert counts.loc[CLASSES, "count"].sum() == 4
+    assert "total typed" not in counts.index  # every cell typed: one total
+    lab.data_setitem(np.nonzero(np.pad(np.ones((4, 4), bool), ((58, 2), (58, 2)))), 10)  # a cell not typed yet
+    counts = pd.read_csv(widget.export_csv(tmp_path / "again.csv")[1]).set_index("cell_type")
+    assert counts.loc["total", "count"] == 5 and np.isnan(counts.loc["total", "percent"])
+    assert counts.loc["unclassified", "count"] == 1 and np.isnan(counts.loc["unclassified", "percent"])
+    assert counts.loc["total typed", "count"] == 4 and counts.loc["total typed", "percent"] == 100.0
+    assert counts.loc[CLASSES, "percent"].sum() == pytest.approx(100.0, abs=0.2)
     assert not list(tmp_path.glob(".*"))  # no temporary file left behind
 
 
@@ -277,4 +284,7 @@ def test_table_follows_edits_made_before_the_widget_opened_and_export_is_current
     lab.data_setitem(np.nonzero(np.pad(np.ones((4, 4), bool), ((58, 2), (58, 2)))), 10)
     written = widget.export_csv(tmp_path / "cells.csv")  # at once: before the widget has measured the edit
     assert sorted(pd.read_csv(written[0])["label"]) == [2, 3, 4, 9, 10]
-    assert pd.read_csv(written[1]).set_index("cell_type").loc["total", "count"] == 5
+    counts = pd.read_csv(written[1]).set_index("cell_type")
+    assert counts.loc["total", "count"] == 5  # none typed: no percent is 100
+    assert counts.loc["unclassified", "count"] == 5 and counts.loc["total typed", "count"] == 0
+    assert counts[["percent"]].drop(index=CLASSES).isna().all().all()

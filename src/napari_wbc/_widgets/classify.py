@@ -108,6 +108,18 @@ def merge_classification(features: pd.DataFrame, table: pd.DataFrame) -> pd.Data
     return f
 
 
+def with_totals(counts: pd.DataFrame) -> pd.DataFrame:
+    """``counts`` (:func:`differential_count`) with a ``total`` row of every cell; the percents are of
+    the typed cells, so with unclassified cells a ``total typed`` row holds the 100 % and ``total`` none."""
+    unclassified = counts["cell_type"] == "unclassified"
+    typed = int(counts.loc[~unclassified, "count"].sum())
+    rows = [{"cell_type": "total", "count": int(counts["count"].sum()),
+             "percent": np.nan if unclassified.any() else 100.0}]
+    if unclassified.any():
+        rows.insert(0, {"cell_type": "total typed", "count": typed, "percent": 100.0 if typed else np.nan})
+    return pd.concat([counts, pd.DataFrame(rows)], ignore_index=True)
+
+
 def differential_count(features) -> pd.DataFrame:
     """Rows ``cell_type, count, percent`` for every class (+ other types, + ``unclassified``)."""
     classes = class_names()
@@ -666,9 +678,7 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
         # measured now: an edit made a moment ago may not have reached the table yet
         feats, _, _ = remeasure(layer.features, layer_image(layer))
         cells = feats.drop(columns=["index"], errors="ignore")
-        counts = differential_count(feats)
-        total = pd.DataFrame([{"cell_type": "total", "count": int(counts["count"].sum()), "percent": 100.0}])
-        counts = pd.concat([counts, total], ignore_index=True)
+        counts = with_totals(differential_count(feats))
         counts_path = path.with_name(f"{path.stem}_counts.csv")
         atomic_write(path, lambda tmp: cells.to_csv(tmp, index=False))
         atomic_write(counts_path, lambda tmp: counts.to_csv(tmp, index=False))
