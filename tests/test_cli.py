@@ -282,6 +282,34 @@ def test_skipped_image_is_counted_from_outputs_corrected_by_hand(tmp_path, tiny_
     assert {f: (out / f).read_bytes() for f in kept} == kept
 
 
+def test_types_corrected_in_napari_and_saved_over_the_batch_labels_are_counted_by_the_next_run(tmp_path, tiny_models):
+    """The reader opens the batch's x_labels.tif with x_cells.csv; napari-wbc's writer, saving the
+    corrected layer under the same name, writes that same table (it wrote x_labels_cells.csv, which the
+    batch never read: a re-run counted the old types, and after --overwrite napari showed stale ones)."""
+    from napari_wbc._reader import read_smear
+    from napari_wbc._writer import write_labels
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    Image.fromarray(smear(seed=1)).save(inp / "x.png")
+    assert main(seg_args([inp], out, tiny_models)) == 0
+    data, meta, kind = read_smear(str(out / "x_labels.tif"))[0]
+    assert kind == "labels" and len(meta["features"]) >= 1
+    features = meta["features"].copy()
+    first = int(features["label"].iloc[0])
+    new = "basophil" if features["cell_type"].iloc[0] != "basophil" else "monocyte"
+    features.loc[features.index[0], "cell_type"] = new  # the Classify widget's "Set type"
+    written = write_labels(str(out / "x_labels.tif"), data, {**meta, "features": features})
+    assert written == [str(out / "x_labels.tif"), str(out / "x_cells.csv")]
+    assert not (out / "x_labels_cells.csv").exists()
+    assert main(seg_args([inp], out, tiny_models)) == 0
+    row = pd.read_csv(out / "summary.csv").iloc[0]
+    assert row["status"] == "skipped" and row[f"n_{new}"] >= 1
+    assert "corrected by hand" in row["note"]
+    again = read_smear(str(out / "x_labels.tif"))[0][1]["features"].set_index("label")
+    assert again.loc[first, "cell_type"] == new
+
+
 def test_real_images_with_corrupt_and_greyscale(tmp_path, tiny_models, data_dir, capsys):
     src = data_dir / "sigtuple" / "unlabeled"
     if not all((src / n).is_file() for n in REAL_IMAGES):

@@ -351,3 +351,23 @@ def test_size_limit_is_napari_wbcs_not_pillows(tmp_path, monkeypatch):
     monkeypatch.setenv("NAPARI_WBC_MAX_PIXELS", "lots")
     with pytest.raises(ValueError, match="NAPARI_WBC_MAX_PIXELS='lots'"):
         read_image(tmp_path / "a.png")
+
+
+def test_the_table_written_last_goes_with_batch_labels(tmp_path):
+    """x_labels.tif with both x_cells.csv (the batch's, now also the writer's) and x_labels_cells.csv
+    (what the writer named it before): the table written last is the layer's."""
+    import os
+
+    import pandas as pd
+
+    from napari_wbc._reader import read_smear
+
+    labels = np.zeros((20, 20), np.uint16)
+    labels[2:8, 2:8] = 1
+    tifffile.imwrite(tmp_path / "x_labels.tif", labels)
+    pd.DataFrame({"label": [1], "cell_type": ["neutrophil"]}).to_csv(tmp_path / "x_cells.csv", index=False)
+    pd.DataFrame({"label": [1], "cell_type": ["monocyte"]}).to_csv(tmp_path / "x_labels_cells.csv", index=False)
+    os.utime(tmp_path / "x_cells.csv", ns=(1_000_000_000, 1_000_000_000))
+    assert read_smear(str(tmp_path / "x_labels.tif"))[0][1]["features"]["cell_type"].tolist() == ["monocyte"]
+    os.utime(tmp_path / "x_labels_cells.csv", ns=(500_000_000, 500_000_000))  # a batch --overwrite after it
+    assert read_smear(str(tmp_path / "x_labels.tif"))[0][1]["features"]["cell_type"].tolist() == ["neutrophil"]

@@ -29,6 +29,7 @@ from .core.io import (
     ImageReadError,
     find_mask,
     find_voc,
+    saved_cells_table,
     is_image_path,
     labels_for_layer,
     read_image,
@@ -71,9 +72,7 @@ def is_mask_path(path) -> bool:
 
 def _read_one(path: Path) -> list[tuple]:
     meta = {"path": str(path)}
-    cells_csv = path.with_name(f"{path.stem}_cells.csv")
-    if path.stem.endswith("_labels") and not cells_csv.is_file():  # the CLI's x_labels.tif + x_cells.csv
-        cells_csv = path.with_name(f"{path.stem[: -len('_labels')]}_cells.csv")
+    cells_csv = saved_cells_table(path)  # x.tif + x_cells.csv; the CLI's x_labels.tif + x_cells.csv
     saved = path.suffix.lower() in (".tif", ".tiff") and (cells_csv.is_file() or path.stem.endswith("_labels"))
     if saved and not path.stem.endswith("_labels") and any(
         path.with_name(f"{path.stem}_labels{ext}").is_file() for ext in (".tif", ".tiff")

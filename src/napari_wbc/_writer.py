@@ -1,4 +1,5 @@
-"""npe2 writer: a labels layer -> lossless TIFF + its per-cell table as ``<stem>_cells.csv``."""
+"""npe2 writer: a labels layer -> lossless TIFF + its per-cell table as ``<stem>_cells.csv``
+(``x_cells.csv`` for the batch tool's ``x_labels.tif``: see :func:`~napari_wbc.core.io.cells_table_path`)."""
 from __future__ import annotations
 
 import json
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .core.io import atomic_write
+from .core.io import atomic_write, cells_table_path
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 # what a labels TIFF records of its napari-wbc layer metadata (the reader gives it back)
@@ -25,13 +26,9 @@ def labels_dtype(data: np.ndarray) -> np.dtype:
     raise ValueError(f"label id {top} does not fit in 32 bits")
 
 
-def cells_csv_path(tif_path) -> Path:
-    tif_path = Path(tif_path)
-    return tif_path.with_name(f"{tif_path.stem}_cells.csv")
-
-
 def write_labels(path: str, data, meta: dict) -> list[str]:
-    """Write labels to ``path`` (.tif) and ``meta['features']`` to ``<stem>_cells.csv`` beside it.
+    """Write labels to ``path`` (.tif) and ``meta['features']`` to ``<stem>_cells.csv`` beside it
+    (``x_cells.csv`` for ``x_labels.tif``, the table the batch tool reads with it).
 
     Both files are written atomically. A per-cell table (one with a ``label`` column) is first
     brought up to date with the labels (geometry measured again, erased cells dropped, painted
@@ -70,6 +67,6 @@ def write_labels(path: str, data, meta: dict) -> list[str]:
     description = json.dumps({"napari_wbc": keep}) if keep else None
     atomic_write(tif_path, lambda tmp: tifffile.imwrite(tmp, labels, compression="zlib", description=description,
                                                         metadata=None if description else {}))
-    csv_path = cells_csv_path(tif_path)
+    csv_path = cells_table_path(tif_path)
     atomic_write(csv_path, lambda tmp: table.to_csv(tmp, index=False))
     return [str(tif_path), str(csv_path)]

@@ -173,6 +173,33 @@ def find_mask(path) -> Path | None:
     return None
 
 
+LABELS_STEM_SUFFIX = "_labels"  # the batch tool's x_labels.tif
+
+
+def cells_table_path(labels_path) -> Path:
+    """The per-cell table that goes with a labels file, for every writer and reader: the batch tool's
+    ``x_labels.tif`` -> ``x_cells.csv`` (so labels corrected in napari and saved under that name keep
+    one table with the batch outputs), any other ``y.tif`` -> ``y_cells.csv``."""
+    labels_path = Path(labels_path)
+    stem = labels_path.stem
+    if stem.endswith(LABELS_STEM_SUFFIX) and len(stem) > len(LABELS_STEM_SUFFIX):
+        stem = stem[: -len(LABELS_STEM_SUFFIX)]
+    return labels_path.with_name(f"{stem}_cells.csv")
+
+
+def saved_cells_table(labels_path) -> Path:
+    """The table to read for ``labels_path``: :func:`cells_table_path`, or for ``x_labels.tif`` the
+    ``x_labels_cells.csv`` that napari-wbc's writer named it before, whichever was written last."""
+    labels_path = Path(labels_path)
+    table = cells_table_path(labels_path)
+    legacy = labels_path.with_name(f"{labels_path.stem}_cells.csv")
+    if legacy != table and legacy.is_file() and (
+        not table.is_file() or legacy.stat().st_mtime_ns > table.stat().st_mtime_ns
+    ):
+        return legacy
+    return table
+
+
 def free_path(path, taken=None) -> Path:
     """``path``, else ``<stem>_2<suffix>``, ``_3``...: the first that ``taken`` (default: it exists)
     says is free - a new file never replaces one."""
