@@ -310,6 +310,42 @@ def test_types_corrected_in_napari_and_saved_over_the_batch_labels_are_counted_b
     assert again.loc[first, "cell_type"] == new
 
 
+def test_a_fine_tuned_segmenter_types_with_its_own_classifier_as_in_the_widget(tmp_path, tiny_models, capsys,
+                                                                            monkeypatch):
+    """Without --classifier, a segmenter whose card names the classifier fine-tuned with it types with
+    that one (the Segment widget did; the CLI and run_batch used the shipped one): same types everywhere."""
+    from napari_wbc.core import models
+    from napari_wbc.core.finetune import classifier_for
+    from napari_wbc.core.testing import make_tiny_classifier, make_tiny_segmenter
+
+    monkeypatch.setitem(models.SHIPPED, "classifier", tiny_models[1])  # "shipped": seed 0
+    seg = make_tiny_segmenter(tmp_path / "m" / "my_unet.safetensors")
+    paired = make_tiny_classifier(tmp_path / "m" / "my_unet_classifier.safetensors", seed=5)
+    card = json.loads(models.card_path(seg).read_text())
+    card["classifier"] = paired.name  # as finetune(cell_types=...) writes it
+    models.card_path(seg).write_text(json.dumps(card))
+    assert classifier_for(seg) == paired and classifier_for(None) is None and classifier_for(tiny_models[0]) is None
+    from napari_wbc.core import classify as C
+
+    calls = []
+    real = C.classify
+    monkeypatch.setattr(C, "classify", lambda *a, **k: calls.append(str(k["model"])) or real(*a, **k))
+    inp = tmp_path / "in"
+    inp.mkdir()
+    Image.fromarray(smear(seed=1)).save(inp / "x.png")
+    assert main(["segment", str(inp), "--out", str(tmp_path / "o1"), "--model", str(seg), "--device", "cpu",
+                 "--quiet"]) == 0
+    assert calls == [str(paired)]
+    assert "typing cells with my_unet_classifier.safetensors" in capsys.readouterr().err
+    assert main(["segment", str(inp), "--out", str(tmp_path / "o2"), "--model", str(seg), "--classifier",
+                 str(tiny_models[1]), "--device", "cpu", "--quiet"]) == 0  # chosen: that one
+    assert calls[-1] == str(tiny_models[1])
+    batch.run_batch([inp / "x.png"], tmp_path / "o3", batch.Settings(model=str(seg), device="cpu"))  # the API
+    assert calls[-1] == str(paired)
+    batch.process_one(inp / "x.png", tmp_path / "o4", batch.Settings(model=str(seg), device="cpu"))
+    assert calls[-1] == str(paired)
+
+
 def test_real_images_with_corrupt_and_greyscale(tmp_path, tiny_models, data_dir, capsys):
     src = data_dir / "sigtuple" / "unlabeled"
     if not all((src / n).is_file() for n in REAL_IMAGES):

@@ -55,7 +55,8 @@ def _positive_int(text: str) -> int:
 
 # ------------------------------------------------------------------ parser
 CLASSIFIER_HELP = ("classifier .safetensors, or a shipped classifier's name, e.g. wbc_classifier_stain_robust "
-                   "for stains unlike ours (default: the shipped wbc_classifier)")
+                   "for stains unlike ours (default: the classifier fine-tuned with --model, if any, else the "
+                   "shipped wbc_classifier)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,6 +179,20 @@ def main(argv=None) -> int:
 
 
 # ------------------------------------------------------------------ shared checks
+def _classifier_option(classifier, model):
+    """``--classifier``, or without it the classifier fine-tuned with ``--model`` (said on stderr), or
+    None (the shipped one)."""
+    if classifier is None and model is not None:
+        from .core.finetune import classifier_for
+
+        paired = classifier_for(model)
+        if paired is not None:
+            _err(f"typing cells with {paired.name}, the classifier fine-tuned with {Path(model).name} "
+                 "(--classifier to choose another)")
+            return str(paired)
+    return classifier
+
+
 def _check_model(model, kind: str, option: str) -> str | None:
     """Absolute path of a user model (or None for the shipped one), checked without loading torch."""
     from .core.models import read_card, resolve_model_path
@@ -249,12 +264,13 @@ def cmd_segment(args) -> int:
     classify = not args.no_classify
     classifier = None
     if classify:
-        if args.classifier is None and not _classifier_available():
+        chosen = _classifier_option(args.classifier, model)
+        if chosen is None and not _classifier_available():
             _err(f"the shipped classifier {str(SHIPPED['classifier'])!r} is not installed: "
                  "counting cells without typing them (pass --classifier FILE to type them)")
             classify = False
         else:
-            classifier = _check_model(args.classifier, "classifier", "--classifier")
+            classifier = _check_model(chosen, "classifier", "--classifier")
     elif args.classifier:
         _err("--classifier is ignored with --no-classify")
     device = args.device
@@ -497,10 +513,11 @@ def cmd_demo(args) -> int:
 
     model = _check_model(args.model, "segmenter", "--model")
     classify = True
-    if args.classifier is None and not _classifier_available():
+    chosen = _classifier_option(args.classifier, model)
+    if chosen is None and not _classifier_available():
         _err(f"the shipped classifier {str(SHIPPED['classifier'])!r} is not installed: counting cells only")
         classify = False
-    classifier = _check_model(args.classifier, "classifier", "--classifier") if classify else None
+    classifier = _check_model(chosen, "classifier", "--classifier") if classify else None
     dev = _check_device(args.device)
     from types import SimpleNamespace
 

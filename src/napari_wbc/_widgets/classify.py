@@ -135,7 +135,7 @@ def differential_count(features) -> pd.DataFrame:
     total = int(counts.sum())
     rows = [
         {"cell_type": c, "count": int(counts.get(c, 0)),
-         "percent": round(100.0 * counts.get(c, 0) / total, 1) if total else 0.0}
+         "percent": round(100.0 * counts.get(c, 0) / total, 1) if total else np.nan}  # none typed: no percent (as the CLI)
         for c in order
     ]
     if n_unclassified:

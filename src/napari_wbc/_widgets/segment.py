@@ -236,15 +236,9 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
 
     def _paired_classifier(self):
         """The classifier fine-tuned together with the chosen segmenter (its card's ``classifier``), if any."""
-        from napari_wbc.core.finetune import paired_classifier
-        from napari_wbc.core.models import read_card
+        from napari_wbc.core.finetune import classifier_for
 
-        seg = self.model_combo.model_path()
-        try:
-            card = read_card(seg) if seg is not None else {}
-        except ValueError:
-            return None
-        return paired_classifier(seg, card) if card.get("classifier") else None
+        return classifier_for(self.model_combo.model_path())
 
     def _on_yield(self, item) -> None:
         kind = item[0]

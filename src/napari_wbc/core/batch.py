@@ -68,7 +68,8 @@ class Settings:
     """How to process each image (picklable; paths should be absolute for remote workers).
 
     model : segmenter ``.safetensors`` path, or None for the shipped one.
-    classifier : classifier ``.safetensors`` path, or None for the shipped one.
+    classifier : classifier ``.safetensors`` path, or None: the classifier fine-tuned with ``model``
+        when its card names one (as the Segment widget does), else the shipped one.
     classify : False to count cells without typing them.
     device : None/"auto" or a torch device string, resolved where the image is processed.
     diameter : expected WBC diameter in pixels; None estimates it per image.
@@ -482,8 +483,11 @@ def process_one(path, out_dir, settings: Settings | None = None, name: str | Non
         types = None
         if settings.classify and labels.max(initial=0) > 0:
             from .classify import classify
+            from .finetune import classifier_for
 
-            types = classify(image, labels, model=settings.classifier, device=dev)
+            classifier = settings.classifier  # None: the one fine-tuned with the segmenter, if any, else shipped
+            types = classify(image, labels, model=classifier if classifier is not None else classifier_for(settings.model),
+                             device=dev)
         table = cells_table(labels, types)
         counts, pct = differential(table["cell_type"]) if settings.classify else ({}, {})
         out_dir.mkdir(parents=True, exist_ok=True)

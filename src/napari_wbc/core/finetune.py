@@ -127,6 +127,23 @@ def paired_classifier(seg_path, card: dict) -> Path | None:
     return next((c for c in candidates if c.is_file() and c.with_suffix(".json").is_file()), None)
 
 
+def classifier_for(segmenter) -> Path | None:
+    """The classifier that types the cells of segmenter model file ``segmenter`` by default: the one
+    fine-tuned with it (named in its card, see :func:`paired_classifier`); None for the shipped
+    segmenter or one without a pair (the shipped classifier). The same in the widgets, the CLI and
+    ``run_batch``."""
+    from .models import read_card, resolve_model_path
+
+    if segmenter is None:
+        return None
+    try:
+        path = resolve_model_path(segmenter, "segmenter")
+        card = read_card(path)
+    except ValueError:
+        return None  # loading the segmenter says what is wrong with it
+    return paired_classifier(path, card) if card.get("classifier") else None
+
+
 def refuse_existing(path, what: str = "output") -> None:
     """ValueError naming the file when ``path``'s weights or card already exist."""
     from .models import existing_model_file
