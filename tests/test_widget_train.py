@@ -71,10 +71,22 @@ def test_no_improvement_keeps_base(qtbot, tr, monkeypatch):
 
     viewer, widget, seg, lab, messages = tr
     base = widget.model_combo.model_path()
-    monkeypatch.setattr(ft, "finetune", lambda images, labels, base=None, **kw: Path(base))
+    def no_better(images, labels, base=None, **kw):  # warns as finetune does, and something else
+        import warnings
+
+        warnings.warn("fine-tuning did not improve on the base model; keeping the base model", ft.BaseKeptWarning)
+        warnings.warn("an unrelated warning of the work")
+        return Path(base)
+
+    monkeypatch.setattr(ft, "finetune", no_better)
     widget.train()
     qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT)
-    assert messages and messages[-1][0] == "show_warning" and "no improvement" in messages[-1][1]
+    qtbot.waitUntil(lambda: len(messages) >= 2, timeout=TIMEOUT)
+    qtbot.wait(100)
+    assert messages[-1][0] == "show_warning" and "no improvement" in messages[-1][1]
+    warned = [m for kind, m in messages if kind == "show_warning"]
+    assert "Train: an unrelated warning of the work" in warned  # the work's warnings reach the user
+    assert sum("improve" in m for m in warned) == 1  # the outcome once, not also as the core's warning
     assert seg.model_combo.model_path() == base
 
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
 import sys
@@ -29,12 +30,13 @@ _BROWSE_DATA = "<browse>"
 META_KEY = "napari_wbc"
 
 # ----------------------------------------------------------------- registry
-_REGISTRY: "weakref.WeakSet[QWidget]" = weakref.WeakSet()
+_REGISTRY: "weakref.WeakValueDictionary[int, QWidget]" = weakref.WeakValueDictionary()
+_ORDER = itertools.count()
 
 
 def register(widget: QWidget) -> None:
-    """Make ``widget`` findable by :func:`find_widgets` (held weakly)."""
-    _REGISTRY.add(widget)
+    """Make ``widget`` findable by :func:`find_widgets` (held weakly, in creation order)."""
+    _REGISTRY[next(_ORDER)] = widget
 
 
 def alive(widget) -> bool:
@@ -47,8 +49,10 @@ def alive(widget) -> bool:
 
 
 def find_widgets(viewer, cls) -> list:
-    """Open widgets of type ``cls`` docked in ``viewer`` (most recently created last)."""
-    return [w for w in list(_REGISTRY) if isinstance(w, cls) and getattr(w, "viewer", None) is viewer and alive(w)]
+    """Open widgets of type ``cls`` in ``viewer`` (most recently created last); one whose dock was
+    closed is not open (napari keeps the object)."""
+    return [w for _, w in sorted(_REGISTRY.items(), key=lambda kv: kv[0])
+            if isinstance(w, cls) and getattr(w, "viewer", None) is viewer and alive(w) and not getattr(w, "closed", False)]
 
 
 # ----------------------------------------------------------------- helpers
@@ -446,12 +450,32 @@ class CancelWhenRemoved:
     """Mixin for a dock widget with ``running`` and ``cancel()``: its work is cancelled when the
     widget is taken out of napari's window (the dock's close button, ``remove_dock_widget``: napari
     un-parents the widget rather than deleting it), so a closed widget writes nothing, adds no layer
-    and does not run on unseen."""
+    and does not run on unseen. A docked widget taken out is ``closed`` (:func:`find_widgets` skips
+    it) and :meth:`on_closed` lets go of what it follows; docked again, :meth:`on_reopened`."""
+
+    closed = False
+    _docked = False
 
     def event(self, e):  # noqa: D102 - Qt's
-        if e.type() == QEvent.Type.ParentChange and self.parent() is None and self.running:
-            self.cancel()
+        if e.type() == QEvent.Type.ParentChange:
+            if self.parent() is None:
+                if self.running:
+                    self.cancel()
+                if self._docked and not self.closed:
+                    self.closed = True
+                    self.on_closed()
+            else:
+                self._docked = True
+                if self.closed:
+                    self.closed = False
+                    self.on_reopened()
         return super().event(e)
+
+    def on_closed(self) -> None:
+        """The dock was closed: stop following layers (a closed widget must not react to edits)."""
+
+    def on_reopened(self) -> None:
+        """Docked again after :meth:`on_closed`."""
 
 
 class RunButtons(QWidget):
@@ -525,9 +549,14 @@ def start_worker(
     on_finish: Callable | None = None,
     on_abort: Callable | None = None,
     on_warning: Callable | None = None,
+    owner: QWidget | None = None,
     **kwargs,
 ):
     """Start ``func(*args, **kwargs)`` (a generator function or a plain one) in a thread worker.
+
+    With ``owner`` (the widget the results are for), the handlers are not called once that widget
+    is deleted (its viewer's window closed while the work ran), and a generator's work stops at its
+    next step then.
 
     The worker classes are used directly: napari's ``create_worker`` connects a
     status-bar slot to ``errored`` that takes the wrong number of arguments
@@ -552,6 +581,20 @@ def start_worker(
         ("warned", on_warning),  # warnings.warn in the work: the showwarning arguments (message first)
     ):
         if slot is not None and hasattr(worker, signal):
-            getattr(worker, signal).connect(slot)
+            getattr(worker, signal).connect(slot if owner is None else _while_alive(owner, slot))
+    if owner is not None and isinstance(worker, GeneratorWorker):
+        owner.destroyed.connect(worker.quit)
     worker.start()
     return worker
+
+
+def _while_alive(owner: QWidget, slot: Callable) -> Callable:
+    """``slot``, called only while the Qt object behind ``owner`` exists."""
+    ref = weakref.ref(owner)
+
+    def call(*args):
+        widget = ref()
+        if widget is not None and alive(widget):
+            slot(*args)
+
+    return call

@@ -325,6 +325,15 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
     def labels_layer(self):
         return self._layer
 
+    def on_closed(self) -> None:
+        """Closed: no more measuring or typing on edits, no click handler left on the layer (which
+        also kept the closed widget alive)."""
+        self._sync_timer.stop()
+        self._follow_layer(None)
+
+    def on_reopened(self) -> None:
+        self._follow_layer(self.labels_combo.layer())
+
     def _follow_layer(self, layer) -> None:
         old = self._layer
         if old is not None:
@@ -531,6 +540,7 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
             on_error=self._on_error,
             on_abort=lambda: self.status.setText("cancelled; the table is unchanged"),
             on_finish=self._on_finish,
+            owner=self,
         )
         return self.worker
 
@@ -622,6 +632,7 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
             on_return=lambda result: self._on_measured(layer, edits, result),
             on_error=lambda exc: show_error(error_message("Classify WBCs: measuring the edited cells failed", exc)),
             on_finish=self._on_sync_finish,
+            owner=self,
         )
 
     def _on_measured(self, layer, edits, result) -> None:

@@ -210,6 +210,7 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
             on_return=self._on_return,
             on_error=self._on_error,
             on_finish=self._on_finish,
+            owner=self,
         )
         return self.worker
 
@@ -362,5 +363,9 @@ def segment_active_image(viewer: Viewer):
             return None
         layer = images[0]
     _, widget = viewer.window.add_plugin_dock_widget("napari-wbc", "Segment WBCs")
+    if widget.running:  # the picker stays on the image being segmented
+        show_info(f"Segment WBCs is still segmenting {widget._job['image']!r}: wait for it or cancel it, "
+                  f"then segment {layer.name!r}")
+        return None
     widget.image_combo.set_layer(layer)
     return widget.segment()

@@ -315,6 +315,7 @@ class TrainWidget(CancelWhenRemoved, QWidget):
         self.status.setText(f"training on {', '.join(names)}"
                             + (" (and the classifier on the corrected types)" if cell_types else "") + "...")
         relay = self._relay
+        self.destroyed.connect(stop.set)  # the viewer's window closed: stop at the next batch, writing nothing
 
         def progress(epoch, total, metrics):
             try:
@@ -335,7 +336,8 @@ class TrainWidget(CancelWhenRemoved, QWidget):
             on_return=self._on_return,
             on_error=self._on_error,
             on_finish=self._on_finish,
-            on_warning=lambda w: show_warning(f"Train: {w[0]}"),  # (message, category, file, line...)
+            owner=self,
+            on_warning=_show_work_warning,
         )
         return self.worker
 
@@ -445,3 +447,12 @@ def _finetune_job(images, labels, **kwargs) -> Path:
     from napari_wbc.core.finetune import finetune
 
     return finetune([np.asarray(a) for a in images], labels, **kwargs)  # lazy images computed here
+
+
+def _show_work_warning(w) -> None:
+    """A warning from the work ((message, category, file, line...)), except the base-model-kept
+    outcome, which the widget reports itself when the work returns (it was shown twice)."""
+    from napari_wbc.core.finetune import BaseKeptWarning
+
+    if not (isinstance(w[1], type) and issubclass(w[1], BaseKeptWarning)):
+        show_warning(f"Train: {w[0]}")

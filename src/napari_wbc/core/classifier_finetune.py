@@ -105,7 +105,7 @@ def finetune_classifier(images, labels, cell_types, *, base=None, output, device
     """
     import torch
     from .device import resolve_device
-    from .finetune import FinetuneCancelled
+    from .finetune import BaseKeptWarning, FinetuneCancelled
     from .finetune import refuse_existing
     from .models import build_from_card, forward_pass, read_card, read_weights, resolve_model_path, save_model
 
@@ -164,7 +164,8 @@ def finetune_classifier(images, labels, cell_types, *, base=None, output, device
             best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
     if best_state is None:
         warnings.warn(f"the classifier fine-tuned on the corrected types was worse than its base on the held-out "
-                      f"cells in every epoch (base accuracy {before:.2f}); keeping {base_path.name}", stacklevel=2)
+                      f"cells in every epoch (base accuracy {before:.2f}); keeping {base_path.name}", BaseKeptWarning,
+                      stacklevel=2)
         return base_path
     net.load_state_dict(best_state)
     from .finetune import data_sha256, file_sha256, fine_tuned_card

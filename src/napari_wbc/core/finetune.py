@@ -26,6 +26,11 @@ class FinetuneCancelled(RuntimeError):
     """Raised when ``should_stop`` asked training to stop; nothing was written."""
 
 
+class BaseKeptWarning(UserWarning):
+    """Fine-tuning kept (part of) the base model: no epoch beat it on the held-out data (the
+    returned path and the card say so too; the Train widget reports it in its own words)."""
+
+
 def user_models_dir() -> Path:
     """Where fine-tuned models go by default (the user's data folder for napari-wbc)."""
     import platformdirs
@@ -347,14 +352,14 @@ def finetune(
             warnings.warn(
                 f"fine-tuning did not improve on the base model on the held-out data "
                 f"(matched Dice x F1 before {before['matched_dice'] * before['f1']:.3f}); keeping the base model {base_path.name}",
-                stacklevel=2,
+                BaseKeptWarning, stacklevel=2,
             )
             return base_path
         # the corrected types still train the classifier; the outlines stay the base model's
         warnings.warn(
             f"fine-tuning the segmenter did not improve on the base model on the held-out data; the new model "
             f"keeps {base_path.name}'s segmentation weights (only the classifier is trained)",
-            stacklevel=2,
+            BaseKeptWarning, stacklevel=2,
         )
         net.load_state_dict(base_state)
     elif best_state is not None:
