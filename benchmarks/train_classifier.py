@@ -412,14 +412,15 @@ def window_tensor(windows):
 
 
 def augment_batch(wt, windows, idx, rng, *, size, background, dilation, strength=1.0, stain=0.0, stain_share=1.0,
-                  blur=(0.2, 1.0), noise=(0.3, 0.04)):
+                  blur=(0.2, 1.0), noise=(0.3, 0.04), norm="percentiles"):
     """Augmented inputs (B x 4 x size x size) for windows ``idx``: the geometric part on the batch in torch
     (any rotation, mirror, zoom +-15%, shift +-6%; sampled at 2x then 2x2-averaged, like the anti-aliased
     resize of inference), then per cell: stain/colour change, percentile normalisation from the changed
     image's pixel probe, mask outline jitter, background outside the (dilated) mask, blur and noise.
 
     ``stain``/``stain_share``: colour-deconvolution jitter (see colour_transform); ``blur``: (share of cells,
-    largest Gaussian sigma in window pixels); ``noise``: (share of cells, largest noise sigma)."""
+    largest Gaussian sigma in window pixels); ``noise``: (share of cells, largest noise sigma); ``norm``:
+    "percentiles" or "od" (napari_wbc.core.classify.od_parameters, from the same probe)."""
     import torch
     import torch.nn.functional as F
     from scipy import ndimage as ndi
@@ -446,8 +447,11 @@ def augment_batch(wt, windows, idx, rng, *, size, background, dilation, strength
         f = colour_transform(rng, strength, stain=stain, stain_share=stain_share)
         rgb = f(np.moveaxis(x[b, :3], 0, -1).reshape(-1, 3)).reshape(size, size, 3)
         probe = f(windows[i]["probe"].astype(np.float32) / 255.0)
-        lo, hi = np.percentile(probe, [0.5, 99.5], axis=0)
-        rgbn = normalise(rgb, np.stack([lo, np.maximum(hi, lo + 1e-3)]))
+        if norm == "od":
+            rgbn = C.od_normalise(rgb, *C.od_parameters(probe))
+        else:
+            lo, hi = np.percentile(probe, [0.5, 99.5], axis=0)
+            rgbn = normalise(rgb, np.stack([lo, np.maximum(hi, lo + 1e-3)]))
         rgbn[x[b, 3] < 0.5] = background
         mask = x[b, 4]
         if rng.random() < 0.5:  # segmenter-like outline errors
@@ -559,6 +563,9 @@ def main(argv=None):
     ap.add_argument("--blur-max", type=float, default=1.0, help="largest blur sigma, in input pixels")
     ap.add_argument("--noise-share", type=float, default=0.3, help="share of cells given noise")
     ap.add_argument("--noise-max", type=float, default=0.04, help="largest noise sigma (normalised intensity)")
+    ap.add_argument("--norm", choices=["percentiles", "od"], default="percentiles",
+                    help="input normalisation: per-channel percentiles, or optical density (white balance on the "
+                         "background, one exponent bringing the darkest stain to a reference)")
     ap.add_argument("--ema", type=float, default=0.995, help="decay of the weight average that is shipped (0: last weights)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hold-out-source", nargs="*", default=[], choices=["tecom"],
@@ -600,7 +607,10 @@ def main(argv=None):
     arch = {"name": "SmallCNN", "in_channels": 4, "num_classes": len(C.CLASSES), "width": args.width, "dropout": 0.3}
     card = {"kind": "classifier", "arch": arch, "classes": C.CLASSES, "input_size": args.input_size,
             "context": args.context, "background_value": background, "mask_dilation": dilation,
-            "normalisation": {"method": "per-image robust percentiles per RGB channel", "low": 0.5, "high": 99.5}}
+            "normalisation": ({"method": C.OPTICAL_DENSITY, "background_percentile": C.OD_BACKGROUND_PERCENTILE,
+                               "dark_percentile": C.OD_DARK_PERCENTILE, "reference": C.OD_REFERENCE}
+                              if args.norm == "od" else
+                              {"method": "per-image robust percentiles per RGB channel", "low": 0.5, "high": 99.5})}
     dev = torch.device(args.device)
     net = build_network(arch).to(dev)
     probs_w = sample_weights(train, args.basophil_share)
@@ -626,7 +636,7 @@ def main(argv=None):
                                            dilation=dilation, strength=args.colour,
                                            stain=args.stain_jitter, stain_share=args.stain_share,
                                            blur=(args.blur_share, args.blur_max),
-                                           noise=(args.noise_share, args.noise_max))).to(dev)
+                                           noise=(args.noise_share, args.noise_max), norm=args.norm)).to(dev)
         y = torch.from_numpy(targets[idx]).to(dev)
         loss = F.cross_entropy(net(x), y, label_smoothing=0.1)
         opt.zero_grad()

@@ -314,3 +314,64 @@ def test_uint64_ids_past_int64_are_refused_not_made_negative():
     lab[2:5, 2:5] = 2**63 + 5
     with pytest.raises(ValueError, match="too large"):
         napari_wbc.classify(np.zeros((20, 20, 3), np.uint8), lab)
+
+
+def _stained(seed=0, h=96, w=96):
+    """A smear-like float image in 0..1: a pale background, pink red cells, a purple two-lobed WBC."""
+    rng = np.random.default_rng(seed)
+    img = np.ones((h, w, 3), np.float32) * np.float32([0.95, 0.93, 0.9])
+    yy, xx = np.mgrid[:h, :w]
+    for _ in range(10):
+        cy, cx = rng.uniform(0, h, 2)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < 64] = (0.85, 0.55, 0.6)
+    cell = (yy - 48) ** 2 + (xx - 48) ** 2 < 196
+    img[cell] = (0.8, 0.7, 0.85)
+    img[((yy - 45) ** 2 + (xx - 44) ** 2 < 25) | ((yy - 51) ** 2 + (xx - 53) ** 2 < 25)] = (0.45, 0.25, 0.6)
+    labels = cell.astype(np.int32)
+    return np.clip(img + rng.normal(0, 0.01, img.shape), 0.01, 1).astype(np.float32), labels
+
+
+def test_optical_density_normalisation_evens_out_white_balance_and_stain_strength():
+    img, _ = _stained()
+    bg, k = C.od_parameters(img.reshape(-1, 3))
+    ref = C.od_normalise(img, bg, k)
+    # a yellow light (per-channel gain) and a stain twice as dark (optical density x2: value ** 2)
+    for other in (img * np.float32([1.0, 0.95, 0.7]), img**2, (img * np.float32([0.9, 1.0, 0.8])) ** 1.5):
+        bg2, k2 = C.od_parameters(other.reshape(-1, 3))
+        np.testing.assert_allclose(C.od_normalise(other, bg2, k2), ref, atol=2e-3)
+    # the darkest stain is brought to the reference optical density; the background to white
+    od = -np.log(ref).sum(-1)
+    assert np.percentile(od, C.OD_DARK_PERCENTILE) == pytest.approx(C.OD_REFERENCE, rel=1e-3)
+    assert np.percentile(ref, 99.5, axis=(0, 1)) == pytest.approx([1, 1, 1], abs=1e-3)
+
+
+def test_a_card_asking_for_optical_density_is_followed(tmp_path, monkeypatch):
+    import json
+
+    from scipy import ndimage as ndi
+
+    from napari_wbc.core.models import card_path
+    from napari_wbc.core.testing import make_tiny_classifier
+
+    img, labels = _stained()
+    darker = img**2  # the same smear stained twice as dark
+    sl = ndi.find_objects(labels)[0]
+    path = make_tiny_classifier(tmp_path / "od.safetensors", seed=3)
+    card = json.loads(card_path(path).read_text())
+    card["normalisation"] = {"method": C.OPTICAL_DENSITY, "background_percentile": 99.5, "dark_percentile": 99.5,
+                             "reference": 1.2}
+    card_path(path).write_text(json.dumps(card))
+
+    def inputs(spec_card):
+        settings, spec = C.input_settings(spec_card)
+        return [C.cell_input(x, C.image_normaliser(x, spec), labels, 1, sl, labels.sum(), **settings)
+                for x in (img, darker)]
+
+    od, pct = inputs(card), inputs({})
+    assert np.abs(od[0] - od[1]).max() < 5e-3  # the stain's strength no longer matters
+    assert np.abs(pct[0] - pct[1]).max() > 0.1  # it does with per-channel percentiles
+    seen = []
+    real = C.image_normaliser
+    monkeypatch.setattr(C, "image_normaliser", lambda rgb, spec: seen.append(spec) or real(rgb, spec))
+    C.classify(img, labels, model=path, device="cpu")
+    assert seen and seen[-1]["method"] == C.OPTICAL_DENSITY and seen[-1]["reference"] == 1.2

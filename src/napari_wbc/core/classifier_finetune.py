@@ -38,11 +38,11 @@ def check_cell_types(cell_types, card) -> None:
 def _cell_inputs(images, labels, cell_types, card):
     """Network inputs (N x 4 x S x S) and class indices of every typed cell (types checked by
     :func:`check_cell_types`)."""
-    from .classify import _regions, cell_input, input_settings
-    from .segment import channel_ranges, check_image
+    from .classify import _regions, cell_input, image_normaliser, input_settings
+    from .segment import check_image
 
     classes = _card_classes(card)
-    settings, (low, high) = input_settings(card)
+    settings, norm_spec = input_settings(card)
     xs, ys = [], []
     for i, (im, lab, types) in enumerate(zip(images, labels, cell_types)):
         if not types:
@@ -51,10 +51,10 @@ def _cell_inputs(images, labels, cell_types, card):
         lab = np.asarray(lab)
         if lab.shape != rgb.shape[:2]:
             raise ValueError(f"labels[{i}] has shape {lab.shape} but images[{i}] is {rgb.shape[:2]}")
-        ranges = channel_ranges(rgb, low, high)
+        norm = image_normaliser(rgb, norm_spec)
         ids, slices, areas = _regions(lab.astype(np.int64), [int(k) for k in types])
         for j, cid in enumerate(ids):
-            xs.append(cell_input(rgb, ranges, lab, int(cid), slices[j], areas[j], **settings))
+            xs.append(cell_input(rgb, norm, lab, int(cid), slices[j], areas[j], **settings))
             t = types.get(int(cid), types.get(str(int(cid))))
             ys.append(classes.index(t))
     if not xs:

@@ -2,9 +2,12 @@
 
 Each cell is seen the same way at any magnification:
 
-1. the image is brought to RGB and normalised with robust per-channel
-   percentiles of the whole image (as :mod:`.segment` does), so stain and
-   brightness matter less;
+1. the image is brought to RGB and normalised from statistics of the whole
+   image, so stain and brightness matter less: robust per-channel percentiles
+   (as :mod:`.segment` does), or - for cards that say ``"optical density"`` -
+   white balance on the background and one exponent for all channels that
+   brings the darkest stain to a reference optical density (Beer-Lambert: the
+   stains' hues are kept, their strength evened out; :func:`od_parameters`);
 2. a square window is cut around the centre of the cell's bounding box, its
    side ``context`` x the cell's equivalent diameter (never less than the
    bounding box plus a pixel each side), padded where it leaves the image, and
@@ -113,31 +116,85 @@ def finish_input(rgbn: np.ndarray, mask: np.ndarray, *, background: float, dilat
     return out
 
 
-def cell_input(rgb, ranges, labels, label_id, sl, area, *, size, context, background, dilation):
-    """The network input (4 x size x size float32) of one cell of an HxWx3 image."""
-    from .segment import normalise
+OPTICAL_DENSITY = "optical density"
+OD_BACKGROUND_PERCENTILE = 99.5  # the brightest pixels: the empty slide
+OD_DARK_PERCENTILE = 99.5  # of each pixel's optical density summed over RGB: the darkest stain (nuclei)
+OD_REFERENCE = 1.2  # what that darkest stain is brought to (summed optical density)
+
+
+def od_parameters(pixels: np.ndarray, *, background_q: float = OD_BACKGROUND_PERCENTILE,
+                  dark_q: float = OD_DARK_PERCENTILE, reference: float = OD_REFERENCE) -> tuple[np.ndarray, float]:
+    """``(background, exponent)`` of an image's Nx3 pixels (any scale) for :func:`od_normalise`: the
+    background is each channel's ``background_q`` percentile; the exponent scales every optical density
+    (-log of the white-balanced value) so that the ``dark_q`` percentile of their sum becomes
+    ``reference``: a smear stained twice as dark, or photographed through a yellow filter, gives the
+    same input."""
+    px = np.asarray(pixels, np.float32).reshape(-1, 3)
+    bg = np.percentile(px, background_q, axis=0).astype(np.float32)
+    bg = np.maximum(bg, max(float(np.abs(bg).max()), 1e-30) * 1e-3)
+    od = -np.log(np.clip(px / bg, 1e-3, 1.0)).sum(1)
+    dark = float(np.percentile(od, dark_q))
+    return bg, float(np.clip(reference / max(dark, 1e-3), 0.05, 20.0))
+
+
+def od_normalise(x: np.ndarray, background: np.ndarray, exponent: float) -> np.ndarray:
+    """``(x / background) ** exponent`` per channel, float32 in (0, 1]."""
+    return np.clip(x.astype(np.float32) / background, 1e-3, 1.0) ** np.float32(exponent)
+
+
+def image_normaliser(rgb: np.ndarray, norm: dict) -> Callable[[np.ndarray], np.ndarray]:
+    """The function that normalises windows of ``rgb`` as a card's ``normalisation`` (see
+    :func:`input_settings`) asks, from statistics of the whole image."""
+    from .segment import channel_ranges, normalise
+
+    if norm.get("method") == OPTICAL_DENSITY:
+        h, w = rgb.shape[:2]
+        step = max(1, int(np.sqrt(h * w / 1e6)))  # ~1 Mpx strided, as channel_ranges
+        bg, k = od_parameters(rgb[::step, ::step], background_q=norm["background_percentile"],
+                              dark_q=norm["dark_percentile"], reference=norm["reference"])
+        return lambda x: od_normalise(x, bg, k)
+    ranges = channel_ranges(rgb, norm["low"], norm["high"])
+    return lambda x: normalise(x, ranges)
+
+
+def cell_input(rgb, norm, labels, label_id, sl, area, *, size, context, background, dilation):
+    """The network input (4 x size x size float32) of one cell of an HxWx3 image; ``norm``: the
+    image's :func:`image_normaliser`, or its per-channel ``ranges`` (:func:`~.segment.channel_ranges`)."""
+    if not callable(norm):
+        from .segment import normalise
+
+        ranges = norm
+        norm = lambda x: normalise(x, ranges)  # noqa: E731
 
     extent = max(sl[0].stop - sl[0].start, sl[1].stop - sl[1].start)
     cy = (sl[0].start + sl[0].stop - 1) / 2.0
     cx = (sl[1].start + sl[1].stop - 1) / 2.0
     side = window_side(area, extent, context)
     step = window_step(side, size)
-    x = normalise(cut_window(rgb, cy, cx, side, 0, step), ranges)  # any dtype: cast per window only
+    x = norm(cut_window(rgb, cy, cx, side, 0, step))  # any dtype: cast per window only
     x[~inside_window(rgb.shape, cy, cx, side, step)] = background
     m = (cut_window(labels, cy, cx, side, 0, step) == label_id).astype(np.float32)
     return finish_input(resize_square(x, size), resize_square(m, size), background=background, dilation=dilation)
 
 
-def input_settings(card: dict) -> tuple[dict, tuple[float, float]]:
-    """How a classifier card wants its cells cut: (:func:`cell_input` keywords, normalisation percentiles)."""
-    norm = card.get("normalisation", {}) or {}
+def input_settings(card: dict) -> tuple[dict, dict]:
+    """How a classifier card wants its cells cut: (:func:`cell_input` keywords, normalisation for
+    :func:`image_normaliser`: per-channel percentiles ``low``/``high``, or the optical-density settings)."""
+    card_norm = card.get("normalisation", {}) or {}
+    if card_norm.get("method") == OPTICAL_DENSITY:
+        norm = {"method": OPTICAL_DENSITY,
+                "background_percentile": float(card_norm.get("background_percentile", OD_BACKGROUND_PERCENTILE)),
+                "dark_percentile": float(card_norm.get("dark_percentile", OD_DARK_PERCENTILE)),
+                "reference": float(card_norm.get("reference", OD_REFERENCE))}
+    else:
+        norm = {"low": float(card_norm.get("low", 0.5)), "high": float(card_norm.get("high", 99.5))}
     settings = {
         "size": int(card.get("input_size", 64)),
         "context": float(card.get("context", DEFAULT_CONTEXT)),
         "background": float(card.get("background_value", DEFAULT_BACKGROUND)),
         "dilation": int(card.get("mask_dilation", DEFAULT_DILATION)),
     }
-    return settings, (float(norm.get("low", 0.5)), float(norm.get("high", 99.5)))
+    return settings, norm
 
 
 # ------------------------------------------------------------------ labels
@@ -235,7 +292,7 @@ def iter_classify(image, labels, *, model=None, device=None, ids=None, batch_siz
     the last item is ``("table", DataFrame)``. Closing the generator between
     items stops the work.
     """
-    from .segment import channel_ranges, check_image
+    from .segment import check_image
 
     rgb = check_image(image)
     labels = _check_labels(labels, rgb.shape[:2])
@@ -268,13 +325,13 @@ def iter_classify(image, labels, *, model=None, device=None, ids=None, batch_siz
     unknown = [c for c in classes if c not in CLASSES]
     if unknown:
         raise ValueError(f"model classes {unknown} are not known cell types ({', '.join(CLASSES)})")
-    settings, (low, high) = input_settings(card)
-    ranges = channel_ranges(rgb, low, high)
+    settings, norm_spec = input_settings(card)
+    norm = image_normaliser(rgb, norm_spec)
     use_amp = dev.type == "cuda"
     probs = []
     for b, b0 in enumerate(range(0, len(want), batch_size)):
         batch = np.stack([
-            cell_input(rgb, ranges, labels, int(want[i]), slices[i], areas[i], **settings)
+            cell_input(rgb, norm, labels, int(want[i]), slices[i], areas[i], **settings)
             for i in range(b0, min(b0 + batch_size, len(want)))
         ])
         with torch.inference_mode(), forward_pass():
