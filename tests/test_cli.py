@@ -475,6 +475,35 @@ def test_workers_processes(tmp_path, tiny_models):
     assert st == {"bad": "failed", "s0": "ok", "s1": "ok"}
 
 
+def test_a_killed_worker_process_fails_no_other_image(tmp_path, tiny_models):
+    """A worker process killed (by the kernel, for memory) broke the pool, and every image of the batch
+    failed with BrokenProcessPool, the other worker's too: they are done again, each alone."""
+    import multiprocessing as mp
+    import signal
+    import threading
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for i in range(3):
+        Image.fromarray(smear(seed=i)).save(inp / f"s{i}.png")
+    killed = []
+
+    def kill_a_worker():
+        for _ in range(600):
+            children = mp.active_children()
+            if children:
+                os.kill(children[0].pid, signal.SIGKILL)
+                killed.append(children[0].pid)
+                return
+            threading.Event().wait(0.05)
+
+    threading.Thread(target=kill_a_worker, daemon=True).start()
+    settings = batch.Settings(model=str(tiny_models[0]), classifier=str(tiny_models[1]), device="cpu")
+    rows = batch.run_batch(sorted(inp.glob("*.png")), tmp_path / "out", settings, workers=2)
+    assert killed
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok"], [r.get("error") for r in rows]
+
+
 def test_dask_scheduler(tmp_path, tiny_models):
     distributed = pytest.importorskip("distributed")
     inp = tmp_path / "in"

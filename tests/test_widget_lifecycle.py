@@ -134,3 +134,33 @@ def test_the_menu_command_while_segmenting_says_so_and_keeps_the_picker(qtbot, m
     assert any("still segmenting 'a'" in m and "'b'" in m for m in messages)
     qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT)
     assert [lyr.name for lyr in viewer.layers] == ["a", "b", "a WBC labels"]
+
+
+@pytest.mark.parametrize("kind", ["function", "generator"])
+def test_work_that_ends_after_napari_quit_ends_quietly(qapp, kind):
+    """Quitting napari while a worker ran (a brush stroke's measuring, Segment's last stage) deleted the
+    worker's signals object; reporting to it raised in the pool thread and Qt aborted the process."""
+    from qtpy import API_NAME
+
+    from napari_wbc._widgets._common import _quit_safe_workers
+
+    if API_NAME.startswith("PyQt"):
+        from qtpy import sip
+
+        delete = sip.delete
+    else:
+        import shiboken6
+
+        delete = shiboken6.delete
+
+    def work():
+        return 1
+
+    def gen_work():
+        yield 1
+        return 2
+
+    generator_cls, function_cls = _quit_safe_workers()
+    worker = function_cls(work) if kind == "function" else generator_cls(gen_work)
+    delete(worker.signals)  # as when the application is gone
+    worker.run()  # the pool thread's call: raised RuntimeError (then Qt aborted), now returns

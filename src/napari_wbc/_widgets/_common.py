@@ -564,14 +564,15 @@ def start_worker(
     """
     import inspect
 
-    from napari.qt.threading import FunctionWorker, GeneratorWorker
+    from napari.qt.threading import GeneratorWorker
 
     hide_triton()  # the work imports torch in its thread (seconds the first time): never on the GUI thread
 
+    generator_cls, function_cls = _quit_safe_workers()
     if inspect.isgeneratorfunction(func):
-        worker = GeneratorWorker(_guarded, func, *args, **kwargs)
+        worker = generator_cls(_guarded, func, *args, **kwargs)
     else:
-        worker = FunctionWorker(func, *args, **kwargs)
+        worker = function_cls(func, *args, **kwargs)
     for signal, slot in (
         ("yielded", on_yield),
         ("returned", on_return),
@@ -586,6 +587,32 @@ def start_worker(
         owner.destroyed.connect(worker.quit)
     worker.start()
     return worker
+
+
+@functools.lru_cache(maxsize=None)
+def _quit_safe_workers():
+    """napari's generator and function workers, except that work ending after napari has quit (its
+    window closed during a brush stroke's measuring, or Segment's last stage) ends quietly: reporting
+    to the deleted signals object raised in the pool thread, and Qt aborted the process (exit 134)."""
+    from napari.qt.threading import FunctionWorker, GeneratorWorker
+
+    def run_quietly(worker, run):
+        try:
+            run()
+        except RuntimeError:
+            if alive(worker.signals):
+                raise
+            # the signals object is gone with the app: nobody is left to report to
+
+    class QuitSafeGeneratorWorker(GeneratorWorker):
+        def run(self):
+            run_quietly(self, super().run)
+
+    class QuitSafeFunctionWorker(FunctionWorker):
+        def run(self):
+            run_quietly(self, super().run)
+
+    return QuitSafeGeneratorWorker, QuitSafeFunctionWorker
 
 
 def _while_alive(owner: QWidget, slot: Callable) -> Callable:

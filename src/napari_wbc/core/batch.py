@@ -591,21 +591,39 @@ def run_batch(
         n = min(workers, len(files))
         if settings.torch_threads is None:
             settings = dataclasses.replace(settings, torch_threads=max(1, cpu_count() // n))
-        with ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("spawn")) as pool:
-            futs = {pool.submit(process_one, f, out_dir, settings, nm): i for i, (f, nm) in enumerate(zip(files, names))}
-            try:
-                for fut in as_completed(futs):
-                    i = futs[fut]
-                    try:
-                        row = fut.result()
-                    except Exception as e:  # noqa: BLE001 - e.g. a worker killed for memory
-                        row = _row_base(files[i], names[i])
-                        row["error"] = f"{str(files[i])!r}: the worker process failed: {type(e).__name__}: {e}"
-                    done(i, row)
-            except BaseException:
-                for f in futs:
-                    f.cancel()
-                raise
+        from concurrent.futures.process import BrokenProcessPool
+
+        def pool_run(indices, n_proc) -> list[int]:
+            """Process ``indices`` in ``n_proc`` processes; returns those lost to a dead process."""
+            lost = []
+            with ProcessPoolExecutor(max_workers=n_proc, mp_context=mp.get_context("spawn")) as pool:
+                futs = {pool.submit(process_one, files[i], out_dir, settings, names[i]): i for i in indices}
+                try:
+                    for fut in as_completed(futs):
+                        i = futs[fut]
+                        try:
+                            row = fut.result()
+                        except BrokenProcessPool:  # a process died (killed, e.g. for memory): every image
+                            lost.append(i)  # in the pool fails with it, the others' images too
+                            continue
+                        except Exception as e:  # noqa: BLE001 - e.g. the image could not be sent
+                            row = _row_base(files[i], names[i])
+                            row["error"] = f"{str(files[i])!r}: the worker process failed: {type(e).__name__}: {e}"
+                        done(i, row)
+                except BaseException:
+                    for f in futs:
+                        f.cancel()
+                    raise
+            return lost
+
+        # the images a dead process took down are done again, each alone in a fresh process: only an
+        # image whose own process dies fails
+        for i in sorted(pool_run(range(len(files)), n)):
+            if pool_run([i], 1):
+                row = _row_base(files[i], names[i])
+                row["error"] = (f"{str(files[i])!r}: the process working on it died, also when it ran alone "
+                                "(killed - out of memory? each worker holds its own image: try fewer --workers)")
+                done(i, row)
     else:
         for i, (f, nm) in enumerate(zip(files, names)):
             done(i, process_one(f, out_dir, settings, nm))

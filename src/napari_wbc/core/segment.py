@@ -542,7 +542,9 @@ def cell_table(labels: np.ndarray):
         from skimage.segmentation import relabel_sequential  # measured as 1..N, named by their own ids
 
         labels, _, back = relabel_sequential(labels)
-    t = regionprops_table(labels.astype(np.int32), properties=("label", "area", "centroid", "bbox"))
+    # integer labels as they are (an int32 copy of a 300 Mpx uint16 layer: +1.2 GB and 4x the time)
+    t = regionprops_table(labels if labels.dtype.kind in "iu" else labels.astype(np.int32),
+                          properties=("label", "area", "centroid", "bbox"))
     df = pd.DataFrame(t)[cols]
     if back is not None:
         df["label"] = back.out_values[np.searchsorted(back.in_values, df["label"].to_numpy())].astype(np.int64)
