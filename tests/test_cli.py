@@ -504,6 +504,17 @@ def test_a_killed_worker_process_fails_no_other_image(tmp_path, tiny_models):
     assert [r["status"] for r in rows] == ["ok", "ok", "ok"], [r.get("error") for r in rows]
 
 
+def test_scheduler_without_dask_is_a_usage_error_before_anything_is_made(tmp_path, tiny_models, capsys,
+                                                                         monkeypatch):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    Image.fromarray(smear(seed=1)).save(inp / "x.png")
+    monkeypatch.setitem(sys.modules, "distributed", None)  # not installed
+    assert main(seg_args([inp], tmp_path / "out", tiny_models, "--scheduler", "tcp://127.0.0.1:1")) == 2
+    assert "--scheduler needs dask.distributed" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # was made (empty) before the error
+
+
 def test_dask_scheduler(tmp_path, tiny_models):
     distributed = pytest.importorskip("distributed")
     inp = tmp_path / "in"

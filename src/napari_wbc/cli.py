@@ -257,9 +257,14 @@ def cmd_segment(args) -> int:
     out_dir = Path(args.out).expanduser().absolute()
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out {str(out_dir)!r} exists and is not a folder")
-    _check_writable_folder(out_dir, "--out")  # before any image is processed, not after all of them
     if args.scheduler and args.workers > 1:
         raise UsageError("--workers and --scheduler exclude each other (the cluster decides the parallelism)")
+    if args.scheduler:
+        try:  # before anything is made or read
+            import distributed  # noqa: F401
+        except ImportError as e:
+            raise UsageError(f"--scheduler needs dask.distributed: pip install 'napari-wbc[dask]' ({e})") from None
+    _check_writable_folder(out_dir, "--out")  # before any image is processed, not after all of them
     model = _check_model(args.model, "segmenter", "--model")
     classify = not args.no_classify
     classifier = None
@@ -318,8 +323,6 @@ def cmd_segment(args) -> int:
     try:
         rows = batch.run_batch(files, out_dir, settings, workers=args.workers, scheduler=args.scheduler,
                                on_result=on_result)
-    except ImportError as e:
-        raise UsageError(f"--scheduler needs dask.distributed: pip install 'napari-wbc[dask]' ({e})") from None
     except OSError as e:
         if args.scheduler:
             raise UsageError(f"could not reach the dask scheduler at {args.scheduler!r}: {e}") from None
