@@ -371,3 +371,18 @@ def test_the_table_written_last_goes_with_batch_labels(tmp_path):
     assert read_smear(str(tmp_path / "x_labels.tif"))[0][1]["features"]["cell_type"].tolist() == ["monocyte"]
     os.utime(tmp_path / "x_labels_cells.csv", ns=(500_000_000, 500_000_000))  # a batch --overwrite after it
     assert read_smear(str(tmp_path / "x_labels.tif"))[0][1]["features"]["cell_type"].tolist() == ["neutrophil"]
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L"])
+def test_large_8bit_images_read_exactly_into_a_writable_array(tmp_path, mode):
+    """Big JPEG/PNG smears are filled strip by strip (no second whole copy from Pillow's tobytes)."""
+    from napari_wbc.core.io import read_image
+
+    rng = np.random.default_rng(0)
+    bands = len(mode)
+    shape = (2100, 2050, bands) if bands > 1 else (2100, 2050)
+    arr = rng.integers(0, 256, shape, dtype=np.uint8)
+    Image.fromarray(arr, mode).save(tmp_path / "big.png", compress_level=0)
+    got = read_image(tmp_path / "big.png")
+    assert got.dtype == np.uint8 and got.flags.writeable
+    np.testing.assert_array_equal(got, arr)
