@@ -38,7 +38,7 @@ def check_cell_types(cell_types, card) -> None:
 def _cell_inputs(images, labels, cell_types, card):
     """Network inputs (N x 4 x S x S) and class indices of every typed cell (types checked by
     :func:`check_cell_types`)."""
-    from .classify import _regions, cell_input, image_normaliser, input_settings
+    from .classify import _check_labels, _regions, cell_input, image_normaliser, input_settings
     from .segment import check_image
 
     classes = _card_classes(card)
@@ -51,8 +51,9 @@ def _cell_inputs(images, labels, cell_types, card):
         lab = np.asarray(lab)
         if lab.shape != rgb.shape[:2]:
             raise ValueError(f"labels[{i}] has shape {lab.shape} but images[{i}] is {rgb.shape[:2]}")
+        lab = _check_labels(lab, rgb.shape[:2])  # integers as they are (an int64 copy of a big layer: 8 B/px)
         norm = image_normaliser(rgb, norm_spec)
-        ids, slices, areas = _regions(lab.astype(np.int64), [int(k) for k in types])
+        ids, slices, areas = _regions(lab, [int(k) for k in types])
         for j, cid in enumerate(ids):
             xs.append(cell_input(rgb, norm, lab, int(cid), slices[j], areas[j], **settings))
             t = types.get(int(cid), types.get(str(int(cid))))
