@@ -693,3 +693,21 @@ def test_float_images_of_any_scale_normalise_alike(scale):
         got = normalise(rgb, channel_ranges(rgb))
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, ref, atol=1e-4)
+
+
+def test_outlining_many_cells_reports_progress_and_can_stop():
+    """The full-resolution outlining (seconds on a large smear) yields progress, a point to cancel at."""
+    from napari_wbc.core.segment import iter_upsample_instances, upsample_instances
+
+    small = np.zeros((120, 120), np.int32)
+    for k in range(130):
+        y, x = divmod(k, 12)
+        small[y * 10 + 2:y * 10 + 7, x * 10 + 2:x * 10 + 7] = k + 1
+    fg = np.where(small > 0, 255, 0).astype(np.uint8)
+    items = list(iter_upsample_instances(small, fg, (240, 240)))
+    assert [i[:3] for i in items[:-1]] == [("outlining", 64, 130), ("outlining", 128, 130)]
+    assert items[-1][0] == "labels" and items[-1][1].max() == 130
+    np.testing.assert_array_equal(items[-1][1], upsample_instances(small, fg, (240, 240)))
+    gen = iter_upsample_instances(small, fg, (240, 240))
+    assert next(gen)[0] == "outlining"
+    gen.close()  # cancelled there: nothing more is done

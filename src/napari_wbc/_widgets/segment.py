@@ -247,11 +247,11 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
             self.status.setText(f"segmenting {self._job['image']} (WBC diameter {item[1]:.0f} px)...")
         elif kind == "stage":
             self.status.setText(f"{self._job['image']}: {item[1]}...")
-        elif kind in ("progress", "classify"):
+        elif kind in ("progress", "outlining", "classify"):
             done, total = int(item[1]), max(int(item[2]), 1)
             self.progress.setRange(0, total)
             self.progress.setValue(done)
-            what = "tiles" if kind == "progress" else "cells classified"
+            what = {"progress": "tiles", "outlining": "cells outlined", "classify": "cells classified"}[kind]
             self.progress.setFormat(f"{done}/{total} {what}")
 
     def _on_return(self, result) -> None:

@@ -302,17 +302,30 @@ def upsample_instances(small: np.ndarray, fg_u8: np.ndarray, shape) -> np.ndarra
     Each cell's outline comes from the bilinearly upsampled probability map
     (smooth at any scale); the split between touching cells from the labels.
     """
+    for item in iter_upsample_instances(small, fg_u8, shape):
+        if item[0] == "labels":
+            return item[1]
+    raise AssertionError("iter_upsample_instances gave no labels")  # pragma: no cover
+
+
+def iter_upsample_instances(small: np.ndarray, fg_u8: np.ndarray, shape, every: int = 64) -> Iterator:
+    """:func:`upsample_instances` as a generator: ``("outlining", done, total)`` every ``every`` cells
+    (seconds on a large smear: progress, and a point to cancel at), then ``("labels", labels)``."""
     from scipy import ndimage as ndi
     from skimage.segmentation import expand_labels
 
     H, W = shape
     h, w = small.shape
     if (h, w) == (H, W):
-        return small
+        yield ("labels", small)
+        return
     fy, fx = H / h, W / w
     out = np.zeros((H, W), np.int32)
     kept = np.zeros(int(small.max()) + 1, bool)
-    for i, sl in enumerate(ndi.find_objects(small), start=1):
+    objects = ndi.find_objects(small)
+    for i, sl in enumerate(objects, start=1):
+        if i % every == 0:
+            yield ("outlining", i, len(objects))
         if sl is None:
             continue
         y0, y1 = max(sl[0].start - 2, 0), min(sl[0].stop + 2, h)
@@ -332,7 +345,7 @@ def upsample_instances(small: np.ndarray, fg_u8: np.ndarray, shape) -> np.ndarra
         if m.any():
             tgt[m] = i
             kept[i] = True
-    return out if kept[1:].all() else _renumber(out, kept)  # a cell lost in the upsampling
+    yield ("labels", out if kept[1:].all() else _renumber(out, kept))  # (a cell lost in the upsampling)
 
 
 def _renumber(labels: np.ndarray, keep: np.ndarray) -> np.ndarray:
@@ -415,8 +428,9 @@ def iter_segment(
     """The work of :func:`segment` as a generator, for progress and cancel.
 
     Yields ``("progress", done, total)`` per tile, ``("diameter", d)`` once
-    known and ``("stage", text)`` before post-processing steps; the last item
-    is ``("labels", labels)``. Closing the generator
+    known, ``("stage", text)`` before post-processing steps and ``("outlining",
+    done, total)`` while cells are outlined at full resolution (many cells); the
+    last item is ``("labels", labels)``. Closing the generator
     (``.close()``) between items stops the work with nothing half made.
     """
     from .device import resolve_device
@@ -499,8 +513,7 @@ def iter_segment(
         d = float(np.clip(d * np.clip(ratio, *REFINE_CLAMP), *DIAMETER_LIMITS))
         passes_left -= 1
     yield ("stage", "outlining cells at full resolution")
-    labels = upsample_instances(small, fg, (H, W))
-    yield ("labels", labels)
+    yield from iter_upsample_instances(small, fg, (H, W))
 
 
 def segment(image, *, model=None, device=None, diameter=None, progress: Callable | None = None) -> np.ndarray:
