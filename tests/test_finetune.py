@@ -428,7 +428,7 @@ def test_cell_types_keep_the_base_segmenter_when_it_did_not_improve(tmp_path, mo
     assert base_w.keys() == new_w.keys() and all((base_w[k] == new_w[k]).all() for k in base_w)
 
 
-@pytest.mark.parametrize("case", ["bad type", "not a mapping", "no cell", "classifier output exists"])
+@pytest.mark.parametrize("case", ["bad type", "not a mapping", "no cell", "classifier output exists", "erased cell"])
 def test_cell_types_are_checked_before_any_training(tmp_path, monkeypatch, case):
     from napari_wbc.core import train as T
 
@@ -440,9 +440,11 @@ def test_cell_types_are_checked_before_any_training(tmp_path, monkeypatch, case)
     monkeypatch.setattr(T, "train_segmenter", no_training)
     imgs, labs = zip(*[_pair(i, n=3) for i in range(2)])
     types = {"bad type": [{1: "blast"}, {}], "not a mapping": [["neutrophil"], {}], "no cell": [{}, {}],
-             "classifier output exists": [{1: "neutrophil"}, {}]}[case]
+             "classifier output exists": [{1: "neutrophil"}, {}],
+             "erased cell": [{1: "neutrophil", 2: "monocyte"}, {9: "lymphocyte"}]}[case]
     match = {"bad type": "blast", "not a mapping": "mapping", "no cell": "names no cell",
-             "classifier output exists": "exists"}[case]
+             "classifier output exists": "exists",
+             "erased cell": r"cell_types\[1\] types label id\(s\) 9 that labels\[1\] does not hold"}[case]
     if case == "classifier output exists":
         (tmp_path / "ft_classifier.safetensors").write_bytes(b"user classifier")
     with pytest.raises(ValueError, match=match):
@@ -607,3 +609,38 @@ def test_typed_cells_held_out_to_check_a_fine_tuned_classifier():
     with pytest.raises(ValueError, match="too few corrected cells"):
         check_cell_types([{1: "neutrophil", 2: "lymphocyte"}, {1: "monocyte", 2: "eosinophil"}], card)
     check_cell_types([{1: "neutrophil", 2: "lymphocyte"}, {1: "monocyte", 2: "neutrophil"}], card)
+
+
+def test_the_hold_out_is_a_quarter_of_the_cells_not_of_the_images():
+    """One big corrected smear and a small image: the big one was held out whole (training had one cell)."""
+    from napari_wbc.core import finetune as F
+    from napari_wbc.core.train import make_sample
+
+    big = make_sample(*_pair(0, shape=(200, 200), n=40), name="big")
+    small = make_sample(*_pair(1, shape=(48, 48), n=1), name="small")
+    n = len(big.centres)
+    for order in ([big, small], [small, big]):
+        for seed in range(4):
+            train, val = F._split_holdout(order, np.random.default_rng(seed))
+            n_val = sum(len(v.centres) for v in val)
+            n_train = sum(len(t.centres) for t in train)
+            assert 0.1 * n <= n_val <= 0.4 * n and n_train >= 0.6 * n, (seed, [v.name for v in val])
+            assert any(t.name == "small" for t in train)
+    # several images of similar size: whole images, about a quarter of the cells
+    same = [make_sample(*_pair(i, shape=(96, 96), n=6), name=f"im{i}") for i in range(4)]
+    train, val = F._split_holdout(same, np.random.default_rng(0))
+    assert len(val) == 1 and len(train) == 3 and not val[0].name.endswith("[holdout]")
+
+
+def test_cell_centres_are_the_centres_of_mass_without_whole_image_grids():
+    from scipy import ndimage as ndi
+
+    from napari_wbc.core.train import cell_centres
+
+    _, lab = _pair(3, shape=(120, 140), n=12)
+    lab[lab == 4] = 0  # a missing id
+    ids = np.unique(lab[lab > 0])
+    np.testing.assert_allclose(cell_centres(lab), np.array(ndi.center_of_mass(lab > 0, lab, ids)), atol=1e-9)
+    sparse = np.where(lab > 0, lab.astype(np.int64) * 10**9, 0)  # huge sparse ids: same centres, same order
+    np.testing.assert_allclose(cell_centres(sparse), cell_centres(lab), atol=1e-9)
+    assert cell_centres(np.zeros((8, 8), np.int32)).shape == (0, 2)

@@ -1,6 +1,7 @@
 """Train from corrections widget, opened through the manifest, fine-tuning a tiny random model on a disc image."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +76,8 @@ def test_no_improvement_keeps_base(qtbot, tr, monkeypatch):
         import warnings
 
         warnings.warn("fine-tuning did not improve on the base model; keeping the base model", ft.BaseKeptWarning)
-        warnings.warn("an unrelated warning of the work")
+        warnings.warn_explicit("an unrelated warning of the work", UserWarning,  # as from napari_wbc's code
+                               os.path.join("site-packages", "napari_wbc", "core", "train.py"), 1)
         return Path(base)
 
     monkeypatch.setattr(ft, "finetune", no_better)
@@ -88,6 +90,17 @@ def test_no_improvement_keeps_base(qtbot, tr, monkeypatch):
     assert "Train: an unrelated warning of the work" in warned  # the work's warnings reach the user
     assert sum("improve" in m for m in warned) == 1  # the outcome once, not also as the core's warning
     assert seg.model_combo.model_path() == base
+
+
+def test_warnings_that_are_not_the_trainings_are_not_shown_as_its_own(qtbot, tr):
+    from napari_wbc._widgets import train as train_mod
+
+    viewer, widget, seg, lab, messages = tr
+    ours = ("some finetune warning", UserWarning, os.path.join("x", "napari_wbc", "core", "finetune.py"), 1)
+    napari_own = ("data shape exceeds GL_MAX_TEXTURE_SIZE", UserWarning, os.path.join("x", "napari", "layers.py"), 2)
+    train_mod._show_work_warning(ours)
+    train_mod._show_work_warning(napari_own)  # raised by napari in the GUI thread while training ran
+    assert [m for kind, m in messages if kind == "show_warning"] == ["Train: some finetune warning"]
 
 
 @pytest.mark.parametrize("how", ["cancel", "close the dock"])

@@ -7,6 +7,7 @@ and handed to the Segment widget's model list.
 """
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -450,9 +451,12 @@ def _finetune_job(images, labels, **kwargs) -> Path:
 
 
 def _show_work_warning(w) -> None:
-    """A warning from the work ((message, category, file, line...)), except the base-model-kept
-    outcome, which the widget reports itself when the work returns (it was shown twice)."""
+    """A warning of napari-wbc's training ((message, category, file, line...)), except the
+    base-model-kept outcome, which the widget reports itself when the work returns (it was shown
+    twice). Others are not the training's: while a worker runs, every thread's warnings reach it
+    (napari's own about a layer being edited meanwhile came as "Train: ...")."""
     from napari_wbc.core.finetune import BaseKeptWarning
 
-    if not (isinstance(w[1], type) and issubclass(w[1], BaseKeptWarning)):
+    ours = len(w) > 2 and f"napari_wbc{os.sep}" in str(w[2])
+    if ours and not (isinstance(w[1], type) and issubclass(w[1], BaseKeptWarning)):
         show_warning(f"Train: {w[0]}")

@@ -200,18 +200,44 @@ def _as_labels(lab, i):
     return lab.astype(np.int32)
 
 
+def _check_typed_ids(types: dict, ids: np.ndarray, i: int) -> None:
+    """ValueError naming the image when ``cell_types[i]`` types a label id its labels do not hold (a
+    cell erased after it was typed)."""
+    try:
+        asked = np.array(sorted({int(k) for k in types}), np.int64)
+    except (TypeError, ValueError):
+        raise ValueError(f"cell_types[{i}] has keys that are not label ids: {list(types)[:10]!r}") from None
+    missing = asked[~np.isin(asked, ids)]
+    if len(missing):
+        raise ValueError(f"cell_types[{i}] types label id(s) {', '.join(map(str, missing[:10]))} that labels[{i}] "
+                         "does not hold (erased or renumbered after typing?); type only cells that are there")
+
+
 def _split_holdout(samples, rng):
-    """Hold out ~25% of images (>=1) or, with one image, a strip with ~25% of its cells."""
+    """(train, held out): about a quarter of the *cells* held out - whole images when some of them
+    hold 15-40 % of the cells together, else a strip with ~25 % of the cells of the image that has
+    most (one big corrected smear beside a small one was held out whole, and training had one cell)."""
+    counts = [len(s.centres) for s in samples]
+    total = sum(counts)
+    if len(samples) >= 2 and total:
+        held, n_held = [], 0
+        for i in rng.permutation(len(samples)):
+            if n_held + counts[i] <= 0.4 * total:
+                held.append(int(i))
+                n_held += counts[i]
+                if n_held >= 0.15 * total:
+                    return [s for i, s in enumerate(samples) if i not in held], [samples[i] for i in held]
+    k = int(np.argmax(counts))
+    tr, va = _strip_holdout(samples[k])
+    return samples[:k] + tr + samples[k + 1:], va
+
+
+def _strip_holdout(s):
+    """``([train], [held out])`` of one sample: a strip with ~25 % of its cells held out."""
     from .train import make_sample
 
-    if len(samples) >= 2:
-        order = rng.permutation(len(samples))
-        n_val = max(1, int(round(0.25 * len(samples))))
-        return [samples[i] for i in order[n_val:]], [samples[i] for i in order[:n_val]]
-    s = samples[0]
-    ids = np.unique(s.labels[s.labels > 0])
-    if len(ids) < 2:
-        return samples, []  # nothing to hold out: train on all, keep the last epoch
+    if len(s.centres) < 2:
+        return [s], []  # nothing to hold out: train on all, keep the last epoch
     axis = 1 if s.labels.shape[1] >= s.labels.shape[0] else 0
     c = np.sort(s.centres[:, axis])
     cut = int(round((c[-max(1, len(c) // 4) - 1] + c[-max(1, len(c) // 4)]) / 2))
@@ -221,11 +247,12 @@ def _split_holdout(samples, rng):
     # cells cut by the line: keep them out of both scores' ground truth
     both = np.intersect1d(np.unique(tr_lab), np.unique(va_lab))
     both = both[both > 0]
-    w_tr = np.where(np.isin(tr_lab, both), 0.0, 1.0).astype(np.float32)
+    w_tr = (~np.isin(tr_lab, both)).astype(np.float32)
+    if s.weight is not None:
+        w_tr *= s.weight[sl_tr]
     va_lab[np.isin(va_lab, both)] = 0
-    rgb8 = s.rgb
-    tr = make_sample(rgb8[sl_tr], tr_lab, diameter=s.diameter, weight=w_tr, name=s.name + "[train]")
-    va = make_sample(rgb8[sl_va], va_lab, diameter=s.diameter, name=s.name + "[holdout]")
+    tr = make_sample(s.rgb[sl_tr], tr_lab, diameter=s.diameter, weight=w_tr, name=s.name + "[train]")
+    va = make_sample(s.rgb[sl_va], va_lab, diameter=s.diameter, name=s.name + "[holdout]")
     return [tr], ([va] if va_lab.max() > 0 else [])
 
 
@@ -295,9 +322,12 @@ def finetune(
             raise ValueError(f"labels[{i}] has shape {lab.shape} but images[{i}] is {rgb.shape[:2]}; they must match")
         if min(rgb.shape[:2]) < 16:
             raise ValueError(f"images[{i}] of shape {rgb.shape[:2]} is too small to train on; expected at least 16x16")
-        if lab.max() == 0:
+        ids = np.unique(lab[lab > 0])
+        if cell_types is not None and isinstance(cell_types[i], dict) and cell_types[i]:
+            _check_typed_ids(cell_types[i], ids, i)  # now, not after minutes of training the segmenter
+        if len(ids) == 0:
             continue
-        n_cells += len(np.unique(lab[lab > 0]))
+        n_cells += len(ids)
         samples.append(make_sample(rgb, lab, name=f"image {i}"))
     if not samples:
         raise ValueError("no labelled pixel in any of the label arrays; paint or keep at least one cell")
@@ -379,6 +409,7 @@ def finetune(
             "n_images": len(samples),
             "n_cells": int(n_cells),
             "n_holdout_images": len(val),
+            "holdout": [v.name for v in val],
             "epochs": epochs,
             "steps_per_epoch": STEPS_PER_EPOCH,
             "device": str(dev),
