@@ -341,7 +341,7 @@ def test_train_segmenter_with_ema_keeps_the_averaged_weights(tiny, monkeypatch):
     samples = [T.make_sample(*_pair(i), diameter=12) for i in range(2)]
     judged = []
 
-    def better_each_time(net, card, val, device):  # every checkpoint beats the one before
+    def better_each_time(net, card, val, device, should_stop=None):  # every checkpoint beats the one before
         judged.append(net)
         return {"matched_dice": len(judged) / 10, "f1": 1.0}
 
@@ -644,3 +644,41 @@ def test_cell_centres_are_the_centres_of_mass_without_whole_image_grids():
     sparse = np.where(lab > 0, lab.astype(np.int64) * 10**9, 0)  # huge sparse ids: same centres, same order
     np.testing.assert_allclose(cell_centres(sparse), cell_centres(lab), atol=1e-9)
     assert cell_centres(np.zeros((8, 8), np.int32)).shape == (0, 2)
+
+
+def test_cancel_during_the_first_evaluation_stops_before_training(tiny, tmp_path, monkeypatch):
+    """Cancel was honoured only at the first training step (100 s on a big corrected smear)."""
+    from napari_wbc.core import train as T
+
+    def no_training(*a, **k):
+        raise AssertionError("training started after cancel")
+
+    monkeypatch.setattr(T, "train_segmenter", no_training)
+    imgs, labs = zip(*[_pair(i, n=3) for i in range(4)])
+    with pytest.raises(F.FinetuneCancelled):
+        napari_wbc.finetune(list(imgs), list(labs), base=tiny, epochs=2, device="cpu",
+                            output=tmp_path / "c.safetensors", should_stop=lambda: True)
+    assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_the_hold_out_is_evaluated_once_per_epoch_and_the_card_has_the_kept_figures(tiny, tmp_path, monkeypatch):
+    import json
+
+    from napari_wbc.core import train as T
+
+    calls = []
+
+    def better_each_time(net, card, val, device, should_stop=None):
+        calls.append(1)
+        return {"matched_dice": 0.5 + 0.1 * len(calls), "precision": 1.0, "recall": 1.0, "f1": 1.0,
+                "tp": len(calls), "fp": 0, "fn": 0, "n_images": len(val)}
+
+    monkeypatch.setattr(T, "evaluate", better_each_time)
+    monkeypatch.setattr(F, "STEPS_PER_EPOCH", 2)
+    imgs, labs = zip(*[_pair(i, n=3) for i in range(4)])
+    out = napari_wbc.finetune(list(imgs), list(labs), base=tiny, epochs=2, device="cpu",
+                              output=tmp_path / "e.safetensors")
+    assert len(calls) == 3  # the base once, then each epoch (was 5: the base twice, the kept weights again)
+    ft = json.loads(out.with_suffix(".json").read_text())["finetune"]
+    assert ft["holdout_before"]["tp"] == 1 and ft["holdout_after"]["tp"] == 3  # the kept (last, best) epoch's
+    assert ft["history"][-1]["tp"] == 3

@@ -261,7 +261,9 @@ def cmd_segment(args) -> int:
         raise UsageError("--workers and --scheduler exclude each other (the cluster decides the parallelism)")
     if args.scheduler:
         try:  # before anything is made or read
-            import distributed  # noqa: F401
+            import importlib
+
+            importlib.import_module("distributed")
         except ImportError as e:
             raise UsageError(f"--scheduler needs dask.distributed: pip install 'napari-wbc[dask]' ({e})") from None
     _check_writable_folder(out_dir, "--out")  # before any image is processed, not after all of them

@@ -200,6 +200,17 @@ def _as_labels(lab, i):
     return lab.astype(np.int32)
 
 
+def _best_record(history: list[dict]) -> dict | None:
+    """The hold-out figures of the evaluation whose weights training kept: the first with the best
+    matched Dice x F1 after the start (``train_segmenter`` keeps strictly better ones)."""
+    metrics = ("matched_dice", "precision", "recall", "f1", "tp", "fp", "fn", "n_images")
+    scored = [h for h in history[1:] if h.get("matched_dice") is not None]
+    if not scored:
+        return None
+    best = max(scored, key=lambda h: h["matched_dice"] * h["f1"])  # max keeps the first of equals
+    return {k: best[k] for k in metrics if k in best}
+
+
 def _check_typed_ids(types: dict, ids: np.ndarray, i: int) -> None:
     """ValueError naming the image when ``cell_types[i]`` types a label id its labels do not hold (a
     cell erased after it was typed)."""
@@ -362,7 +373,12 @@ def finetune(
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     t0 = time.time()
-    before = evaluate(net, card, val, dev) if val else None
+    from .train import Stopped
+
+    try:
+        before = evaluate(net, card, val, dev, should_stop) if val else None
+    except Stopped:
+        raise FinetuneCancelled("fine-tuning was cancelled; no model file was written") from None
 
     def _progress(step, steps, rec):
         if progress is not None:
@@ -372,7 +388,7 @@ def finetune(
         net, card, train, val, steps=epochs * STEPS_PER_EPOCH, batch_size=BATCH_SIZE, lr=LEARNING_RATE,
         eval_every=STEPS_PER_EPOCH, device=dev, seed=seed, field_norm=FIELD_NORM, empty_share=EMPTY_SHARE,
         small_field=SMALL_FIELD, progress=_progress,
-        should_stop=should_stop, log=lambda s: None,
+        should_stop=should_stop, baseline=before, log=lambda s: None,
     )
     if should_stop is not None and should_stop():
         raise FinetuneCancelled("fine-tuning was cancelled; no model file was written")
@@ -394,7 +410,9 @@ def finetune(
         net.load_state_dict(base_state)
     elif best_state is not None:
         net.load_state_dict(best_state)
-    after = evaluate(net, card, val, dev) if val else None
+    # the kept weights' hold-out figures, as measured in training (evaluating them again gives the same)
+    after = None if not val else (before if best_state is None else
+                                  _best_record(history) or evaluate(net, card, val, dev))
     new_card = dict(card)
     new_card.update({
         "name": out_path.stem,

@@ -345,8 +345,13 @@ def seg_loss(out, fg, dist, wgt):
     return bce + dice + dl
 
 
-def evaluate(net, card, samples, device) -> dict:
-    """Segment each validation sample (at its known diameter) and score it."""
+class Stopped(Exception):
+    """``should_stop`` said so during :func:`evaluate`."""
+
+
+def evaluate(net, card, samples, device, should_stop=None) -> dict:
+    """Segment each validation sample (at its known diameter) and score it. ``should_stop`` is
+    asked at every tile (a big hold-out takes seconds): :class:`Stopped` when it says so."""
     from .metrics import match_instances, summarise
     from .segment import iter_segment
 
@@ -356,6 +361,10 @@ def evaluate(net, card, samples, device) -> dict:
     for s in samples:
         labels = None
         for item in iter_segment(s.rgb, model=(net, card), device=device, diameter=s.diameter):
+            if should_stop is not None and should_stop():
+                if was_training:
+                    net.train()
+                raise Stopped
             if item[0] == "labels":
                 labels = item[1]
         if s.weight is not None:  # ignore predictions that fall in ignored areas
@@ -391,12 +400,15 @@ def train_segmenter(
     grey: float = 0.1,
     progress=None,
     should_stop=None,
+    baseline: dict | None = None,
     log=print,
 ):
     """Train ``net`` in place; keep and return the best state by validation matched Dice x F1.
 
     Returns ``(best_state or None, history)``: ``best_state`` is None when no
-    evaluation beat ``baseline`` (the score before training).
+    evaluation beat the score before training (``baseline``: that evaluation, when the caller
+    made it already). ``should_stop``: asked at every step and evaluation tile; training then
+    ends early (the caller decides what that means).
     ``ema``: when > 0, evaluate and keep an exponential moving average of the weights (and batch-norm
     statistics) with this decay per step instead of the raw weights: less dependent on the last steps' batches.
     """
@@ -427,7 +439,10 @@ def train_segmenter(
     def score(m):
         return m["matched_dice"] * m["f1"]
 
-    base = evaluate(net, card, val, dev) if val else None
+    try:
+        base = baseline if baseline is not None or not val else evaluate(net, card, val, dev, should_stop)
+    except Stopped:
+        return None, history
     best_score = score(base) if base else -1.0
     best_state = None
     history.append({"step": 0, **(base or {})})
@@ -453,7 +468,10 @@ def train_segmenter(
         running.append(float(loss.detach()))
         if step % eval_every == 0 or step == steps:
             judged = net if averaged is None else averaged.module
-            m = evaluate(judged, card, val, dev) if val else {"matched_dice": None, "f1": None}
+            try:
+                m = evaluate(judged, card, val, dev, should_stop) if val else {"matched_dice": None, "f1": None}
+            except Stopped:
+                break
             rec = {"step": step, "loss": float(np.mean(running)), "time_s": time.time() - t0, **m}
             history.append(rec)
             running = []
