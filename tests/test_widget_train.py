@@ -174,6 +174,19 @@ def test_corrected_types_go_to_the_classifier(tr):
         assert got == [{i: "lymphocyte" for i in ids[:4]}]
     else:
         assert got is None
+    data = lab.data.copy()
+    data[data == ids[0]] = 0  # a corrected cell erased afterwards is not passed on (finetune would refuse it)
+    got = widget._corrected_types([data])
+    assert got is None or ids[0] not in got[0]
+
+
+def test_present_finds_a_few_ids_in_a_layer():
+    from napari_wbc._widgets.train import _present
+
+    lab = np.zeros((3000, 3000), np.uint16)
+    lab[5, 5], lab[2999, 2999] = 7, 300
+    assert _present(lab, [7, 300, 9, 7]) == {7, 300}
+    assert _present(lab.astype(np.int32), [1]) == set()
 
 
 def test_a_classifier_trained_with_the_types_is_offered_in_classify(qtbot, tr, user_models, monkeypatch, tmp_path):
@@ -194,7 +207,7 @@ def test_a_classifier_trained_with_the_types_is_offered_in_classify(qtbot, tr, u
     monkeypatch.setattr(cf, "finetune_classifier", fake_classifier)
     ids = [int(i) for i in np.unique(lab.data) if i > 0]
     kinds = ["lymphocyte", "lymphocyte", "neutrophil", "monocyte"]  # enough to hold some out
-    monkeypatch.setattr(widget, "_corrected_types", lambda: [dict(zip(ids, kinds))])
+    monkeypatch.setattr(widget, "_corrected_types", lambda labels=None: [dict(zip(ids, kinds))])
     _, cls = viewer.window.add_plugin_dock_widget(PLUGIN, "Classify WBCs")
     widget.auto_epochs.setChecked(False)
     widget.epochs.setValue(1)
@@ -218,7 +231,7 @@ def test_types_too_few_to_check_are_not_learned_and_the_user_is_told(qtbot, tr, 
     viewer, widget, seg, lab, messages = tr
     ids = [int(i) for i in np.unique(lab.data) if i > 0]
     kinds = ["neutrophil", "lymphocyte", "monocyte", "eosinophil"]  # one of each: none can be held out
-    monkeypatch.setattr(widget, "_corrected_types", lambda: [dict(zip(ids, kinds))])
+    monkeypatch.setattr(widget, "_corrected_types", lambda labels=None: [dict(zip(ids, kinds))])
     widget.auto_epochs.setChecked(False)
     widget.epochs.setValue(1)
     widget.train()

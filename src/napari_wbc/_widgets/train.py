@@ -252,7 +252,7 @@ class TrainWidget(CancelWhenRemoved, QWidget):
             data = layer_image(lab)
             if data.ndim != 2:
                 raise ValueError(f"labels {lab.name!r} have shape {data.shape}; expected one 2-D plane")
-            if data.dtype.kind not in "ui" or (data.size and data.min() < 0):
+            if data.dtype.kind not in "ui" or (data.dtype.kind == "i" and data.size and data.min() < 0):
                 raise ValueError(f"labels {lab.name!r} must hold ids >= 0 (0 = background), "
                                  f"got {data.dtype} from {data.min()}")
             if tuple(arr.shape[:2]) != data.shape:
@@ -266,21 +266,25 @@ class TrainWidget(CancelWhenRemoved, QWidget):
             names.append(lab.name)
         return images, labels, names
 
-    def _corrected_types(self) -> list[dict] | None:
-        """Per included pair ``{label: type}`` of the cells whose type was corrected by hand.
+    def _corrected_types(self, labels=None) -> list[dict] | None:
+        """Per included pair ``{label: type}`` of the cells whose type was corrected by hand and that
+        the labels (``labels``: the arrays about to be trained on, else the layers') still hold.
 
         None when fewer than 4 corrected cells exist in all (too few to learn types from).
         """
         out = []
-        for lab, _ in self.pairs():
+        for k, (lab, _) in enumerate(self.pairs()):
             f = lab.features
             types = {}
             if {"corrected", "cell_type"} <= set(f.columns):
                 ids = f["label"] if "label" in f.columns else f.get("index")
-                present = set(np.unique(layer_image(lab)))
                 for i, t, c in zip(ids, f["cell_type"], f["corrected"]):
-                    if bool(c) and isinstance(t, str) and int(i) in present:
+                    if bool(c) and isinstance(t, str):
                         types[int(i)] = t
+            if types:  # only then is the whole layer looked at (it was, with np.unique: 3.5 s on 225 Mpx)
+                data = labels[k] if labels is not None else layer_image(lab)
+                present = _present(data, list(types))
+                types = {i: t for i, t in types.items() if i in present}
             out.append(types)
         return out if sum(len(t) for t in out) >= 4 else None
 
@@ -298,7 +302,7 @@ class TrainWidget(CancelWhenRemoved, QWidget):
             show_error("Train: no model to start from (the shipped model is missing); choose one with 'Browse...'")
             return None
         epochs = None if self.auto_epochs.isChecked() else int(self.epochs.value())
-        cell_types = self._corrected_types()
+        cell_types = self._corrected_types(labels)
         types_note = None
         if cell_types is not None:
             from napari_wbc.core.classifier_finetune import check_cell_types
@@ -460,3 +464,16 @@ def _show_work_warning(w) -> None:
     ours = len(w) > 2 and f"napari_wbc{os.sep}" in str(w[2])
     if ours and not (isinstance(w[1], type) and issubclass(w[1], BaseKeptWarning)):
         show_warning(f"Train: {w[0]}")
+
+
+def _present(labels: np.ndarray, ids: list[int]) -> set[int]:
+    """Which of a few ``ids`` occur in ``labels`` (a few million pixels at a time, no sort of the layer)."""
+    wanted = np.asarray(sorted(set(ids)), np.int64)
+    found = np.zeros(len(wanted), bool)
+    flat = np.asarray(labels).reshape(-1)
+    for s in range(0, flat.size, 1 << 22):
+        chunk = flat[s:s + (1 << 22)]
+        found |= np.isin(wanted, chunk)
+        if found.all():
+            break
+    return {int(i) for i in wanted[found]}
