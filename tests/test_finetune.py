@@ -682,3 +682,4 @@ def test_the_hold_out_is_evaluated_once_per_epoch_and_the_card_has_the_kept_figu
     ft = json.loads(out.with_suffix(".json").read_text())["finetune"]
     assert ft["holdout_before"]["tp"] == 1 and ft["holdout_after"]["tp"] == 3  # the kept (last, best) epoch's
     assert ft["history"][-1]["tp"] == 3
+    assert 0 <= ft["train_time_s"] <= ft["wall_time_s"]  # the whole run, data preparation included
