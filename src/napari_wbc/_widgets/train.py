@@ -150,9 +150,9 @@ class TrainWidget(CancelWhenRemoved, QWidget):
             return paired.name
         if wbc_meta(labels_layer).get("image_layer") is not None:
             return None  # its image is gone: never guess another one for it
-        shape = tuple(np.shape(labels_layer.data[0] if labels_layer.multiscale else labels_layer.data)[-2:])
+        shape = tuple(np.shape(layer_level0(labels_layer))[-2:])
         same = [lyr.name for lyr in self._images()
-                if tuple((lyr.data[0] if lyr.multiscale else lyr.data).shape[:2]) == shape]  # never loads a lazy image
+                if tuple(layer_level0(lyr).shape[:2]) == shape]  # shapes only: never loads a lazy image
         return same[0] if len(same) == 1 else None  # several of that size (one camera): the user picks
 
     def refresh_pairs(self) -> None:

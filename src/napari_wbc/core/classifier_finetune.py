@@ -169,13 +169,13 @@ def finetune_classifier(images, labels, cell_types, *, base=None, output, device
                       stacklevel=2)
         return base_path
     net.load_state_dict(best_state)
-    from .finetune import data_sha256, file_sha256, fine_tuned_card
+    from .finetune import data_sha256, fine_tuned_card, weights_sha256
 
     new_card = dict(card)
     new_card.update({
         "name": output.stem,
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
-        "finetune": {"base": str(base_path), "base_sha256": file_sha256(base_path),
+        "finetune": {"base": str(base_path), "base_sha256": weights_sha256(base_path, card),
                      "data_sha256": data_sha256([*images, *labels]), "seed": seed, "learning_rate": 3e-4,
                      "cell_types": [{str(k): v for k, v in t.items()} for t in cell_types],
                      "n_cells": int(len(y)), "n_holdout": int(len(val_idx)),

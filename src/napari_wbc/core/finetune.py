@@ -111,6 +111,13 @@ def file_sha256(path) -> str:
     return h.hexdigest()
 
 
+def weights_sha256(path, card: dict) -> str:
+    """The SHA-256 of model file ``path``: its card's ``weights_sha256``, which loading it
+    (:func:`~napari_wbc.core.models.read_weights`) checked against the file, or for an older card
+    without one, read from the file."""
+    return str(card.get("weights_sha256") or file_sha256(path)).lower()
+
+
 def data_sha256(arrays) -> str:
     """A fingerprint of the training arrays (shape, dtype and bytes of each, in order)."""
     from .io import array_digest
@@ -325,11 +332,12 @@ def finetune(
         raise ValueError(f"got {len(images)} images but {len(labels)} label arrays; expected one label array per image")
     if cell_types is not None and len(cell_types) != len(images):
         raise ValueError(f"cell_types has {len(cell_types)} entries; expected one mapping per image ({len(images)})")
-    samples = []
+    samples, as_labels = [], []
     n_cells = 0
     for i, (im, lab) in enumerate(zip(images, labels)):
         rgb = check_image(im)
         lab = _as_labels(lab, i)
+        as_labels.append(lab)  # (the classifier's cells come from the same labels)
         if lab.shape != rgb.shape[:2]:
             raise ValueError(f"labels[{i}] has shape {lab.shape} but images[{i}] is {rgb.shape[:2]}; they must match")
         if min(rgb.shape[:2]) < 16:
@@ -420,7 +428,7 @@ def finetune(
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "finetune": {
             "base": str(base_path),
-            "base_sha256": file_sha256(base_path),
+            "base_sha256": weights_sha256(base_path, card),
             "data_sha256": data_sha256([*images, *labels]),
             "seed": seed,
             "learning_rate": LEARNING_RATE,
@@ -444,8 +452,7 @@ def finetune(
     if cell_types is not None:
         from .classifier_finetune import finetune_classifier
 
-        labs = [_as_labels(lab, i) for i, lab in enumerate(labels)]
-        got = finetune_classifier(images, labs, cell_types, base=cls_base, output=cls_path, device=dev,
+        got = finetune_classifier(images, as_labels, cell_types, base=cls_base, output=cls_path, device=dev,
                                   should_stop=should_stop, unique=auto_name, seed=seed)
         if kept_base and Path(got).resolve() == resolve_model_path(cls_base, "classifier").resolve():
             return base_path  # neither network improved: nothing new to write (both warnings said so)

@@ -340,15 +340,14 @@ def _new_file_mode() -> int:
     return 0o666 & ~mask
 
 
-def atomic_write(path, write_fn, *, overwrite: bool = True) -> Path:
-    """Call ``write_fn(tmp_path)`` then rename onto ``path`` (same folder, so atomic).
+def atomic_write(path, write_fn) -> Path:
+    """Call ``write_fn(tmp_path)`` then rename onto ``path`` (same folder, so atomic). Callers decide
+    whether ``path`` may be replaced (models never are: :func:`~napari_wbc.core.models.save_model`).
 
     The file gets the permissions of the file it replaces, or those of a newly
     created file (mkstemp alone would leave it readable by its owner only).
     """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{str(path)!r} exists; refusing to overwrite it")
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else _new_file_mode()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
