@@ -542,6 +542,21 @@ def test_float_images_of_any_range_train_like_their_uint8_version(scale):
     np.testing.assert_allclose(got, ref, atol=1e-5)
 
 
+def test_12_bit_images_in_uint16_train_like_their_uint8_version():
+    """12-bit camera data in uint16 (0..4095) was divided by 65535 for training: crops 16x darker
+    than the same image in 8 bits, which the colour augmentation (stain, gains) works on."""
+    from napari_wbc.core.train import make_sample
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (30, 40, 3)).astype(np.uint8)
+    img[0, 0] = 255
+    lab = np.zeros((30, 40), np.int32)
+    lab[5:15, 5:15] = 1
+    ref = make_sample(img, lab).rgb
+    got = make_sample((img.astype(np.uint32) * 4095 // 255).astype(np.uint16), lab).rgb
+    np.testing.assert_allclose(got, ref, atol=2e-3)
+
+
 def test_masks_at_or_below_one_and_negative_labels():
     lab = np.zeros((40, 60), np.float32)
     lab[5:15, 5:15], lab[20:30, 30:45] = 0.5, 0.5  # a binary mask of 0/0.5: two cells, not background

@@ -61,8 +61,8 @@ def make_sample(image, labels, *, diameter=None, weight=None, name="") -> Sample
     rgb = check_image(image)
     if rgb.dtype == np.uint8:
         rgb = rgb.astype(np.float32) / 255.0
-    elif rgb.dtype.kind == "u":
-        rgb = rgb.astype(np.float32) / float(np.iinfo(rgb.dtype).max)
+    elif rgb.dtype.kind == "u":  # by the image's top, not the dtype's: 12-bit data in uint16 is 0..4095
+        rgb = rgb.astype(np.float32) / max(float(rgb.max()), 1.0)
     else:  # float: training's colour augmentation works on 0..1, so other ranges (0..255, 0..4095) go there
         rgb = rgb.astype(np.float32)
         lo, hi = min(float(rgb.min()), 0.0), float(rgb.max())
