@@ -122,8 +122,12 @@ def test_cell_types_finetune_the_classifier(tmp_path):
     card_path(seg).write_text(json.dumps(card))
     imgs, labs = zip(*[_pair(i, n=3) for i in range(3)])
     types = [{1: "neutrophil", 2: "lymphocyte", 3: "monocyte"}] * 3
+    seen = []
     out = napari_wbc.finetune(list(imgs), list(labs), base=seg, epochs=1, device="cpu",
-                              output=tmp_path / "ft.safetensors", cell_types=types)
+                              output=tmp_path / "ft.safetensors", cell_types=types,
+                              progress=lambda e, n, m: seen.append((m["stage"], e, n)))
+    # the classifier's epochs are reported too (progress stopped at the segmenter's last epoch)
+    assert seen[0] == ("segmenter", 1, 1) and seen[1:] == [("classifier", e, 10) for e in range(11)]
     from napari_wbc.core.finetune import paired_classifier
 
     card = read_card(out)

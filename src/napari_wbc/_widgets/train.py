@@ -57,7 +57,7 @@ class _Relay(QObject):
     progressed = Signal(int, int, object)
 
 
-def _dice_text(value) -> str:
+def _score_text(value) -> str:
     return "n/a" if value is None else f"{float(value):.3f}"
 
 
@@ -355,13 +355,19 @@ class TrainWidget(CancelWhenRemoved, QWidget):
     def _on_progress(self, epoch: int, total: int, metrics: dict) -> None:
         self.progress.setRange(0, max(total, 1))
         self.progress.setValue(epoch)
+        if metrics.get("stage") == "classifier":  # after the outlines: the classifier's own epochs
+            text = f"classifier: epoch {epoch}/{total} · held-out accuracy {_score_text(metrics.get('holdout_accuracy'))}"
+            if metrics.get("before_accuracy") is not None:
+                text += f" (before {_score_text(metrics['before_accuracy'])})"
+            self.progress.setFormat(text)
+            return
         loss = metrics.get("loss")
         text = f"epoch {epoch}/{total}"
         if loss is not None:
             text += f" · loss {loss:.3f}"
-        text += f" · val Dice {_dice_text(metrics.get('matched_dice'))}"
+        text += f" · val Dice {_score_text(metrics.get('matched_dice'))}"
         if metrics.get("before_dice") is not None:
-            text += f" (before {_dice_text(metrics['before_dice'])})"
+            text += f" (before {_score_text(metrics['before_dice'])})"
         self.progress.setFormat(text)
 
     def _on_return(self, path) -> None:
@@ -384,11 +390,11 @@ class TrainWidget(CancelWhenRemoved, QWidget):
         after = (ft.get("holdout_after") or {}).get("matched_dice")
         if ft.get("kept_base_weights"):
             dice = (f"cell types trained; outlines kept from {base.name}, no epoch beat its validation Dice "
-                    f"{_dice_text(before)}")
+                    f"{_score_text(before)}")
         elif before is None and after is None:
             dice = "no held-out cells to validate on"
         else:
-            dice = f"validation Dice {_dice_text(before)} -> {_dice_text(after)}"
+            dice = f"validation Dice {_score_text(before)} -> {_score_text(after)}"
         msg = f"Train: new model {path.name} ({dice})"
         cls_path = self._new_classifier(path)
         if self._job.get("types_note"):

@@ -95,14 +95,15 @@ def holdout_indices(y: np.ndarray, rng) -> np.ndarray:
 
 
 def finetune_classifier(images, labels, cell_types, *, base=None, output, device=None, epochs=None,
-                        should_stop=None, seed: int = 0, unique: bool = False) -> Path:
+                        should_stop=None, seed: int = 0, unique: bool = False, progress=None) -> Path:
     """Fine-tune the classifier on ``cell_types`` (per image ``{label: type}``); return the model path.
 
     A stratified ~25% of the typed cells is held out (when there are at least 4);
     the best epoch by hold-out accuracy is kept, and the base model's path comes
     back (with a warning) when no epoch beat it. ``output`` must not exist (with ``unique``, a
     name taken by the time the model is saved gets ``_2``, ``_3``...). ``epochs``: default 10,
-    each a pass over the typed cells (not the segmenter's epochs).
+    each a pass over the typed cells (not the segmenter's epochs). ``progress``: optional callable
+    ``(epoch, epochs, metrics)`` with ``holdout_accuracy``, ``before_accuracy`` and ``loss``.
     """
     import torch
     from .device import resolve_device
@@ -137,6 +138,8 @@ def finetune_classifier(images, labels, cell_types, *, base=None, output, device
     before = accuracy()
     best, best_state = before if before is not None else -1.0, None
     epochs = int(epochs) if epochs is not None else 10
+    if progress is not None:
+        progress(0, epochs, {"holdout_accuracy": None, "before_accuracy": before, "loss": None})
     steps = max(4, int(np.ceil(len(tr_idx) / 16)) * 4)
     opt = torch.optim.AdamW(net.parameters(), lr=3e-4, weight_decay=1e-4)
     counts = np.bincount(y[tr_idx], minlength=int(y.max()) + 1).astype(np.float64)
@@ -158,6 +161,8 @@ def finetune_classifier(images, labels, cell_types, *, base=None, output, device
                 opt.step()
         acc = accuracy()
         history.append({"epoch": ep, "loss": float(loss.detach()), "holdout_accuracy": acc})
+        if progress is not None:
+            progress(ep, epochs, {**history[-1], "before_accuracy": before})
         # at least as good as the base on the held-out cells (ties: the later epoch, which learned the
         # corrections longer): mostly confirmed cells the base already got right must not block learning
         if acc >= best:

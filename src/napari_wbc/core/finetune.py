@@ -303,7 +303,9 @@ def finetune(
     output : path of the new ``.safetensors`` (or an existing folder: a new dated file in it);
         None = a new dated file in the user's data folder (never the working directory,
         never the shipped model). An existing file (or its ``.json`` card) is never overwritten.
-    progress : callable ``(epoch, total_epochs, metrics_dict)``.
+    progress : callable ``(epoch, total_epochs, metrics_dict)``; ``metrics_dict["stage"]`` is
+        ``"segmenter"``, then ``"classifier"`` while the classifier trains on ``cell_types``
+        (its own epochs, with ``holdout_accuracy`` and ``before_accuracy``).
     cell_types : optional list (one per image) of ``{label: cell_type}``; when given
         the classifier is fine-tuned the same way and its file is written beside the
         segmenter with ``_classifier`` in the name (its path is in the segmenter card
@@ -391,7 +393,8 @@ def finetune(
 
     def _progress(step, steps, rec):
         if progress is not None:
-            progress(step // STEPS_PER_EPOCH, epochs, {**rec, "before_dice": before["matched_dice"] if before else None})
+            progress(step // STEPS_PER_EPOCH, epochs, {**rec, "stage": "segmenter",
+                                                       "before_dice": before["matched_dice"] if before else None})
 
     best_state, history = train_segmenter(
         net, card, train, val, steps=epochs * STEPS_PER_EPOCH, batch_size=BATCH_SIZE, lr=LEARNING_RATE,
@@ -453,7 +456,9 @@ def finetune(
         from .classifier_finetune import finetune_classifier
 
         got = finetune_classifier(images, as_labels, cell_types, base=cls_base, output=cls_path, device=dev,
-                                  should_stop=should_stop, unique=auto_name, seed=seed)
+                                  should_stop=should_stop, unique=auto_name, seed=seed,
+                                  progress=None if progress is None else
+                                  lambda ep, n, rec: progress(ep, n, {**rec, "stage": "classifier"}))
         if kept_base and Path(got).resolve() == resolve_model_path(cls_base, "classifier").resolve():
             return base_path  # neither network improved: nothing new to write (both warnings said so)
         # beside the segmenter: by file name, so the pair can be moved or copied together
