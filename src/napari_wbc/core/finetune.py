@@ -204,7 +204,7 @@ def _as_labels(lab, i):
         from skimage.segmentation import relabel_sequential
 
         return relabel_sequential(lab.astype(np.int64) if lab.dtype.kind == "f" else lab)[0].astype(np.int32)
-    return lab.astype(np.int32)
+    return lab.astype(np.int32, copy=False)  # read only from here on: the caller's int32 labels as they are
 
 
 def _best_record(history: list[dict]) -> dict | None:
@@ -336,7 +336,13 @@ def finetune(
         raise ValueError(f"cell_types has {len(cell_types)} entries; expected one mapping per image ({len(images)})")
     samples, as_labels = [], []
     n_cells = 0
+
+    def check_stop():  # between the steps of preparing the data (tens of seconds each on a big smear)
+        if should_stop is not None and should_stop():
+            raise FinetuneCancelled("fine-tuning was cancelled; no model file was written")
+
     for i, (im, lab) in enumerate(zip(images, labels)):
+        check_stop()
         rgb = check_image(im)
         lab = _as_labels(lab, i)
         as_labels.append(lab)  # (the classifier's cells come from the same labels)
@@ -377,6 +383,7 @@ def finetune(
     net.load_state_dict(base_state)
     net.to(dev)
     rng = np.random.default_rng(seed)
+    check_stop()
     train, val = _split_holdout(samples, rng)
     if epochs is None:
         epochs = DEFAULT_EPOCHS

@@ -64,7 +64,7 @@ def make_sample(image, labels, *, diameter=None, weight=None, name="") -> Sample
     elif rgb.dtype.kind == "u":  # by the image's top, not the dtype's: 12-bit data in uint16 is 0..4095
         rgb = rgb.astype(np.float32) / max(float(rgb.max()), 1.0)
     else:  # float: training's colour augmentation works on 0..1, so other ranges (0..255, 0..4095) go there
-        rgb = rgb.astype(np.float32)
+        rgb = rgb.astype(np.float32, copy=False)  # (a float32 image in range, e.g. a hold-out strip: no copy)
         lo, hi = min(float(rgb.min()), 0.0), float(rgb.max())
         if hi > 1.0 or lo < 0.0:
             rgb = (rgb - lo) / max(hi - lo, 1e-6)
@@ -415,9 +415,12 @@ def train_segmenter(
     rng = np.random.default_rng(seed)
     net.to(dev)
     target = float(card.get("target_diameter", TARGET_DIAMETER))
-    train = [rescaled(s, target) for s in train]
-    if empty_share > 0:
-        train = [with_empty_points(s) for s in train]
+    prepared = []
+    for s in train:  # tens of seconds each on a big smear: a cancel is honoured between them
+        if should_stop is not None and should_stop():
+            return None, []
+        prepared.append(with_empty_points(rescaled(s, target)) if empty_share > 0 else rescaled(s, target))
+    train = prepared
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     averaged = None
     if ema > 0:
