@@ -475,6 +475,33 @@ def test_workers_processes(tmp_path, tiny_models):
     assert st == {"bad": "failed", "s0": "ok", "s1": "ok"}
 
 
+def test_workers_are_fewer_when_they_would_not_fit_in_memory(tmp_path, tiny_models, monkeypatch, capsys):
+    """--workers N ran N processes whatever the images' size: out of memory, the system kills a
+    process, maybe the user's napari. Now as many as fit with the largest image, said on stderr."""
+    import tifffile
+
+    from napari_wbc.core.io import image_size
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    Image.fromarray(smear(seed=0)).save(inp / "s0.png")
+    tifffile.imwrite(inp / "s1.tif", np.zeros((300, 500, 3), np.uint8))
+    h, w = smear(seed=0).shape[:2]
+    assert image_size(inp / "s0.png") == (h, w) and image_size(inp / "s1.tif") == (300, 500)
+    assert image_size(inp / "missing.png") is None
+    files = sorted(inp.iterdir())
+    need = batch.WORKER_BASE_BYTES + batch.WORKER_BYTES_PER_PIXEL * max(h * w, 300 * 500)
+    assert batch.workers_for_memory(files, 4, available=int(4.5 * need)) == (4, None)
+    n, note = batch.workers_for_memory(files, 4, available=int(2.5 * need))
+    assert n == 2 and "2 worker processes instead of 4" in note
+    assert batch.workers_for_memory(files, 4, available=need // 2)[0] == 1  # never none
+    monkeypatch.setattr(batch, "available_memory", lambda: int(1.5 * need))
+    assert main(seg_args([inp], tmp_path / "out", tiny_models, "--workers", "2")) == 0
+    assert "1 worker process instead of 2" in capsys.readouterr().err
+    assert set(pd.read_csv(tmp_path / "out" / "summary.csv")["status"]) == {"ok"}
+    assert "1 worker process instead of 2" in (tmp_path / "out" / "report.html").read_text()
+
+
 def test_a_killed_worker_process_fails_no_other_image(tmp_path, tiny_models):
     """A worker process killed (by the kernel, for memory) broke the pool, and every image of the batch
     failed with BrokenProcessPool, the other worker's too: they are done again, each alone."""

@@ -321,10 +321,14 @@ def cmd_segment(args) -> int:
                             refresh=False)
         bar.update(1)
 
+    def note(message):  # fewer worker processes than asked: the report says so too
+        bar.write(f"napari-wbc: {message}", file=sys.stderr)
+        info["parallelism"] = message
+
     t0 = datetime.datetime.now()
     try:
         rows = batch.run_batch(files, out_dir, settings, workers=args.workers, scheduler=args.scheduler,
-                               on_result=on_result)
+                               on_result=on_result, on_note=note)
     except OSError as e:
         if args.scheduler:
             raise UsageError(f"could not reach the dask scheduler at {args.scheduler!r}: {e}") from None

@@ -68,6 +68,30 @@ def _open_pil(path: Path):
     return im
 
 
+def image_size(path) -> tuple[int, int] | None:
+    """``(height, width)`` of an image file from its header (nothing decoded); None when unreadable."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(str(path)) as tf:
+                series = tf.series[0]
+                return series.shape[series.axes.index("Y")], series.shape[series.axes.index("X")]
+        from PIL import Image
+
+        with _PIL_LIMIT:
+            old = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None
+            try:
+                with Image.open(path) as im:
+                    return im.size[1], im.size[0]
+            finally:
+                Image.MAX_IMAGE_PIXELS = old
+    except Exception:  # noqa: BLE001 - reading it for real reports what is wrong
+        return None
+
+
 def is_image_path(path) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
