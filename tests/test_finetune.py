@@ -746,3 +746,32 @@ def test_the_hold_out_strip_shares_the_image_and_labels_are_not_copied():
     (tr,), (va,) = F._strip_holdout(s)
     assert np.shares_memory(tr.rgb, s.rgb) and np.shares_memory(va.rgb, s.rgb)
     np.testing.assert_array_equal(np.concatenate([tr.rgb, va.rgb], axis=1), s.rgb)
+
+
+def test_the_classifier_fine_tuned_is_the_one_the_segmenter_types_with(tmp_path, monkeypatch):
+    """finetune started from a `<stem>_classifier` lying beside a base segmenter whose card names
+    none, while napari, the CLI and the batch type that segmenter's cells with the shipped classifier
+    (classifier_for): corrections were then learned on top of another classifier than the one shown."""
+    import shutil
+
+    from napari_wbc.core import classifier_finetune as CF
+    from napari_wbc.core.finetune import classifier_for
+    from napari_wbc.core.testing import make_tiny_classifier
+
+    seg = make_tiny_segmenter(tmp_path / "seg.safetensors", target_diameter=16)  # its card names no classifier
+    make_tiny_classifier(tmp_path / "seg_classifier.safetensors")  # a stray file beside it
+    assert classifier_for(seg) is None
+    bases = []
+
+    def fake_classifier(images, labels, cell_types, *, base, output, **kw):
+        bases.append(base)
+        shutil.copy(tmp_path / "seg_classifier.safetensors", output)
+        shutil.copy(tmp_path / "seg_classifier.json", output.with_suffix(".json"))
+        return output
+
+    monkeypatch.setattr(CF, "finetune_classifier", fake_classifier)
+    monkeypatch.setattr(CF, "check_cell_types", lambda *a: None)
+    imgs, labs = zip(*[_pair(i, n=3) for i in range(2)])
+    napari_wbc.finetune(list(imgs), list(labs), base=seg, epochs=1, device="cpu",
+                        output=tmp_path / "ft.safetensors", cell_types=[{1: "neutrophil"}] * 2)
+    assert bases == [None]  # the shipped classifier, as classifier_for says

@@ -374,7 +374,7 @@ def finetune(
         cls_path = out_path.with_name(out_path.stem + "_classifier.safetensors")
         refuse_existing(cls_path, "classifier output")
         # start from the classifier that goes with the base segmenter (a fine-tuned pair), else the shipped one
-        cls_base = paired_classifier(base_path, card)
+        cls_base = classifier_for(base_path)  # the one that types with it in napari, the CLI and the batch
         check_cell_types(cell_types, read_card(resolve_model_path(cls_base, "classifier")))
 
     dev = resolve_device(device)
