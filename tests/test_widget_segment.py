@@ -70,6 +70,16 @@ def test_segment_adds_labels_layer(qtbot, seg, tiny_segmenter):
     assert meta["model"] == str(tiny_segmenter)
     assert meta["diameter"] == 16
     assert widget.buttons.run.isEnabled()
+    assert len(ids) and lab.selected_label == ids.max() + 1  # painting a missed cell makes a new one
+
+
+def test_painting_after_segmenting_adds_a_new_cell(qtbot, seg):
+    viewer, widget, _ = seg
+    run(qtbot, widget)
+    (lab,) = wbc_labels(viewer)
+    n = len(np.unique(lab.data[lab.data > 0]))
+    lab.paint((2, 2), lab.selected_label)  # a missed cell, painted with napari's brush as it comes
+    assert len(np.unique(lab.data[lab.data > 0])) == n + 1
 
 
 def test_rerun_keeps_edited_layer(qtbot, seg):

@@ -345,6 +345,9 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
 
             render_types(self.viewer, layer)  # the old cells' types go with them (until typed again)
             self.viewer.layers.selection.active = layer
+        # painting straight away draws a new cell (napari starts on label 1: a missed cell painted
+        # before pressing "new label" became part of cell 1, in two pieces)
+        layer.selected_label = int(features["label"].max()) + 1 if len(features) else 1
         return layer
 
 
