@@ -260,3 +260,23 @@ def test_labels_saved_and_opened_again_pair_with_their_own_image(tr, tmp_path):
     mine = viewer.add_labels(np.zeros((64, 64), np.uint16), name="drawn by hand")
     widget.set_pair(mine)
     assert (mine, None) in widget.pairs()  # two images of its size: the user picks
+
+
+def test_only_corrected_segmentations_are_ticked(qtbot, tr, tiny_segmenter):
+    """Every labels layer with an image was ticked: an untouched segmentation of another smear, or a
+    second one of the image corrected in the first (which contradicts the corrections), trained too."""
+    viewer, widget, seg, lab, _ = tr
+    seg.set_diameter(16)
+    seg.device_combo.set_device("cpu")
+    seg.add_model(tiny_segmenter, select=True)
+    lab.paint((2, 2), 9)  # the fixture's layer: corrected
+    seg.segment()
+    qtbot.waitUntil(lambda: not seg.running, timeout=TIMEOUT)
+    fresh = viewer.layers["smear WBC labels [2]"]
+    assert [p[0] for p in widget.pairs()] == [lab]  # the untouched one is listed, not ticked
+    assert widget.pairs_table.rowCount() == 2
+    fresh.paint((3, 3), int(fresh.data.max()) + 1)  # corrected now: ticked
+    assert [p[0] for p in widget.pairs()] == [lab, fresh]
+    widget.set_pair(fresh, use=False)  # the user's choice stands
+    fresh.paint((4, 4), int(fresh.data.max()) + 1)
+    assert [p[0] for p in widget.pairs()] == [lab]

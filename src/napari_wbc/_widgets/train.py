@@ -47,6 +47,7 @@ from ._common import (
     wbc_meta,
     reset_progress,
 )
+from .segment import is_untouched
 
 NO_IMAGE = "(choose image)"
 
@@ -72,7 +73,8 @@ class TrainWidget(CancelWhenRemoved, QWidget):
         self.worker = None
         self._stop = threading.Event()  # read by the worker thread; not a Qt object
         self._job = None
-        self._use: dict[int, bool] = {}  # id(labels layer) -> included
+        self._use: dict[int, bool] = {}  # id(labels layer) -> included, as the user ticked it
+        self._auto: dict[int, bool] = {}  # id(labels layer) -> included unless the user said: corrected ones
         self._image_pick: dict[int, str] = {}  # id(labels layer) -> image layer name
 
         self.pairs_table = QTableWidget(0, len(self.COLS))
@@ -165,8 +167,11 @@ class TrainWidget(CancelWhenRemoved, QWidget):
             image_names = [lyr.name for lyr in self._images()]
             for r, lab in enumerate(labels_layers):
                 key = id(lab)
-                if key not in self._use:
-                    self._use[key] = paired_image(self.viewer, lab) is not None
+                if key not in self._auto:  # a segmentation nobody corrected teaches nothing (another of an
+                    # image corrected in a second layer contradicts the corrections): not ticked by default
+                    self._auto[key] = paired_image(self.viewer, lab) is not None and not is_untouched(lab)
+                    if not self._auto[key]:
+                        lab.events.paint.connect(self._on_painted)  # corrected later: ticked then
                 pick = self._image_pick.get(key)
                 if pick not in image_names:
                     pick = self._default_image(lab)
@@ -174,7 +179,7 @@ class TrainWidget(CancelWhenRemoved, QWidget):
                         self._image_pick[key] = pick
                 use = QTableWidgetItem()
                 use.setFlags(Qt.ItemFlag.ItemIsUserCheckable | Qt.ItemFlag.ItemIsEnabled)
-                use.setCheckState(Qt.CheckState.Checked if self._use[key] else Qt.CheckState.Unchecked)
+                use.setCheckState(Qt.CheckState.Checked if self._ticked(lab) else Qt.CheckState.Unchecked)
                 use.setData(Qt.ItemDataRole.UserRole, key)
                 table.setItem(r, 0, use)
                 name = QTableWidgetItem(lab.name)
@@ -188,11 +193,23 @@ class TrainWidget(CancelWhenRemoved, QWidget):
                 combo.currentTextChanged.connect(lambda text, key=key: self._on_image_picked(key, text))
                 table.setCellWidget(r, 2, combo)
             alive_keys = {id(lyr) for lyr in labels_layers}
-            for d in (self._use, self._image_pick):
+            for d in (self._use, self._auto, self._image_pick):
                 for k in [k for k in d if k not in alive_keys]:
                     del d[k]
         finally:
             table.blockSignals(False)
+
+    def _ticked(self, labels_layer) -> bool:
+        key = id(labels_layer)
+        return self._use.get(key, self._auto.get(key, False))
+
+    def _on_painted(self, event=None) -> None:
+        layer = getattr(event, "source", None)
+        if not alive(self) or layer is None or self._auto.get(id(layer)) is not False:
+            return
+        layer.events.paint.disconnect(self._on_painted)
+        self._auto[id(layer)] = paired_image(self.viewer, layer) is not None
+        self.refresh_pairs()
 
     def _on_item_changed(self, item) -> None:
         if item.column() == 0:
@@ -218,7 +235,7 @@ class TrainWidget(CancelWhenRemoved, QWidget):
         images = {lyr.name: lyr for lyr in self._images()}
         out = []
         for lab in self._labels_layers():
-            if self._use.get(id(lab)):
+            if self._ticked(lab):
                 out.append((lab, images.get(self._image_pick.get(id(lab)))))
         return out
 
