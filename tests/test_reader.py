@@ -386,3 +386,21 @@ def test_large_8bit_images_read_exactly_into_a_writable_array(tmp_path, mode):
     got = read_image(tmp_path / "big.png")
     assert got.dtype == np.uint8 and got.flags.writeable
     np.testing.assert_array_equal(got, arr)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32, np.int32])
+def test_labels_saved_with_naparis_own_writer_open_as_labels(tmp_path, dtype):
+    """Labels saved with napari's builtin TIFF writer (no cells table, no _labels name) opened as an
+    image layer that neither Classify nor Train could use; a 16-bit camera picture stays an image."""
+    lab = np.zeros((80, 100), dtype)
+    lab[10:30, 10:30], lab[40:70, 50:90] = 3, 7
+    tifffile.imwrite(tmp_path / "corrected.tif", lab)
+    data, kwargs, kind = read(tmp_path / "corrected.tif")["corrected"]
+    assert kind == "labels"
+    np.testing.assert_array_equal(data, lab)
+    rng = np.random.default_rng(0)
+    picture = (rng.normal(30000, 3000, (80, 100))).astype(np.uint16)
+    picture[:, :30] = 0  # black outside the field of view
+    tifffile.imwrite(tmp_path / "camera.tif", picture)
+    _, kwargs, kind = read(tmp_path / "camera.tif")["camera"]
+    assert kind == "image"

@@ -70,6 +70,21 @@ def is_mask_path(path) -> bool:
     return any(path.stem.lower().endswith(s) for s in MASK_SUFFIXES) or path.parent.name.lower() == "masks"
 
 
+def looks_like_labels(arr: np.ndarray) -> bool:
+    """A 2-D 16-64-bit integer array that is a label image, not a greyscale picture: 32/64-bit integers
+    (no camera stores those), or 16-bit mostly 0 with flat regions (a 16-bit camera's picture is neither)."""
+    if arr.ndim != 2 or arr.dtype.kind not in "ui" or arr.dtype.itemsize < 2 or arr.size == 0:
+        return False  # (8-bit: masks are told by their names, see is_mask_path)
+    if arr.dtype.itemsize >= 4:
+        return arr.min() >= 0
+    step = max(1, int(np.sqrt(arr.size / 1e6)))
+    sub = arr[::step, ::step]
+    nz = sub[:, :-1] != 0
+    if nz.mean() > 0.7 or not nz.any():
+        return False
+    return float((sub[:, :-1][nz] == sub[:, 1:][nz]).mean()) >= 0.9 and int(sub.max()) > 1
+
+
 def _read_one(path: Path) -> list[tuple]:
     meta = {"path": str(path)}
     cells_csv = saved_cells_table(path)  # x.tif + x_cells.csv; the CLI's x_labels.tif + x_cells.csv
@@ -90,6 +105,9 @@ def _read_one(path: Path) -> list[tuple]:
 
     if arr is None:
         arr = read_image(path)
+    if path.suffix.lower() in (".tif", ".tiff") and looks_like_labels(arr):  # e.g. saved with napari's own
+        # writer (no cells table): a labels layer, which Classify and Train can use, not an image
+        return [(labels_for_layer(arr), {"name": path.stem, "metadata": meta}, "labels")]
     layers = [_image_layer(path, arr)]
     shape2d = layers[0][0].shape[:2]
 
