@@ -704,3 +704,89 @@ def test_cli_import_is_light():
             "print(' '.join(m for m in ('torch', 'napari', 'qtpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"importing the CLI loaded {out}"
+
+
+@pytest.mark.parametrize("meanwhile", ["another image's run", "a correction saved"])
+def test_outputs_written_while_an_image_is_segmented_are_kept(tmp_path, tiny_models, monkeypatch, meanwhile):
+    """The replace check ran before segmenting and the outputs were written minutes later: another run's
+    outputs of the same name (two runs into one folder) or a correction saved meanwhile were replaced."""
+    import tifffile
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    Image.fromarray(smear(seed=1)).save(inp / "x.png")
+    out = tmp_path / "out"
+    settings = batch.Settings(model=str(tiny_models[0]), classifier=str(tiny_models[1]), device="cpu")
+    if meanwhile == "a correction saved":
+        assert batch.process_one(inp / "x.png", out, settings)["status"] == "ok"
+        Image.fromarray(smear(seed=5)).save(inp / "x.png")  # the smear changed: to be done again
+    other = tmp_path / "other" / "x.png"
+    other.parent.mkdir()
+    Image.fromarray(smear(seed=2)).save(other)
+    import napari_wbc.core.segment as S
+
+    real_iter = S.iter_segment
+
+    def slow_segment(*a, **k):  # while this run segments, the outputs are written by someone else
+        if meanwhile == "another image's run":
+            monkeypatch.setattr(S, "iter_segment", real_iter)
+            assert batch.process_one(other, out, settings)["status"] == "ok"
+        else:
+            tifffile.imwrite(out / "x_labels.tif", np.full((64, 80), 7, np.uint16))  # the user's correction
+        theirs.update({f.name: f.read_bytes() for f in out.iterdir()})
+        yield from real_iter(*a, **k)
+
+    monkeypatch.setattr(S, "iter_segment", slow_segment)
+    theirs = {}
+    row = batch.process_one(inp / "x.png", out, settings)
+    assert theirs
+    assert row["status"] == "failed" and "not overwritten" in row["error"], row
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == theirs
+
+
+def test_output_name_suffixes_never_take_another_inputs_name(tmp_path):
+    p = tmp_path / "p"
+    files = [p / "a.png", p / "a.tif", p / "p_a-2.png"]
+    names = batch.output_names(files)
+    assert len({n.lower() for n in names}) == 3 and names[2] == "p_a-2", names
+
+
+def test_a_report_without_its_summary_is_kept_aside(tmp_path):
+    (tmp_path / "report.html").write_text("someone's report")
+    moved = batch.keep_earlier_summary(tmp_path, [])
+    assert len(moved) == 1 and moved[0].read_text() == "someone's report"
+    assert not (tmp_path / "report.html").exists()
+
+
+def test_stale_temporaries_of_a_killed_run_are_removed_and_nothing_else(tmp_path):
+    import time
+
+    from napari_wbc.core.io import remove_stale_temporaries
+
+    old = time.time() - 7200
+    files = {n: tmp_path / n for n in (".x_labels.ab3de_7h.tif", ".summary.k2j4h5g6.csv", ".x_labels.ab3de_7h.csv",
+                                       ".notes.abcdefgh.txt", "x_labels.tif", ".x_cells.fresh123.csv")}
+    for f in files.values():
+        f.write_text("")
+        if "fresh" not in f.name:
+            os.utime(f, (old, old))
+    removed = remove_stale_temporaries(tmp_path, ["x_labels.tif", "x_cells.csv", "summary.csv"])
+    assert sorted(f.name for f in removed) == [".summary.k2j4h5g6.csv", ".x_labels.ab3de_7h.tif"]
+    assert sorted(f.name for f in tmp_path.iterdir()) == sorted(
+        [".x_labels.ab3de_7h.csv", ".notes.abcdefgh.txt", "x_labels.tif", ".x_cells.fresh123.csv"])
+
+
+def test_write_errors_name_the_file_and_long_names_fit(tmp_path, monkeypatch):
+    import errno
+
+    from napari_wbc.core.io import atomic_write
+
+    def full(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="could not write .*report.html.*No space left"):
+        atomic_write(tmp_path / "report.html", full)
+    assert list(tmp_path.iterdir()) == []
+    long = tmp_path / ("x" * 240 + "_labels.tif")  # 251 bytes: fits; its temporary name must too
+    atomic_write(long, lambda tmp: Path(tmp).write_bytes(b"ok"))
+    assert long.read_bytes() == b"ok"

@@ -226,3 +226,15 @@ def test_forward_passes_and_graph_tracing_in_other_threads_do_not_collide(tiny):
         stop.set()
         t.join()
     assert not errors, errors
+
+
+def test_a_dangling_link_counts_as_an_existing_model_file(tmp_path):
+    """An --out that is a dangling symlink passed the start-up checks and failed only after training
+    ('written meanwhile'), the trained weights lost."""
+    import os
+
+    from napari_wbc.core.models import existing_model_file
+
+    link = tmp_path / "dang.safetensors"
+    os.symlink(tmp_path / "nowhere.safetensors", link)
+    assert existing_model_file(link) == link

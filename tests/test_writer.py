@@ -121,3 +121,17 @@ def test_a_cell_table_follows_labels_edited_since_it_was_made(tmp_path):
     assert list(table["area"]) == [50, 48, 20]
     assert table["cell_type"].tolist()[:2] == ["lymphocyte", "monocyte"] and pd.isna(table["cell_type"][2])
     assert table["corrected"].tolist() == [True, False, False]
+
+
+def test_a_smear_name_beside_batch_outputs_does_not_replace_their_table(tmp_path):
+    """Saving labels as x.tif beside the batch's x_labels.tif replaced x_cells.csv, that file's table:
+    the batch then counted the wrong cells for x. Refused now, nothing written."""
+    lab = np.zeros((20, 20), np.uint16)
+    lab[2:8, 2:8] = 1
+    tifffile.imwrite(tmp_path / "x_labels.tif", lab)
+    (tmp_path / "x_cells.csv").write_text("label,cell_type\n1,lymphocyte\n")
+    with pytest.raises(ValueError, match="x_cells.csv.*belongs to 'x_labels.tif'"):
+        write_labels(str(tmp_path / "x.tif"), lab, {})
+    assert (tmp_path / "x_cells.csv").read_text() == "label,cell_type\n1,lymphocyte\n"
+    assert not (tmp_path / "x.tif").exists()
+    write_labels(str(tmp_path / "x_labels.tif"), lab, {})  # saving the batch's labels themselves is fine

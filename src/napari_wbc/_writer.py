@@ -65,8 +65,13 @@ def write_labels(path: str, data, meta: dict) -> list[str]:
     source = ((meta or {}).get("metadata") or {}).get("napari_wbc") or {}
     keep = {k: source[k] for k in SAVED_META_KEYS if source.get(k) is not None}
     description = json.dumps({"napari_wbc": keep}) if keep else None
+    csv_path = cells_table_path(tif_path)
+    owner = next((o for o in (tif_path.with_name(f"{tif_path.stem}_labels{e}") for e in TIFF_SUFFIXES) if o.is_file()), None)
+    if owner is not None and not tif_path.stem.endswith("_labels"):  # x.tif beside the batch's x_labels.tif:
+        raise ValueError(  # x_cells.csv is that file's table (the batch counts it); nothing written
+            f"cannot save {tif_path.name!r} here: its cells table {csv_path.name!r} belongs to {owner.name!r} "
+            f"beside it (the batch tool's outputs); save as {owner.name!r} to correct those, or under another name")
     atomic_write(tif_path, lambda tmp: tifffile.imwrite(tmp, labels, compression="zlib", description=description,
                                                         metadata=None if description else {}))
-    csv_path = cells_table_path(tif_path)
     atomic_write(csv_path, lambda tmp: table.to_csv(tmp, index=False))
     return [str(tif_path), str(csv_path)]

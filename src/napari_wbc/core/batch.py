@@ -22,6 +22,7 @@ it can run in a process pool or on a dask.distributed cluster
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import datetime
 import html
@@ -35,7 +36,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from .io import IMAGE_SUFFIXES, MASK_SUFFIXES, atomic_write, free_path
+from .io import IMAGE_SUFFIXES, MASK_SUFFIXES, atomic_write, free_path, remove_stale_temporaries
 
 CLASSES = ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"]
 PROB_COLUMNS = [f"p_{c}" for c in CLASSES]
@@ -193,12 +194,17 @@ def output_names(files: Sequence[Path]) -> list[str]:
             parent = Path(f).absolute().parent.name or "root"
             s = f"{parent}_{s}"
         names.append(s)
-    used: dict[str, int] = {}
+    taken = {n.lower() for n in names}  # case-insensitive file systems
+    seen: set[str] = set()
     out = []
     for n in names:
-        k = n.lower()  # case-insensitive file systems
-        used[k] = used.get(k, 0) + 1
-        out.append(n if used[k] == 1 else f"{n}-{used[k]}")
+        k, i = n.lower(), 1
+        if k in seen:  # -2, -3... but never a name another input has (p_a-2.png beside two p_a)
+            i = 2
+            while f"{k}-{i}" in taken or f"{k}-{i}" in seen:
+                i += 1
+        seen.add(k if i == 1 else f"{k}-{i}")
+        out.append(n if i == 1 else f"{n}-{i}")
     return out
 
 
@@ -308,6 +314,27 @@ def check_replaceable(path, outs: dict, marker: dict | None) -> None:
 
 
 # ------------------------------------------------------------------ one image
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """Hold an exclusive lock on ``folder`` (POSIX ``flock``; released if the process dies): napari-wbc
+    processes writing outputs there take turns. Where locks are not available, nothing is held."""
+    try:
+        import fcntl
+
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):  # not POSIX, or a folder that cannot be opened: no lock
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks
+            pass
+        yield
+    finally:
+        os.close(fd)
+
+
 def _set_threads(n):
     if n:
         import torch
@@ -491,11 +518,15 @@ def process_one(path, out_dir, settings: Settings | None = None, name: str | Non
         table = cells_table(labels, types)
         counts, pct = differential(table["cell_type"]) if settings.classify else ({}, {})
         out_dir.mkdir(parents=True, exist_ok=True)
-        # outputs change below: a pending marker (this source, nothing vouched for) replaces the old one
-        pending = {"stamp": stamp, "pending": True}
-        atomic_write(outs["done"], lambda tmp: Path(tmp).write_text(json.dumps(pending, indent=1)))
-        _write_labels(outs["labels"], labels)
-        atomic_write(outs["cells"], lambda tmp: table.to_csv(tmp, index=False, float_format="%.6g"))
+        with _folder_lock(out_dir):  # another napari-wbc process writing here waits (it checks again too)
+            if not settings.overwrite:  # again, just before writing: minutes went by (another run's
+                check_replaceable(path, outs, _read_marker(outs))  # outputs, a correction saved meanwhile)
+            # outputs change below: a pending marker (this source, nothing vouched for) replaces the old one
+            pending = {"stamp": stamp, "pending": True}
+            atomic_write(outs["done"], lambda tmp: Path(tmp).write_text(json.dumps(pending, indent=1)))
+            _write_labels(outs["labels"], labels)
+            atomic_write(outs["cells"], lambda tmp: table.to_csv(tmp, index=False, float_format="%.6g"))
+            outputs = {k: _file_stamp(outs[k]) for k in ("labels", "cells")}
         row.update({
             "status": STATUS_OK,
             "n_wbc": int(len(table)),
@@ -507,7 +538,7 @@ def process_one(path, out_dir, settings: Settings | None = None, name: str | Non
             "seconds": round(time.perf_counter() - t0, 2),
         })
         marker = {"stamp": stamp, "row": row, "written": datetime.datetime.now().isoformat(timespec="seconds"),
-                  "outputs": {k: _file_stamp(outs[k]) for k in ("labels", "cells")}}
+                  "outputs": outputs}
         atomic_write(outs["done"], lambda tmp: Path(tmp).write_text(json.dumps(marker, indent=1)))
         if settings.thumbnail:
             row["thumbnail"] = _thumb_b64(image, labels, _types_by_label(table))
@@ -562,6 +593,9 @@ def run_batch(
     names = output_names(files)
     out_dir = Path(out_dir).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
+    # what a killed earlier run left half written (hidden, never mistaken for outputs): cleared
+    remove_stale_temporaries(out_dir, [p.name for n in names for p in output_paths(out_dir, n).values()]
+                             + ["summary.csv", "report.html"])
     rows: list[dict | None] = [None] * len(files)
 
     def done(i, row):
@@ -743,16 +777,19 @@ def keep_earlier_summary(out_dir, rows: Sequence[dict]) -> list[Path]:
     out_dir = Path(out_dir)
     prev = out_dir / "summary.csv"
     if not prev.is_file():
-        return []
+        prev = out_dir / "report.html"  # alone (its summary deleted, or not ours): kept aside too
+        if not prev.is_file():
+            return []
+        earlier = None
     try:
-        earlier = {str(p) for p in pd.read_csv(prev)["path"].dropna()}
+        earlier = {str(p) for p in pd.read_csv(prev)["path"].dropna()} if prev.suffix == ".csv" else None
     except Exception:  # noqa: BLE001 - unreadable or not ours: keep it all the same
         earlier = None
     if earlier is not None and earlier <= {str(r["path"]) for r in rows}:
         return []
     stamp = datetime.datetime.fromtimestamp(prev.stat().st_mtime).strftime("%Y%m%d-%H%M%S")
     moved = []
-    for f in (prev, out_dir / "report.html"):
+    for f in (out_dir / "summary.csv", out_dir / "report.html"):
         if not f.is_file():
             continue
         dest = free_path(f.with_name(f"{f.stem}_{stamp}{f.suffix}"))

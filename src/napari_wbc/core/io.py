@@ -374,14 +374,52 @@ def atomic_write(path, write_fn) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else _new_file_mode()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    # (a long name is cut: the hidden temporary name must fit the file system's 255 bytes too)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem[:TEMP_STEM_MAX]}.", suffix=path.suffix)
     os.close(fd)
     try:
         write_fn(tmp)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None and str(path) not in str(e):  # (disk full...)
+            raise type(e)(e.errno, f"could not write {str(path)!r}: {e.strerror or e}") from e
         raise
     return path
+
+
+TEMP_STEM_MAX = 100
+
+
+def remove_stale_temporaries(folder, names, older_than_s: float = 3600.0) -> list[Path]:
+    """Remove the hidden temporary files :func:`atomic_write` left in ``folder`` for the files named
+    ``names`` when its process was killed (``.<stem>.XXXXXXXX<suffix>``), older than ``older_than_s``
+    (a write in progress is younger); returns them. Nothing else is touched."""
+    import re
+    import time
+
+    folder = Path(folder)
+    wanted = {}
+    for n in names:
+        n = Path(n)
+        wanted.setdefault(n.suffix, set()).add(n.stem[:TEMP_STEM_MAX])
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    pattern = re.compile(r"^\.(.+)\.[a-z0-9_]{8}(\.[^.]+)$")
+    now = time.time()
+    for f in entries:
+        m = pattern.match(f.name)
+        if not m or m.group(1) not in wanted.get(m.group(2), ()):
+            continue
+        try:
+            if f.is_file() and not f.is_symlink() and now - f.stat().st_mtime > older_than_s:
+                f.unlink()
+                removed.append(f)
+        except OSError:
+            pass
+    return removed

@@ -112,7 +112,7 @@ def model_file(path) -> Path:
 def existing_model_file(path) -> Path | None:
     """The weights (``.safetensors``) or card (``.json``) of ``path`` that already exists, if any:
     a new model must not be written there (models are never overwritten)."""
-    return next((p for p in (Path(path), card_path(path)) if p.exists()), None)
+    return next((p for p in (Path(path), card_path(path)) if os.path.lexists(p)), None)  # a dangling link too
 
 
 def resolve_model_path(model, kind: str) -> Path:
