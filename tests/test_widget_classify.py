@@ -130,6 +130,7 @@ def test_export_csv(qtbot, cls, tmp_path):
     assert [p.name for p in written] == ["cells.csv", "cells_counts.csv"]
     cells = pd.read_csv(written[0])
     assert list(cells["label"]) == [1, 2, 3, 4]
+    assert set(cells["image"]) == set(pd.read_csv(written[1])["image"]) == {"smear"}  # which smear they count
     assert cells.set_index("label").loc[3, "cell_type"] == "eosinophil"
     assert bool(cells.set_index("label").loc[3, "corrected"])
     counts = pd.read_csv(written[1]).set_index("cell_type")
@@ -175,6 +176,12 @@ def test_review_goes_from_least_confident_and_skips_confirmed(qtbot, cls):
     assert widget.cell_spin.value() == 2
     centre = lab.features.set_index("label").loc[2, ["centroid-0", "centroid-1"]].to_numpy(float) * 0.5
     np.testing.assert_allclose(viewer.camera.center[-2:], centre)
+    box = lab.features.set_index("label").loc[2, ["bbox-0", "bbox-1", "bbox-2", "bbox-3"]].to_numpy(float) * 0.5
+    extent = max(box[2] - box[0], box[3] - box[1])
+    assert viewer.camera.zoom * extent >= 249  # the cell shown large enough to judge
+    viewer.camera.zoom = 1000.0
+    widget.review_next()
+    assert viewer.camera.zoom == 1000.0  # never zooms out
     widget.set_type_button.click()  # confirms the type shown
     row = lab.features.set_index("label").loc[2]
     assert bool(row["corrected"]) and row["confidence"] == 1.0
@@ -288,3 +295,9 @@ def test_table_follows_edits_made_before_the_widget_opened_and_export_is_current
     assert counts.loc["total", "count"] == 5  # none typed: no percent is 100
     assert counts.loc["unclassified", "count"] == 5 and counts.loc["total typed", "count"] == 0
     assert counts["percent"].isna().all()  # not 0.0 % of each type (the CLI leaves them empty too)
+
+
+def test_set_type_with_no_cell_chosen_says_how_to_choose_one(cls):
+    viewer, widget, lab = cls
+    with pytest.raises(ValueError, match="no cell chosen: click a cell"):
+        widget.set_type(0, "lymphocyte")

@@ -51,6 +51,20 @@ def test_widget_lists_image_layers_and_models(seg, tiny_segmenter):
     assert devices[0] == "auto" and devices[-1] == "cpu"
 
 
+def test_the_image_picker_starts_on_the_selected_image(make_napari_viewer):
+    """With a sample and a smear open and the smear selected, Segment picked the first image layer."""
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((32, 32, 3), np.uint8), name="sample", rgb=True)
+    smear = viewer.add_image(np.zeros((32, 32, 3), np.uint8), name="smear", rgb=True)
+    viewer.add_image(np.zeros((32, 32, 3), np.uint8), name="third", rgb=True)
+    viewer.layers.selection.active = smear
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment WBCs")
+    assert widget.image_combo.layer() is smear
+    viewer.layers.selection.clear()
+    _, classify = viewer.window.add_plugin_dock_widget(PLUGIN, "Classify WBCs")
+    assert classify.image_combo.layer() is viewer.layers["third"]  # nothing selected: the newest
+
+
 def test_segment_adds_labels_layer(qtbot, seg, tiny_segmenter):
     viewer, widget, _ = seg
     run(qtbot, widget)
@@ -316,6 +330,8 @@ def test_labels_follow_their_image_through_a_rename_and_its_transform(qtbot, mak
     cls.labels_combo.set_layer(lab)
     assert cls._image_for(lab) is b and cls.image_combo.layer() is b
     _, train = viewer.window.add_plugin_dock_widget(PLUGIN, "Train from corrections")
+    assert train.pairs() == []  # untouched: listed, not ticked
+    train.set_pair(lab)  # ticked: paired with its renamed image, not with A
     assert train.pairs() == [(lab, b)]
     lab.data = np.where(np.asarray(image).mean(-1) < 150, 1, 0).astype(np.uint16)  # one cell, whatever the net saw
     qtbot.waitUntil(lambda: len(lab.features) == 1 and not cls.syncing, timeout=TIMEOUT)

@@ -139,11 +139,11 @@ def test_progress_and_dice_message(qtbot, tr, user_models, monkeypatch):
     viewer, widget, seg, lab, messages = tr
 
     def fake_finetune(images, labels, progress=None, **kwargs):
-        progress(1, 2, {"loss": 0.5, "matched_dice": 0.7, "before_dice": 0.6})
+        progress(1, 2, {"loss": 0.5, "matched_dice": 0.7, "before_dice": 0.6, "tp": 1, "fn": 1})
         progress(3, 10, {"stage": "classifier", "holdout_accuracy": 0.75, "before_accuracy": 0.5})
         out = make_tiny_segmenter(user_models / "wbc_unet_ft_test.safetensors")
         card = json.loads(out.with_suffix(".json").read_text())
-        card["finetune"] = {"holdout_before": {"matched_dice": 0.6}, "holdout_after": {"matched_dice": 0.7}}
+        card["finetune"] = {"holdout_before": {"matched_dice": 0.6, "tp": 1, "fn": 1}, "holdout_after": {"matched_dice": 0.7}}
         out.with_suffix(".json").write_text(json.dumps(card))
         return out
 
@@ -152,9 +152,10 @@ def test_progress_and_dice_message(qtbot, tr, user_models, monkeypatch):
     widget._relay.progressed.connect(lambda *a: shown.append(widget.progress.format()))
     widget.train()
     qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT)
-    assert shown == ["epoch 1/2 · loss 0.500 · val Dice 0.700 (before 0.600)",
+    assert shown == ["epoch 1/2 · loss 0.500 · val Dice 0.700 (before 0.600) on 2 held-out cells",
                      "classifier: epoch 3/10 · held-out accuracy 0.750 (before 0.500)"]
-    assert messages[-1] == ("show_info", "Train: new model wbc_unet_ft_test.safetensors (validation Dice 0.600 -> 0.700)")
+    assert messages[-1] == ("show_info", "Train: new model wbc_unet_ft_test.safetensors (validation Dice 0.600 -> 0.700 "
+                                         "on 2 held-out cells: too few to tell)")
     assert seg.model_combo.model_path().name == "wbc_unet_ft_test.safetensors"
     assert seg.model_combo.currentText() == "yours: wbc_unet_ft_test"
 

@@ -151,7 +151,10 @@ class LayerCombo(QComboBox):
         viewer.layers.events.removed.connect(self._on_removed)
         for layer in viewer.layers:
             layer.events.name.connect(self._on_renamed)
-        self.refresh()
+        # to start with: the selected layer when it is of the type, else the newest (not the first)
+        active = viewer.layers.selection.active
+        mine = self.layers()
+        self.refresh(prefer=active if isinstance(active, layer_type) else (mine[-1] if mine else None))
 
     def layers(self) -> list:
         return [lyr for lyr in self.viewer.layers if isinstance(lyr, self.layer_type)]

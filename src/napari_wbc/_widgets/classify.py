@@ -228,6 +228,9 @@ def apply_classification(viewer, labels_layer, table) -> None:
 
 
 # ------------------------------------------------------------------ widget
+REVIEW_SCREEN_PX = 250  # how large 'Next to review' shows a cell at the least
+
+
 class ClassifyWidget(CancelWhenRemoved, QWidget):
     """Type the segmented cells, show the differential count, correct types by hand, export."""
 
@@ -444,6 +447,12 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
             scene = getattr(self.viewer, "scene", None)  # napari >= 0.9: viewer.camera is deprecated
             camera = scene.camera if scene is not None else self.viewer.camera
             camera.center = tuple(float(v) for v in centre)
+            if "bbox-2" in row and pd.notna(row["bbox-2"]):  # close enough to judge it: about 250 screen px
+                lo = self._layer.data_to_world((float(row["bbox-0"]), float(row["bbox-1"])))
+                hi = self._layer.data_to_world((float(row["bbox-2"]), float(row["bbox-3"])))
+                extent = max(abs(float(b) - float(a)) for a, b in zip(lo, hi))
+                if extent > 0:
+                    camera.zoom = max(float(camera.zoom), REVIEW_SCREEN_PX / extent)  # never zooms out
         return label
 
     def _show_cell(self, *_):
@@ -476,6 +485,8 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
             raise ValueError("no labels layer chosen")
         if cell_type not in class_names():
             raise ValueError(f"{cell_type!r} is not a cell type ({', '.join(class_names())})")
+        if label == 0:
+            raise ValueError("no cell chosen: click a cell (in pan/zoom mode), type its label, or use 'Next to review'")
         if not self._has_cell(label):
             raise ValueError(f"there is no cell {label} in {layer.name!r}")
         f = _with_type_columns(layer.features, ["cell_type", "confidence"]).reset_index(drop=True)
@@ -665,8 +676,13 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
         if self._layer is None:
             show_error("Export CSV: no labels layer chosen")
             return
+        folder = Path.home()
+        image = self.image_combo.layer()
+        source = getattr(getattr(image, "source", None), "path", None)  # beside the smear's file, if opened from one
+        if source and Path(source).parent.is_dir():
+            folder = Path(source).parent
         path, _ = QFileDialog.getSaveFileName(
-            self, "Export cell table", str(Path.home() / f"{self._layer.name}.csv"), "CSV (*.csv)"
+            self, "Export cell table", str(folder / f"{self._layer.name}.csv"), "CSV (*.csv)"
         )
         if path:
             try:
@@ -690,6 +706,10 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
         feats, _, _ = remeasure(layer.features, layer_image(layer))
         cells = feats.drop(columns=["index"], errors="ignore")
         counts = with_totals(differential_count(feats))
+        # which smear the rows are of (files of many smears can be put together)
+        image = self.image_combo.layer()
+        cells.insert(0, "image", image.name if image is not None else "")
+        counts.insert(0, "image", image.name if image is not None else "")
         counts_path = path.with_name(f"{path.stem}_counts.csv")
         atomic_write(path, lambda tmp: cells.to_csv(tmp, index=False))
         atomic_write(counts_path, lambda tmp: counts.to_csv(tmp, index=False))

@@ -277,7 +277,8 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
             show_error(error_message("Segment WBCs: could not add the labels layer", e))
             return
         n = int(len(layer.features))
-        self.status.setText(f"{n} WBC{'s' if n != 1 else ''} in {job['image']} -> {layer.name!r}")
+        # when segmented: corrections change the count after this (Classify shows the current one)
+        self.status.setText(f"segmented: {n} WBC{'s' if n != 1 else ''} found in {job['image']} -> {layer.name!r}")
         show_info(f"Segment WBCs: {n} white blood cell{'s' if n != 1 else ''} found in {job['image']!r}")
 
     def _on_error(self, exc) -> None:

@@ -58,6 +58,12 @@ class _Relay(QObject):
     progressed = Signal(int, int, object)
 
 
+def _held_out_cells(metrics: dict) -> int | None:
+    """The number of cells the hold-out figures were measured on (found + missed), if known."""
+    tp, fn = metrics.get("tp"), metrics.get("fn")
+    return None if tp is None or fn is None else int(tp) + int(fn)
+
+
 def _score_text(value) -> str:
     return "n/a" if value is None else f"{float(value):.3f}"
 
@@ -385,6 +391,9 @@ class TrainWidget(CancelWhenRemoved, QWidget):
         text += f" · val Dice {_score_text(metrics.get('matched_dice'))}"
         if metrics.get("before_dice") is not None:
             text += f" (before {_score_text(metrics['before_dice'])})"
+        n = _held_out_cells(metrics)
+        if n is not None:  # how much the figure rests on: one held-out cell the model missed reads 0.000
+            text += f" on {n} held-out cell{'s' if n != 1 else ''}"
         self.progress.setFormat(text)
 
     def _on_return(self, path) -> None:
@@ -412,6 +421,9 @@ class TrainWidget(CancelWhenRemoved, QWidget):
             dice = "no held-out cells to validate on"
         else:
             dice = f"validation Dice {_score_text(before)} -> {_score_text(after)}"
+        n = _held_out_cells(ft.get("holdout_before") or {})
+        if n is not None and before is not None:
+            dice += f" on {n} held-out cell{'s' if n != 1 else ''}" + (": too few to tell" if n < 3 else "")
         msg = f"Train: new model {path.name} ({dice})"
         cls_path = self._new_classifier(path)
         if self._job.get("types_note"):
