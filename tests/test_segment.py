@@ -659,6 +659,47 @@ def test_out_of_field_finds_dark_areas_coming_in_from_the_edges():
     assert out[corner].mean() > 0.99 and not out[nucleus].any() and not out[~corner].any()
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_channel_ranges_are_those_of_the_smear_without_burned_in_black(dtype):
+    """A black label box or scale bar (1-2 % of the image) pulled the low percentile to black: the
+    network saw a flattened smear (BCCD F1 0.31-0.41). Near-black pixels do not count; the rest do."""
+    rng = np.random.default_rng(0)
+    img = rng.integers(60, 240, (120, 160, 3)).astype(np.uint8)
+    img[40:60, 50:70] = (20, 10, 30)  # a nucleus darker than most: still smear
+    marked = img.copy()
+    marked[100:115, 100:150] = 0  # a burned-in black scale bar
+    marked[5:12, 5:40] = 3  # and a label box's text
+    scale = {np.uint8: 1, np.uint16: 257, np.float32: 1 / 255}[dtype]
+    img, marked = (img * float(scale)).astype(dtype), (marked * float(scale)).astype(dtype)
+    keep = np.ones(img.shape[:2], bool)
+    keep[100:115, 100:150] = keep[5:12, 5:40] = False
+    expected = np.percentile(marked[keep].astype(np.float64), [0.5, 99.5], axis=0)
+    np.testing.assert_allclose(S.channel_ranges(marked), expected, rtol=1e-4)
+    assert S.smear_pixels(img) is None  # no mark: every pixel counts, as before
+    np.testing.assert_allclose(S.channel_ranges(img), np.percentile(img.astype(np.float64), [0.5, 99.5], axis=(0, 1)),
+                               rtol=1e-4)
+
+
+def test_out_of_field_is_background_to_the_network_and_not_in_its_ranges(tiny, monkeypatch):
+    """A black frame or round field of view: F1 0.00-0.25 on BCCD, with the right diameter too (the
+    network saw black around the smear). Outside the field it now sees the smear's background level."""
+    img = _discs((120, 160), ((50, 60), (70, 110)))
+    img[:, :30] = 0  # the slide's edge
+    seen = {}
+    real = S.iter_probabilities
+
+    def spy(x, net, device, *a, ranges=None, **k):
+        seen["x"], seen["ranges"] = x.copy(), ranges
+        yield from real(x, net, device, *a, ranges=ranges, **k)
+
+    monkeypatch.setattr(S, "iter_probabilities", spy)
+    napari_wbc.segment(img, model=tiny, device="cpu", diameter=16)  # the network's scale: the same size
+    x, ranges = seen["x"], seen["ranges"]
+    assert x.shape == img.shape and (x[:, :28] == np.asarray(ranges[1]).astype(np.uint8)).all()
+    assert (x[:, 32:] == img[:, 32:]).all() and ranges[0].min() > 0  # the smear as it is; black not its low
+    assert (img[:, :30] == 0).all()  # the caller's image is not changed
+
+
 def test_drop_out_of_field_removes_cells_mostly_outside_and_renumbers():
     from napari_wbc.core.segment import drop_out_of_field
 

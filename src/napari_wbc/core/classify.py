@@ -153,7 +153,9 @@ def image_normaliser(rgb: np.ndarray, norm: dict) -> Callable[[np.ndarray], np.n
         bg, k = od_parameters(rgb[::step, ::step], background_q=norm["background_percentile"],
                               dark_q=norm["dark_percentile"], reference=norm["reference"])
         return lambda x: od_normalise(x, bg, k)
-    ranges = channel_ranges(rgb, norm["low"], norm["high"])
+    from .scale import out_of_field
+
+    ranges = channel_ranges(rgb, norm["low"], norm["high"], outside=out_of_field(rgb))  # of the smear, as segment()'s
     return lambda x: normalise(x, ranges)
 
 
