@@ -301,3 +301,14 @@ def test_set_type_with_no_cell_chosen_says_how_to_choose_one(cls):
     viewer, widget, lab = cls
     with pytest.raises(ValueError, match="no cell chosen: click a cell"):
         widget.set_type(0, "lymphocyte")
+
+
+def test_the_three_docks_fit_a_1000_px_screen(make_napari_viewer):
+    """Classify alone needed 606 px and the three docks stacked 1243 px: napari's window grew past a
+    1000 px screen, hiding Train's status line. Each dock now scrolls when it is short."""
+    viewer = make_napari_viewer()
+    heights = []
+    for name in ("Segment WBCs", "Classify WBCs", "Train from corrections"):
+        _, w = viewer.window.add_plugin_dock_widget("napari-wbc", name)
+        heights.append(w.minimumSizeHint().height())
+    assert sum(heights) <= 800, heights

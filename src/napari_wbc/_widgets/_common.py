@@ -22,8 +22,45 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from qtpy.QtCore import QEvent, Qt, Signal
-from qtpy.QtWidgets import QComboBox, QFileDialog, QHBoxLayout, QProgressBar, QPushButton, QWidget
+from qtpy.QtCore import QEvent, QSize, Qt, Signal
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFrame,
+    QHBoxLayout,
+    QProgressBar,
+    QPushButton,
+    QScrollArea,
+    QVBoxLayout,
+    QWidget,
+)
+
+class _VerticalScroll(QScrollArea):
+    """Scrolls up and down only; as wide as its contents need, as tall as they like when there is room."""
+
+    def sizeHint(self):
+        return self.widget().sizeHint()
+
+    def minimumSizeHint(self):
+        hint = self.widget().minimumSizeHint()
+        return QSize(hint.width() + self.verticalScrollBar().sizeHint().width(), min(hint.height(), 240))
+
+
+def scroll_layout(widget: QWidget) -> QVBoxLayout:
+    """The layout to fill ``widget`` with, inside a scroll area: a dock can then be shorter than its
+    contents (three napari-wbc docks stacked needed 1243 px on a 1000 px screen, hiding Train's status)."""
+    inner = QWidget()
+    lay = QVBoxLayout(inner)
+    area = _VerticalScroll()
+    area.setWidgetResizable(True)
+    area.setFrameShape(QFrame.Shape.NoFrame)
+    area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    area.setWidget(inner)
+    outer = QVBoxLayout(widget)
+    outer.setContentsMargins(0, 0, 0, 0)
+    outer.addWidget(area)
+    return lay
+
 
 BROWSE = "Browse..."
 _BROWSE_DATA = "<browse>"

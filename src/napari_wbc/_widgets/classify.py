@@ -25,13 +25,13 @@ from qtpy.QtWidgets import (
     QSpinBox,
     QTableWidget,
     QTableWidgetItem,
-    QVBoxLayout,
     QWidget,
 )
 
 from napari_wbc.core.segment import cell_features, merge_measured, remeasure
 
 from ._common import (
+    scroll_layout,
     CancelWhenRemoved,
     META_KEY,
     DeviceCombo,
@@ -299,7 +299,7 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
         fix.addWidget(self.cell_spin)
         fix.addWidget(self.type_combo, 1)
         fix.addWidget(self.set_type_button)
-        lay = QVBoxLayout(self)
+        lay = scroll_layout(self)
         lay.addLayout(form)
         lay.addWidget(self.buttons)
         lay.addWidget(self.progress)

@@ -12,12 +12,13 @@ import numpy as np
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info
 from napari.viewer import Viewer
-from qtpy.QtWidgets import QCheckBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QLabel, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QCheckBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QLabel, QWidget
 
 from napari_wbc.core.io import labels_for_layer
 from napari_wbc.core.segment import cell_features
 
 from ._common import (
+    scroll_layout,
     CancelWhenRemoved,
     META_KEY,
     DeviceCombo,
@@ -136,7 +137,7 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
         form.addRow("model", self.model_combo)
         form.addRow("device", self.device_combo)
         form.addRow("WBC diameter", dia)
-        lay = QVBoxLayout(self)
+        lay = scroll_layout(self)
         lay.addLayout(form)
         lay.addWidget(self.classify_check)
         lay.addWidget(self.buttons)

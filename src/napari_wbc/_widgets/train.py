@@ -25,11 +25,11 @@ from qtpy.QtWidgets import (
     QSpinBox,
     QTableWidget,
     QTableWidgetItem,
-    QVBoxLayout,
     QWidget,
 )
 
 from ._common import (
+    scroll_layout,
     CancelWhenRemoved,
     DeviceCombo,
     ModelCombo,
@@ -120,7 +120,7 @@ class TrainWidget(CancelWhenRemoved, QWidget):
         form.addRow("start from", self.model_combo)
         form.addRow("epochs", ep)
         form.addRow("device", self.device_combo)
-        lay = QVBoxLayout(self)
+        lay = scroll_layout(self)
         lay.addWidget(QLabel("Corrected labels to learn from"))
         lay.addWidget(self.pairs_table)
         lay.addLayout(form)
