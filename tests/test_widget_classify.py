@@ -82,6 +82,13 @@ def test_correction_is_kept_on_rerun(qtbot, cls):
     row = lab.features.set_index("label").loc[2]
     assert row["cell_type"] == new_type and bool(row["corrected"])
     assert types_layer(viewer).text.values[1] == new_type
+    from napari.utils.colormaps.standardize_color import transform_color
+
+    from napari_wbc._widgets.classify import _color
+
+    pts = types_layer(viewer)  # rings in the type's colour (the nucleus stays visible), updated with it
+    assert (pts.face_color[:, 3] == 0).all()
+    np.testing.assert_allclose(pts.border_color[1], transform_color(_color(new_type))[0])
     assert shown_counts(widget)[new_type] == int((lab.features["cell_type"] == new_type).sum())
     run(qtbot, widget)  # the model would say t2 again; the correction stays
     row = lab.features.set_index("label").loc[2]

@@ -85,6 +85,7 @@ def test_segment_adds_labels_layer(qtbot, seg, tiny_segmenter):
     assert meta["diameter"] == 16
     assert widget.buttons.run.isEnabled()
     assert len(ids) and lab.selected_label == ids.max() + 1  # painting a missed cell makes a new one
+    assert lab.contour == 1  # outlines (diameter 16 px): the cells' morphology stays visible
 
 
 def test_painting_after_segmenting_adds_a_new_cell(qtbot, seg):

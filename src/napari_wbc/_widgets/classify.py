@@ -203,11 +203,11 @@ def render_types(viewer, labels_layer):
             name=types_layer_name(labels_layer),
             **plane_transform(labels_layer),
             features=pfeat,
-            face_color=colors,
-            border_color="white",
-            border_width=0.1,
+            face_color="transparent",  # a ring in the type's colour: the nucleus stays visible under it
+            border_color=colors,
+            border_width=0.2,
             size=size,
-            text={"string": "{cell_type}", "color": {"feature": "color"}, "size": 10, "anchor": "upper_left",
+            text={"string": "{cell_type}", "color": {"feature": "color"}, "size": 12, "anchor": "upper_left",
                   "translation": [-size, size]},
             metadata={META_KEY: {"types_of": labels_layer.name, "types_of_id": layer_id(labels_layer)}},
         )
@@ -216,7 +216,7 @@ def render_types(viewer, labels_layer):
     else:
         pts.data = coords
         pts.features = pfeat
-        pts.face_color = colors
+        pts.border_color = colors
         pts.refresh_text()
     return pts
 

@@ -339,6 +339,8 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
                 features=features,
                 metadata={META_KEY: meta},
             )
+            if diameter:  # outlines, not filled masks: the cell's morphology (what its type is judged by)
+                layer.contour = max(1, int(round(float(diameter) / 25)))  # stays visible; napari can fill them
         else:
             layer.data = labels
             layer.features = features
