@@ -281,3 +281,18 @@ def test_only_corrected_segmentations_are_ticked(qtbot, tr, tiny_segmenter):
     widget.set_pair(fresh, use=False)  # the user's choice stands
     fresh.paint((4, 4), int(fresh.data.max()) + 1)
     assert [p[0] for p in widget.pairs()] == [lab]
+
+
+def test_the_new_classifiers_held_out_figures_are_told(tmp_path):
+    """'the classifier learned the corrected types' was said after a tie on one held-out cell."""
+    import json
+
+    from napari_wbc._widgets.train import _classifier_holdout
+    from napari_wbc.core.testing import make_tiny_classifier
+
+    cls = make_tiny_classifier(tmp_path / "c.safetensors")
+    card = json.loads(cls.with_suffix(".json").read_text())
+    assert _classifier_holdout(cls) == ""  # not fine-tuned: nothing to tell
+    card["finetune"] = {"holdout_accuracy_before": 1.0, "holdout_accuracy_after": 1.0, "n_holdout": 1}
+    cls.with_suffix(".json").write_text(json.dumps(card))
+    assert _classifier_holdout(cls) == " (held-out accuracy 1.00 -> 1.00 on 1 cell: too few to tell)"

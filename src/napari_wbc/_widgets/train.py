@@ -58,6 +58,22 @@ class _Relay(QObject):
     progressed = Signal(int, int, object)
 
 
+def _classifier_holdout(path) -> str:
+    """' (held-out accuracy a -> b on n cells)' from a fine-tuned classifier's card ('' if unknown): a tie
+    on one held-out cell is not evidence that the corrections were learned."""
+    from napari_wbc.core.models import read_card
+
+    try:
+        ft = read_card(path).get("finetune", {}) or {}
+    except ValueError:
+        return ""
+    before, after, n = ft.get("holdout_accuracy_before"), ft.get("holdout_accuracy_after"), ft.get("n_holdout")
+    if before is None or after is None or not n:
+        return ""
+    return (f" (held-out accuracy {before:.2f} -> {after:.2f} on {n} cell{'s' if n != 1 else ''}"
+            + (": too few to tell)" if n < 3 else ")"))
+
+
 def _held_out_cells(metrics: dict) -> int | None:
     """The number of cells the hold-out figures were measured on (found + missed), if known."""
     tp, fn = metrics.get("tp"), metrics.get("fn")
@@ -429,7 +445,8 @@ class TrainWidget(CancelWhenRemoved, QWidget):
         if self._job.get("types_note"):
             msg += f"; {self._job['types_note']}"
         elif self._job.get("types"):
-            msg += ("; the classifier learned the corrected types: " + cls_path.name if cls_path is not None else
+            msg += ("; the classifier learned the corrected types: " + cls_path.name + _classifier_holdout(cls_path)
+                    if cls_path is not None else
                     "; the corrected types were not learned: the classifier trained on them was worse on the "
                     "held-out corrected cells, the previous one is kept")
         self.status.setText(msg)
