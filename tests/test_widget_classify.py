@@ -74,6 +74,12 @@ def test_correction_is_kept_on_rerun(qtbot, cls):
     assert widget._on_click in lab.mouse_drag_callbacks
     widget._on_click(lab, click)  # a click on cell 2 (world coordinates, pan/zoom mode) picks it
     assert widget.cell_spin.value() == 2
+    viewer.layers.selection.active = viewer.layers["smear"]  # another layer selected: a click picks too
+    widget.cell_spin.setValue(0)
+    assert widget._on_viewer_click in viewer.mouse_drag_callbacks
+    widget._on_viewer_click(viewer, click)
+    assert widget.cell_spin.value() == 2
+    viewer.layers.selection.active = lab
     lab.selected_label = 3  # so does the layer's selected label
     assert widget.cell_spin.value() == 3
     lab.selected_label = 2

@@ -349,10 +349,15 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
                 old.mouse_drag_callbacks.remove(self._on_click)
         self._layer = layer
         self._sync_timer.stop()
+        viewer_clicks = self.viewer.mouse_drag_callbacks
+        if layer is None and self._on_viewer_click in viewer_clicks:
+            viewer_clicks.remove(self._on_viewer_click)
         if layer is not None:
             for name, slot in self._layer_slots():
                 getattr(layer.events, name).connect(slot)
             layer.mouse_drag_callbacks.append(self._on_click)
+            if self._on_viewer_click not in viewer_clicks:
+                viewer_clicks.append(self._on_viewer_click)
             self._synced_hash = None
             # the table brought up to date with the labels as they are now (edited while no Classify
             # widget followed them, or opened without a table)
@@ -386,9 +391,21 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
         if alive(self) and self._layer is not None and self._has_cell(int(self._layer.selected_label)):
             self.pick_cell(int(self._layer.selected_label))
 
+    def _on_viewer_click(self, viewer, event):
+        """A click while another layer is selected (the image, the types points) picks a cell too, unless
+        that layer is being edited (napari calls only the selected layer's click handlers)."""
+        active = viewer.layers.selection.active
+        if (not alive(self) or self._layer is None or active is self._layer or not self._layer.visible
+                or getattr(active, "mode", "pan_zoom") != "pan_zoom"):
+            return
+        self._pick_at(self._layer, event)
+
     def _on_click(self, layer, event):
         if layer.mode != "pan_zoom" or not alive(self):
             return
+        self._pick_at(layer, event)
+
+    def _pick_at(self, layer, event) -> None:
         value = layer.get_value(
             event.position, view_direction=event.view_direction, dims_displayed=event.dims_displayed, world=True
         )
