@@ -764,16 +764,18 @@ def test_stale_temporaries_of_a_killed_run_are_removed_and_nothing_else(tmp_path
     from napari_wbc.core.io import remove_stale_temporaries
 
     old = time.time() - 7200
-    files = {n: tmp_path / n for n in (".x_labels.ab3de_7h.tif", ".summary.k2j4h5g6.csv", ".x_labels.ab3de_7h.csv",
-                                       ".notes.abcdefgh.txt", "x_labels.tif", ".x_cells.fresh123.csv")}
-    for f in files.values():
-        f.write_text("")
-        if "fresh" not in f.name:
-            os.utime(f, (old, old))
+    mark = ".napari-wbc-tmp"
+    ours = [f".x_labels.ab3de_7h{mark}.tif", f".summary.k2j4h5g6{mark}.csv"]
+    kept = [f".x_labels.ab3de_7h{mark}.csv",  # another suffix than its file's
+            f".notes.abcdefgh{mark}.txt", "x_labels.tif", f".x_cells.fresh123{mark}.csv",  # not ours; too young
+            ".x_labels.20240101.tif", ".x_cells.original.csv", ".summary.backup_1.csv"]  # the user's hidden files
+    for n in ours + kept:
+        (tmp_path / n).write_text("")
+        if "fresh" not in n:
+            os.utime(tmp_path / n, (old, old))
     removed = remove_stale_temporaries(tmp_path, ["x_labels.tif", "x_cells.csv", "summary.csv"])
-    assert sorted(f.name for f in removed) == [".summary.k2j4h5g6.csv", ".x_labels.ab3de_7h.tif"]
-    assert sorted(f.name for f in tmp_path.iterdir()) == sorted(
-        [".x_labels.ab3de_7h.csv", ".notes.abcdefgh.txt", "x_labels.tif", ".x_cells.fresh123.csv"])
+    assert sorted(f.name for f in removed) == sorted(ours)
+    assert sorted(f.name for f in tmp_path.iterdir()) == sorted(kept)
 
 
 def test_write_errors_name_the_file_and_long_names_fit(tmp_path, monkeypatch):
@@ -787,6 +789,36 @@ def test_write_errors_name_the_file_and_long_names_fit(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="could not write .*report.html.*No space left"):
         atomic_write(tmp_path / "report.html", full)
     assert list(tmp_path.iterdir()) == []
-    long = tmp_path / ("x" * 240 + "_labels.tif")  # 251 bytes: fits; its temporary name must too
-    atomic_write(long, lambda tmp: Path(tmp).write_bytes(b"ok"))
-    assert long.read_bytes() == b"ok"
+    for long in (tmp_path / ("x" * 240 + "_labels.tif"), tmp_path / ("血" * 80 + "_labels.tif")):  # 251 bytes
+        atomic_write(long, lambda tmp: Path(tmp).write_bytes(b"ok"))  # fits: its temporary name must too
+        assert long.read_bytes() == b"ok"
+
+
+def test_every_output_and_its_marker_are_written_under_the_folder_lock(tmp_path, tiny_models, monkeypatch):
+    """The final marker was written after the lock was let go: another run of the same image could
+    write its outputs in between, and the next run took them for corrections by hand."""
+    import contextlib
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    Image.fromarray(smear(seed=1)).save(inp / "x.png")
+    held, writes = [], []
+    real_lock, real_write = batch._folder_lock, batch.atomic_write
+
+    @contextlib.contextmanager
+    def lock(folder):
+        with real_lock(folder):
+            held.append(True)
+            yield
+            held.pop()
+
+    def write(path, fn):
+        writes.append((Path(path).name, bool(held)))
+        return real_write(path, fn)
+
+    monkeypatch.setattr(batch, "_folder_lock", lock)
+    monkeypatch.setattr(batch, "atomic_write", write)
+    settings = batch.Settings(model=str(tiny_models[0]), classifier=str(tiny_models[1]), device="cpu")
+    assert batch.process_one(inp / "x.png", tmp_path / "out", settings)["status"] == "ok"
+    assert [w for w in writes if w[0] in ("x.done", "x_labels.tif", "x_cells.csv")] == [
+        ("x.done", True), ("x_labels.tif", True), ("x_cells.csv", True), ("x.done", True)]

@@ -388,7 +388,7 @@ def test_large_8bit_images_read_exactly_into_a_writable_array(tmp_path, mode):
     np.testing.assert_array_equal(got, arr)
 
 
-@pytest.mark.parametrize("dtype", [np.uint16, np.uint32, np.int32])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.int32])
 def test_labels_saved_with_naparis_own_writer_open_as_labels(tmp_path, dtype):
     """Labels saved with napari's builtin TIFF writer (no cells table, no _labels name) opened as an
     image layer that neither Classify nor Train could use; a 16-bit camera picture stays an image."""
@@ -404,3 +404,11 @@ def test_labels_saved_with_naparis_own_writer_open_as_labels(tmp_path, dtype):
     tifffile.imwrite(tmp_path / "camera.tif", picture)
     _, kwargs, kind = read(tmp_path / "camera.tif")["camera"]
     assert kind == "image"
+    clipped = picture.copy()  # a round field of view on black, the bright background clipped at the top
+    yy, xx = np.mgrid[:80, :100]
+    clipped[(yy - 40) ** 2 + (xx - 50) ** 2 < 35**2] = 65535
+    clipped[(yy - 40) ** 2 + (xx - 50) ** 2 < 10**2] = picture[(yy - 40) ** 2 + (xx - 50) ** 2 < 10**2]  # a cell
+    clipped[(yy - 40) ** 2 + (xx - 50) ** 2 >= 35**2] = 0
+    for pic, name in ((clipped, "clipped16"), ((clipped // 257).astype(np.uint8), "clipped8")):
+        tifffile.imwrite(tmp_path / f"{name}.tif", pic)
+        assert read(tmp_path / f"{name}.tif")[name][2] == "image", name

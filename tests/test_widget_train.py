@@ -281,6 +281,20 @@ def test_only_corrected_segmentations_are_ticked(qtbot, tr, tiny_segmenter):
     widget.set_pair(fresh, use=False)  # the user's choice stands
     fresh.paint((4, 4), int(fresh.data.max()) + 1)
     assert [p[0] for p in widget.pairs()] == [lab]
+    # a type corrected in Classify (no painting) is a correction too
+    seg.segment()
+    qtbot.waitUntil(lambda: not seg.running, timeout=TIMEOUT)
+    third = viewer.layers["smear WBC labels [3]"]
+    assert third not in [p[0] for p in widget.pairs()]
+    ids = np.unique(third.data[third.data > 0])
+    if len(ids):  # (a tiny random network may find no cell)
+        f = third.features.copy()
+        f["cell_type"], f["corrected"] = "lymphocyte", False
+        third.features = f  # typed by the classifier: still not a correction
+        assert third not in [p[0] for p in widget.pairs()]
+        f.loc[0, "corrected"] = True
+        third.features = f  # a type set by hand
+        assert third in [p[0] for p in widget.pairs()]
 
 
 def test_the_new_classifiers_held_out_figures_are_told(tmp_path):

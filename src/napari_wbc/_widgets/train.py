@@ -192,8 +192,9 @@ class TrainWidget(CancelWhenRemoved, QWidget):
                 if key not in self._auto:  # a segmentation nobody corrected teaches nothing (another of an
                     # image corrected in a second layer contradicts the corrections): not ticked by default
                     self._auto[key] = paired_image(self.viewer, lab) is not None and not is_untouched(lab)
-                    if not self._auto[key]:
-                        lab.events.paint.connect(self._on_painted)  # corrected later: ticked then
+                    if not self._auto[key]:  # corrected later (painted, or a type set): ticked then
+                        lab.events.paint.connect(self._on_corrected)
+                        lab.events.features.connect(self._on_corrected)
                 pick = self._image_pick.get(key)
                 if pick not in image_names:
                     pick = self._default_image(lab)
@@ -225,11 +226,14 @@ class TrainWidget(CancelWhenRemoved, QWidget):
         key = id(labels_layer)
         return self._use.get(key, self._auto.get(key, False))
 
-    def _on_painted(self, event=None) -> None:
+    def _on_corrected(self, event=None) -> None:
         layer = getattr(event, "source", None)
         if not alive(self) or layer is None or self._auto.get(id(layer)) is not False:
             return
-        layer.events.paint.disconnect(self._on_painted)
+        if event.type == "features" and is_untouched(layer):  # (types measured or classified: no correction)
+            return
+        layer.events.paint.disconnect(self._on_corrected)
+        layer.events.features.disconnect(self._on_corrected)
         self._auto[id(layer)] = paired_image(self.viewer, layer) is not None
         self.refresh_pairs()
 

@@ -526,20 +526,20 @@ def process_one(path, out_dir, settings: Settings | None = None, name: str | Non
             atomic_write(outs["done"], lambda tmp: Path(tmp).write_text(json.dumps(pending, indent=1)))
             _write_labels(outs["labels"], labels)
             atomic_write(outs["cells"], lambda tmp: table.to_csv(tmp, index=False, float_format="%.6g"))
-            outputs = {k: _file_stamp(outs[k]) for k in ("labels", "cells")}
-        row.update({
-            "status": STATUS_OK,
-            "n_wbc": int(len(table)),
-            "count": counts,
-            "percent": pct,
-            "classified": bool(settings.classify),
-            "diameter": round(diameter, 2) if diameter is not None else None,
-            "device": str(dev),
-            "seconds": round(time.perf_counter() - t0, 2),
-        })
-        marker = {"stamp": stamp, "row": row, "written": datetime.datetime.now().isoformat(timespec="seconds"),
-                  "outputs": outputs}
-        atomic_write(outs["done"], lambda tmp: Path(tmp).write_text(json.dumps(marker, indent=1)))
+            row.update({
+                "status": STATUS_OK,
+                "n_wbc": int(len(table)),
+                "count": counts,
+                "percent": pct,
+                "classified": bool(settings.classify),
+                "diameter": round(diameter, 2) if diameter is not None else None,
+                "device": str(dev),
+                "seconds": round(time.perf_counter() - t0, 2),
+            })
+            # the marker vouches for these very files: written before another run may write its own
+            marker = {"stamp": stamp, "row": row, "written": datetime.datetime.now().isoformat(timespec="seconds"),
+                      "outputs": {k: _file_stamp(outs[k]) for k in ("labels", "cells")}}
+            atomic_write(outs["done"], lambda tmp: Path(tmp).write_text(json.dumps(marker, indent=1)))
         if settings.thumbnail:
             row["thumbnail"] = _thumb_b64(image, labels, _types_by_label(table))
         return row
@@ -631,7 +631,7 @@ def run_batch(
             else:
                 import warnings
 
-                warnings.warn(note, ResourceWarning, stacklevel=2)
+                warnings.warn(note, UserWarning, stacklevel=2)
         if settings.torch_threads is None:
             settings = dataclasses.replace(settings, torch_threads=max(1, cpu_count() // n))
         from concurrent.futures.process import BrokenProcessPool
@@ -675,7 +675,7 @@ def run_batch(
 
 # one worker process's peak memory: torch and the models, and per pixel of its image (a 90 Mpx JPEG through
 # process_one: 2.08 GiB peak RSS on one thread, 2026-11-24; about 19 B/px above the process's own)
-WORKER_BASE_BYTES = int(0.6 * 2**30)
+WORKER_BASE_BYTES = int(0.9 * 2**30)  # (0.81-0.94 GiB peak RSS on a 0.1 Mpx image)
 WORKER_BYTES_PER_PIXEL = 20
 
 
@@ -690,12 +690,24 @@ def available_memory() -> int | None:
                     found.append(int(line.split()[1]) * 1024)
     except (OSError, ValueError, IndexError):
         pass
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
-    except (OSError, ValueError):
-        pass
+    cgroup = Path("/sys/fs/cgroup")
+    for limit_file, usage_file, stat_file, inactive in (
+        ("memory.max", "memory.current", "memory.stat", "inactive_file"),  # cgroup v2
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat", "total_inactive_file"),
+    ):
+        try:
+            limit = (cgroup / limit_file).read_text().strip()
+            if limit == "max" or int(limit) >= 2**60:  # no limit set
+                continue
+            used = int((cgroup / usage_file).read_text())
+            for line in (cgroup / stat_file).read_text().splitlines():  # page cache it can drop is free
+                key, _, value = line.partition(" ")
+                if key == inactive:
+                    used -= int(value)
+            found.append(int(limit) - max(used, 0))
+            break
+        except (OSError, ValueError):
+            continue
     return min(found) if found else None
 
 
@@ -709,6 +721,8 @@ def workers_for_memory(files: Sequence, workers: int, available: int | None = No
         return workers, None
     sizes = [image_size(f) for f in files]
     biggest = max((h * w for h, w in (s for s in sizes if s is not None)), default=0)
+    if biggest == 0:  # no size could be read: the images' own errors will say why
+        return workers, None
     need = WORKER_BASE_BYTES + WORKER_BYTES_PER_PIXEL * biggest
     fit = max(1, int(available // need))
     if fit >= workers:

@@ -374,15 +374,15 @@ def atomic_write(path, write_fn) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else _new_file_mode()
-    # (a long name is cut: the hidden temporary name must fit the file system's 255 bytes too)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem[:TEMP_STEM_MAX]}.", suffix=path.suffix)
-    os.close(fd)
-    try:
+    tmp = None
+    try:  # (a long name is cut: the hidden temporary name must fit the file system's 255 bytes too)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{_temp_stem(path)}.", suffix=TEMP_MARK + path.suffix)
+        os.close(fd)
         write_fn(tmp)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException as e:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
         if isinstance(e, OSError) and e.errno is not None and str(path) not in str(e):  # (disk full...)
             raise type(e)(e.errno, f"could not write {str(path)!r}: {e.strerror or e}") from e
@@ -390,13 +390,18 @@ def atomic_write(path, write_fn) -> Path:
     return path
 
 
-TEMP_STEM_MAX = 100
+TEMP_STEM_MAX = 100  # bytes of the name kept in a temporary's
+TEMP_MARK = ".napari-wbc-tmp"  # in every temporary's name: what a killed run left is told from the user's files
+
+
+def _temp_stem(path: Path) -> str:
+    return path.stem.encode()[:TEMP_STEM_MAX].decode(errors="ignore")
 
 
 def remove_stale_temporaries(folder, names, older_than_s: float = 3600.0) -> list[Path]:
     """Remove the hidden temporary files :func:`atomic_write` left in ``folder`` for the files named
-    ``names`` when its process was killed (``.<stem>.XXXXXXXX<suffix>``), older than ``older_than_s``
-    (a write in progress is younger); returns them. Nothing else is touched."""
+    ``names`` when its process was killed (``.<stem>.XXXXXXXX.napari-wbc-tmp<suffix>``), older than
+    ``older_than_s`` (a write in progress is younger); returns them. Nothing else is touched."""
     import re
     import time
 
@@ -404,13 +409,13 @@ def remove_stale_temporaries(folder, names, older_than_s: float = 3600.0) -> lis
     wanted = {}
     for n in names:
         n = Path(n)
-        wanted.setdefault(n.suffix, set()).add(n.stem[:TEMP_STEM_MAX])
+        wanted.setdefault(n.suffix, set()).add(_temp_stem(n))
     removed = []
     try:
         entries = list(folder.iterdir())
     except OSError:
         return removed
-    pattern = re.compile(r"^\.(.+)\.[a-z0-9_]{8}(\.[^.]+)$")
+    pattern = re.compile(r"^\.(.+)\.[a-z0-9_]{8}" + re.escape(TEMP_MARK) + r"(\.[^.]+)$")
     now = time.time()
     for f in entries:
         m = pattern.match(f.name)
