@@ -138,28 +138,20 @@ def main(argv=None):
             f"torch {torch.__version__}, {a.threads} CPU thread(s), {time.strftime('%Y-%m-%d')}; diameter=None throughout\n\n")
     if a.types:
         items = R.typing_items()
-        head += ("| condition | balanced accuracy, all (cells, missed) | Tecom | BCCD |\n|---|---|---|---|")
+        head += "| condition | balanced accuracy, all (cells, missed) | Tecom | BCCD |\n|---|---|---|---|"
+
+        def line_for(n):
+            cond = CONDITIONS[n]
+            typed = R.evaluate_types(lambda rgb, d, rng: (cond(rgb)[0], 1.0), a.model, a.classifier, items)
+            return R.types_line(n, typed, review=False)
     else:
         sets = B.val_sets()
         bccd_items = [(to_rgb(read_image(img)), wbc_data.wbc_boxes(xml)) for img, xml, sp in wbc_data.bccd() if sp == "val"]
         head += "| condition | SigTuple val Dice / F1 | Tecom val Dice / F1 | BCCD odd F1 (TP/FP/FN) |\n|---|---|---|---|"
-    lines = [head]
-    print(head, flush=True)
-    for n in names:
-        t0 = time.time()
-        if a.types:
-            cond = CONDITIONS[n]
-            r = R.evaluate_types(lambda rgb, d, rng: (cond(rgb)[0], 1.0), a.model, a.classifier, items)
-            line = f"| {n} | " + " | ".join(f"{r[k][0]:.3f} ({r[k][1]}, {r[k][2]})" for k in ("all", "tecom", "bccd")) + " |"
-        else:
-            r = evaluate(CONDITIONS[n], a.model, sets, bccd_items)
-            s, t, b = r["SigTuple"], r["Tecom"], r["BCCD"]
-            line = (f"| {n} | {s['matched_dice']:.3f} / {s['f1']:.3f} | {t['matched_dice']:.3f} / {t['f1']:.3f} "
-                    f"| {b['f1']:.3f} ({b['tp']}/{b['fp']}/{b['fn']}) |")
-        lines.append(line)
-        print(line, f"<!-- {time.time() - t0:.0f} s -->", flush=True)
-    if a.out:
-        Path(a.out).write_text("\n".join(lines) + "\n")
+
+        def line_for(n):
+            return R.segmentation_line(n, evaluate(CONDITIONS[n], a.model, sets, bccd_items))
+    R.run_rows(names, line_for, head, a.out)
 
 
 if __name__ == "__main__":

@@ -295,23 +295,34 @@ def main(argv=None):
         sets = B.val_sets()
         bccd_items = [(to_rgb(read_image(img)), wbc_data.wbc_boxes(xml)) for img, xml, sp in wbc_data.bccd() if sp == "val"]
         head = cmd + "| condition | SigTuple val Dice / F1 | Tecom val Dice / F1 | BCCD odd F1 (TP/FP/FN) |\n|---|---|---|---|"
+    if a.types:
+        run_rows(names, lambda n: types_line(n, evaluate_types(CONDITIONS[n], a.model, a.classifier, items)), head, a.out)
+    else:
+        run_rows(names, lambda n: segmentation_line(n, evaluate(CONDITIONS[n], a.model, sets, bccd_items)), head, a.out)
+
+
+def types_line(name, r, review=True) -> str:
+    line = f"| {name} | " + " | ".join(f"{r[k][0]:.3f} ({r[k][1]}, {r[k][2]})" for k in ("all", "tecom", "bccd"))
+    return line + (" | {:.2f} | {:.0%} | {:.0%} |".format(*r["review"]) if review else " |")
+
+
+def segmentation_line(name, r) -> str:
+    s, t, b = r["SigTuple"], r["Tecom"], r["BCCD"]
+    return (f"| {name} | {s['matched_dice']:.3f} / {s['f1']:.3f} | {t['matched_dice']:.3f} / {t['f1']:.3f} "
+            f"| {b['f1']:.3f} ({b['tp']}/{b['fp']}/{b['fn']}) |")
+
+
+def run_rows(names, line_for, head: str, out=None) -> list[str]:
+    """Print ``head`` and a table row per condition name as it is measured; write them to ``out``."""
     lines = [head]
     print(head, flush=True)
     for n in names:
         t0 = time.time()
-        if a.types:
-            r = evaluate_types(CONDITIONS[n], a.model, a.classifier, items)
-            line = (f"| {n} | " + " | ".join(f"{r[k][0]:.3f} ({r[k][1]}, {r[k][2]})" for k in ("all", "tecom", "bccd"))
-                    + " | {:.2f} | {:.0%} | {:.0%} |".format(*r["review"]))
-        else:
-            r = evaluate(CONDITIONS[n], a.model, sets, bccd_items)
-            s, t, b = r["SigTuple"], r["Tecom"], r["BCCD"]
-            line = (f"| {n} | {s['matched_dice']:.3f} / {s['f1']:.3f} | {t['matched_dice']:.3f} / {t['f1']:.3f} "
-                    f"| {b['f1']:.3f} ({b['tp']}/{b['fp']}/{b['fn']}) |")
-        lines.append(line)
-        print(line, f"<!-- {time.time() - t0:.0f} s -->", flush=True)
-    if a.out:
-        Path(a.out).write_text("\n".join(lines) + "\n")
+        lines.append(line_for(n))
+        print(lines[-1], f"<!-- {time.time() - t0:.0f} s -->", flush=True)
+    if out:
+        Path(out).write_text("\n".join(lines) + "\n")
+    return lines
 
 
 if __name__ == "__main__":
