@@ -752,3 +752,98 @@ def test_outlining_many_cells_reports_progress_and_can_stop():
     gen = iter_upsample_instances(small, fg, (240, 240))
     assert next(gen)[0] == "outlining"
     gen.close()  # cancelled there: nothing more is done
+
+
+def _red_cells(shape=(240, 320), r=9, seed=0):
+    """A field of red-cell discs (radius r, jittered grid) on a slightly noisy background."""
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    img = rng.normal(225, 2.0, (h, w, 3))
+    yy, xx = np.mgrid[:h, :w]
+    for cy in range(14, h - 8, 26):
+        for cx in range(14, w - 8, 26):
+            cy2, cx2 = cy + rng.integers(-3, 4), cx + rng.integers(-3, 4)
+            img[(yy - cy2) ** 2 + (xx - cx2) ** 2 <= r * r] = (205, 120, 125)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("kind", ["gradient", "vignette"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_estimate_diameter_under_uneven_illumination(kind, dtype):
+    """A brightness gradient (to 50 % across) or vignetting (corners at 45 %) is divided out: the dim
+    background was read as cells (BCCD: 1.5-2.6x the WBC diameter)."""
+    from napari_wbc.core.scale import estimate_diameter
+
+    img = _red_cells()
+    h, w = img.shape[:2]
+    yy, xx = np.mgrid[:h, :w].astype(np.float32)
+    if kind == "gradient":
+        light = 1 - 0.5 * xx / (w - 1)
+    else:
+        light = 1 - 0.55 * (((yy - (h - 1) / 2) / ((h - 1) / 2)) ** 2 + ((xx - (w - 1) / 2) / ((w - 1) / 2)) ** 2) / 2
+    dim = np.clip(np.rint(img * light[..., None]), 0, 255).astype(np.uint8)
+    d0 = estimate_diameter(img)
+    d = estimate_diameter(dim.astype(dtype) / (255 if dtype == np.float32 else 1))
+    assert d == pytest.approx(d0, rel=0.15)
+
+
+@pytest.mark.parametrize("value", [255, 128, 0])
+@pytest.mark.parametrize("where", ["around", "beside"])
+def test_flat_frame_around_the_smear_is_not_smear(value, where):
+    """A white or grey frame (a tile padded to size, empty glass filled by software) was taken for the
+    background and the whole smear for cells (1.2-3x the diameter): the estimate is the smear's alone,
+    and the frame is outside the field."""
+    from napari_wbc.core.scale import estimate_diameter, out_of_field, smear_box
+
+    img = _red_cells()
+    h, w = img.shape[:2]
+    if where == "around":
+        out = np.full((h + 120, w + 120, 3), value, np.uint8)
+        out[60:60 + h, 60:60 + w] = img
+        box = (60, 60 + h, 60, 60 + w)
+    else:
+        out = np.full((h, w + 160, 3), value, np.uint8)
+        out[:, :w] = img
+        box = (0, h, 0, w)
+    assert smear_box(out) == box
+    assert estimate_diameter(out) == pytest.approx(estimate_diameter(img), rel=0.02)
+    outside = out_of_field(out)
+    frame = np.ones(out.shape[:2], bool)
+    frame[box[0]:box[1], box[2]:box[3]] = False
+    assert outside is not None and (outside == frame).all()
+
+
+def test_saturated_background_is_not_a_frame():
+    """White clipped background around the cells (Tecom crops) is flat too, but it is background: it
+    does not leave the smear as a rectangle, and nothing changes."""
+    from napari_wbc.core.scale import out_of_field, smear_box
+
+    img = _red_cells()
+    img[(img == img.max(-1, keepdims=True)).all(-1) | (img.min(-1) > 215)] = 255  # clip the background
+    assert smear_box(img) is None
+    assert out_of_field(img) is None
+
+
+def test_soft_edged_round_field_of_view():
+    """A round field fading to black over its outer 15 %: the dim ring was read as cells (0.34x the
+    diameter on BCCD)."""
+    from napari_wbc.core.scale import estimate_diameter
+
+    img = _red_cells((320, 400))
+    h, w = img.shape[:2]
+    yy, xx = np.mgrid[:h, :w]
+    r = np.hypot(yy - (h - 1) / 2, xx - (w - 1) / 2) / (0.95 * max(h, w) / 2)
+    soft = np.clip(np.rint(img * np.clip((1 - r) / 0.15, 0, 1)[..., None]), 0, 255).astype(np.uint8)
+    assert estimate_diameter(soft) == pytest.approx(estimate_diameter(img), rel=0.15)
+
+
+def test_no_illumination_correction_on_an_evenly_lit_tight_crop():
+    """A cell filling a tight crop's middle looks like a dark centre, never like uneven light: the
+    fitted light is held concave, and nothing is divided."""
+    from napari_wbc.core.scale import _illumination, _luminance
+
+    img = np.full((120, 120, 3), 230, np.uint8)
+    yy, xx = np.mgrid[:120, :120]
+    img[(yy - 60) ** 2 + (xx - 60) ** 2 < 40**2] = (150, 110, 170)
+    _, _, lum, _ = _luminance(img)
+    assert _illumination(lum, None) is None
