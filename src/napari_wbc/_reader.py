@@ -27,6 +27,7 @@ import numpy as np
 from .core.io import (
     MASK_SUFFIXES,
     ImageReadError,
+    batch_labels_beside,
     find_mask,
     find_voc,
     saved_cells_table,
@@ -98,9 +99,7 @@ def _read_one(path: Path) -> list[tuple]:
     meta = {"path": str(path)}
     cells_csv = saved_cells_table(path)  # x.tif + x_cells.csv; the CLI's x_labels.tif + x_cells.csv
     saved = path.suffix.lower() in (".tif", ".tiff") and (cells_csv.is_file() or path.stem.endswith("_labels"))
-    if saved and not path.stem.endswith("_labels") and any(
-        path.with_name(f"{path.stem}_labels{ext}").is_file() for ext in (".tif", ".tiff")
-    ):
+    if saved and not path.stem.endswith("_labels") and batch_labels_beside(path) is not None:
         saved = False  # x_cells.csv belongs to the CLI's x_labels.tif: x.tif is the smear it came from
     arr = None
     if saved:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .core.io import atomic_write, cells_table_path
+from .core.io import atomic_write, batch_labels_beside, cells_table_path
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 # what a labels TIFF records of its napari-wbc layer metadata (the reader gives it back)
@@ -66,7 +66,7 @@ def write_labels(path: str, data, meta: dict) -> list[str]:
     keep = {k: source[k] for k in SAVED_META_KEYS if source.get(k) is not None}
     description = json.dumps({"napari_wbc": keep}) if keep else None
     csv_path = cells_table_path(tif_path)
-    owner = next((o for o in (tif_path.with_name(f"{tif_path.stem}_labels{e}") for e in TIFF_SUFFIXES) if o.is_file()), None)
+    owner = batch_labels_beside(tif_path)
     if owner is not None and not tif_path.stem.endswith("_labels"):  # x.tif beside the batch's x_labels.tif:
         raise ValueError(  # x_cells.csv is that file's table (the batch counts it); nothing written
             f"cannot save {tif_path.name!r} here: its cells table {csv_path.name!r} belongs to {owner.name!r} "

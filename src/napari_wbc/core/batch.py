@@ -794,7 +794,6 @@ def keep_earlier_summary(out_dir, rows: Sequence[dict]) -> list[Path]:
         prev = out_dir / "report.html"  # alone (its summary deleted, or not ours): kept aside too
         if not prev.is_file():
             return []
-        earlier = None
     try:
         earlier = {str(p) for p in pd.read_csv(prev)["path"].dropna()} if prev.suffix == ".csv" else None
     except Exception:  # noqa: BLE001 - unreadable or not ours: keep it all the same

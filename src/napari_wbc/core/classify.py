@@ -219,30 +219,13 @@ def _check_labels(labels, shape) -> np.ndarray:
     return labels
 
 
-def _label_counts(labels: np.ndarray, top: int) -> np.ndarray:
-    """``np.bincount(labels.ravel(), minlength=top + 1)`` a few million pixels at a time: bincount
-    casts to int64, which for a whole 300 Mpx uint16 layer was a 2.4 GB copy (for one new cell too)."""
-    counts = np.zeros(top + 1, np.int64)
-    flat = labels.reshape(-1)
-    step = 1 << 22
-    for i in range(0, flat.size, step):
-        counts += np.bincount(flat[i:i + step].astype(np.intp, copy=False), minlength=top + 1)
-    return counts
-
-
 def _regions(labels: np.ndarray, ids) -> tuple[np.ndarray, list, np.ndarray]:
     """(ids, bbox slices, areas) of the wanted cells, ids sorted."""
     from scipy import ndimage as ndi
 
-    top = int(labels.max()) if labels.size else 0
-    if top <= 4 * labels.size + 65536:  # fast path: ids not absurdly sparse
-        counts = _label_counts(labels, top)
-        present = np.nonzero(counts)[0]
-        counts = counts[present]
-    else:
-        present, counts = np.unique(labels, return_counts=True)
-    keep = present > 0
-    present, counts = present[keep], counts[keep]
+    from .segment import label_areas
+
+    present, counts = label_areas(labels)
     if ids is None:
         want = present
     else:

@@ -322,7 +322,7 @@ def finetune(
     t_start = time.time()
     from .device import resolve_device
     from .models import build_from_card, read_card, read_weights, resolve_model_path, save_model
-    from .segment import check_image
+    from .segment import check_image, label_areas
     from .train import evaluate, make_sample, train_segmenter
 
     if isinstance(images, np.ndarray) and images.ndim in (2, 3) and not isinstance(labels, (list, tuple)):
@@ -339,7 +339,7 @@ def finetune(
 
     def check_stop():  # between the steps of preparing the data (tens of seconds each on a big smear)
         if should_stop is not None and should_stop():
-            raise FinetuneCancelled("fine-tuning was cancelled; no model file was written")
+            raise FinetuneCancelled("fine-tuning was cancelled; no model file was written") from None
 
     for i, (im, lab) in enumerate(zip(images, labels)):
         check_stop()
@@ -350,7 +350,7 @@ def finetune(
             raise ValueError(f"labels[{i}] has shape {lab.shape} but images[{i}] is {rgb.shape[:2]}; they must match")
         if min(rgb.shape[:2]) < 16:
             raise ValueError(f"images[{i}] of shape {rgb.shape[:2]} is too small to train on; expected at least 16x16")
-        ids = np.unique(lab[lab > 0])
+        ids = label_areas(lab)[0]  # (no sort of a big smear's labels)
         if cell_types is not None and isinstance(cell_types[i], dict) and cell_types[i]:
             _check_typed_ids(cell_types[i], ids, i)  # now, not after minutes of training the segmenter
         if len(ids) == 0:
@@ -395,8 +395,9 @@ def finetune(
 
     try:
         before = evaluate(net, card, val, dev, should_stop) if val else None
-    except Stopped:
-        raise FinetuneCancelled("fine-tuning was cancelled; no model file was written") from None
+    except Stopped:  # (should_stop said so)
+        check_stop()
+        raise
 
     def _progress(step, steps, rec):
         if progress is not None:
@@ -409,8 +410,7 @@ def finetune(
         small_field=SMALL_FIELD, progress=_progress,
         should_stop=should_stop, baseline=before, log=lambda s: None,
     )
-    if should_stop is not None and should_stop():
-        raise FinetuneCancelled("fine-tuning was cancelled; no model file was written")
+    check_stop()
     kept_base = bool(val) and best_state is None
     if kept_base:
         if cell_types is None:

@@ -1,6 +1,7 @@
 """Reading smear images, masks and Pascal VOC boxes (no napari, no Qt)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import tempfile
@@ -47,19 +48,28 @@ def _check_size(path: Path, h: int, w: int) -> None:
             f"{17 * h * w / 2**30:,.0f} GiB for this one): cut it into fields, or set {MAX_PIXELS_ENV} to read it")
 
 
-def _open_pil(path: Path):
-    """``PIL.Image.open`` with napari-wbc's size limit instead of Pillow's: Pillow warns from 89 Mpx
-    and refuses from 179 Mpx ("decompression bomb"), while segment() handles 100+ Mpx smears in
-    bounded memory. Pillow's global limit is lifted only for this call (under a lock)."""
+@contextlib.contextmanager
+def _pil_unlimited():
+    """Pillow's global size limit lifted for what is opened inside (under a lock)."""
     from PIL import Image
 
     with _PIL_LIMIT:
         old = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = None
         try:
-            im = Image.open(path)
+            yield
         finally:
             Image.MAX_IMAGE_PIXELS = old
+
+
+def _open_pil(path: Path):
+    """``PIL.Image.open`` with napari-wbc's size limit instead of Pillow's: Pillow warns from 89 Mpx
+    and refuses from 179 Mpx ("decompression bomb"), while segment() handles 100+ Mpx smears in
+    bounded memory. Pillow's global limit is lifted only for this call (under a lock)."""
+    from PIL import Image
+
+    with _pil_unlimited():
+        im = Image.open(path)
     try:
         _check_size(path, im.size[1], im.size[0])
     except ImageReadError:
@@ -80,14 +90,8 @@ def image_size(path) -> tuple[int, int] | None:
                 return series.shape[series.axes.index("Y")], series.shape[series.axes.index("X")]
         from PIL import Image
 
-        with _PIL_LIMIT:
-            old = Image.MAX_IMAGE_PIXELS
-            Image.MAX_IMAGE_PIXELS = None
-            try:
-                with Image.open(path) as im:
-                    return im.size[1], im.size[0]
-            finally:
-                Image.MAX_IMAGE_PIXELS = old
+        with _pil_unlimited(), Image.open(path) as im:
+            return im.size[1], im.size[0]
     except Exception:  # noqa: BLE001 - reading it for real reports what is wrong
         return None
 
@@ -212,6 +216,14 @@ def find_mask(path) -> Path | None:
 
 
 LABELS_STEM_SUFFIX = "_labels"  # the batch tool's x_labels.tif
+
+
+def batch_labels_beside(path) -> Path | None:
+    """The batch tool's ``x_labels.tif`` (or ``.tiff``) beside ``x.<ext>``, if there is one: ``x_cells.csv``
+    is then that file's table, not ``x.tif``'s."""
+    path = Path(path)
+    return next((p for p in (path.with_name(f"{path.stem}{LABELS_STEM_SUFFIX}{e}") for e in (".tif", ".tiff"))
+                 if p.is_file()), None)
 
 
 def cells_table_path(labels_path) -> Path:

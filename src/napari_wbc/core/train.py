@@ -39,8 +39,9 @@ class Sample:
 
 def cell_diameter(labels: np.ndarray) -> float | None:
     """Median equivalent diameter of the labelled cells (None when none)."""
-    areas = np.bincount(np.asarray(labels).ravel())[1:]
-    areas = areas[areas > 0]
+    from .segment import label_areas
+
+    areas = label_areas(np.asarray(labels))[1]
     if len(areas) == 0:
         return None
     return float(np.sqrt(4 * np.median(areas) / np.pi))
