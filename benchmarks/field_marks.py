@@ -5,7 +5,8 @@
 
 Microscope cameras and scanners put things in the image that are not smear: the black outside a round
 field of view (a camera on the eyepiece or a small sensor), the slide's edge, a black or white frame
-when a tile is padded to size, and burned-in scale bars and sample labels. Each is applied to the same
+when a tile is padded to size, and burned-in scale bars and sample labels; and the light is not always
+even (a brightness gradient across the field, vignetting). Each is applied to the same
 held-out images as ``robustness.py`` (SigTuple and Tecom validation: matched-cell Dice and F1; held-out
 odd BCCD images: WBC detection F1 at box IoU >= 0.5), with ``diameter=None`` as a user runs it. Masks
 and boxes move with the smear where a frame is added around it; cells under a mark stay in the truth
@@ -78,6 +79,22 @@ def marks(colour, bar=True, label=True):  # a scale bar with its text, a sample 
     return apply
 
 
+def gradient(to):  # the light falls linearly from the left edge to ``to`` of it at the right
+    def apply(rgb):
+        ramp = np.linspace(1.0, to, rgb.shape[1], dtype=np.float32)
+        return R._u8(rgb * ramp[None, :, None]), (0, 0)
+    return apply
+
+
+def vignetting(to):  # the light falls with the squared distance from the centre to ``to`` in the corners
+    def apply(rgb):
+        h, w = rgb.shape[:2]
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        r2 = ((yy - (h - 1) / 2) ** 2 + (xx - (w - 1) / 2) ** 2) / (((h - 1) / 2) ** 2 + ((w - 1) / 2) ** 2)
+        return R._u8(rgb * (1 - (1 - to) * r2)[..., None]), (0, 0)
+    return apply
+
+
 CONDITIONS = {
     "none": lambda rgb: (rgb, (0, 0)),
     "black frame (a quarter of the longer side around)": frame(0.25, 0),
@@ -89,6 +106,10 @@ CONDITIONS = {
     "black sample label box with text": marks(0, bar=False),
     "white scale bar and label box": marks(255),
     "white frame (a quarter of the longer side around)": frame(0.25, 255),
+    "uneven light: a gradient to 70 % across": gradient(0.7),
+    "uneven light: a gradient to 50 % across": gradient(0.5),
+    "uneven light: vignetting to 60 % in the corners": vignetting(0.6),
+    "uneven light: vignetting to 45 % in the corners": vignetting(0.45),
 }
 SIZE_KEPT = [n for n in CONDITIONS if "frame" not in n and "beside" not in n]  # for --types
 

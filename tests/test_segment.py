@@ -680,6 +680,30 @@ def test_channel_ranges_are_those_of_the_smear_without_burned_in_black(dtype):
                                rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_channel_ranges_leave_out_burned_in_white_but_not_a_bright_background(dtype):
+    """A white label box took the bright end from the background's level to white (BCCD F1 0.88):
+    white marks above the smear's own bright end do not count. A background that runs up to white
+    (saturated, as on Tecom crops) is the smear's and still counts."""
+    rng = np.random.default_rng(1)
+    img = rng.integers(60, 220, (120, 160, 3)).astype(np.uint8)
+    marked = img.copy()
+    marked[0:10, 0:50] = 255  # a white sample label box
+    marked[3:7, 5:40] = 0  # its black text
+    bright = rng.integers(150, 256, (120, 160, 3)).astype(np.uint8)  # runs up to white: background
+    bright[0:10, 0:50] = 255
+    scale = {np.uint8: 1, np.uint16: 257, np.float32: 1 / 255}[dtype]
+    marked, bright = (marked * float(scale)).astype(dtype), (bright * float(scale)).astype(dtype)
+    keep = np.ones(img.shape[:2], bool)
+    keep[0:10, 0:50] = False
+    expected = np.percentile(marked[keep].astype(np.float64), [0.5, 99.5], axis=0)
+    np.testing.assert_allclose(S.channel_ranges(marked), expected, rtol=1e-4)
+    assert S.channel_ranges(marked)[1].max() < 220 * scale
+    assert S.smear_pixels(bright) is None
+    np.testing.assert_allclose(S.channel_ranges(bright),
+                               np.percentile(bright.astype(np.float64), [0.5, 99.5], axis=(0, 1)), rtol=1e-4)
+
+
 def test_out_of_field_is_background_to_the_network_and_not_in_its_ranges(tiny, monkeypatch):
     """A black frame or round field of view: F1 0.00-0.25 on BCCD, with the right diameter too (the
     network saw black around the smear). Outside the field it now sees the smear's background level."""
@@ -847,3 +871,58 @@ def test_no_illumination_correction_on_an_evenly_lit_tight_crop():
     img[(yy - 60) ** 2 + (xx - 60) ** 2 < 40**2] = (150, 110, 170)
     _, _, lum, _ = _luminance(img)
     assert _illumination(lum, None) is None
+
+
+def _dimmed(img, kind):
+    h, w = img.shape[:2]
+    yy, xx = np.mgrid[:h, :w].astype(np.float32)
+    if kind == "gradient":
+        light = 1 - 0.5 * xx / (w - 1)
+    else:
+        light = 1 - 0.55 * (((yy - (h - 1) / 2) / ((h - 1) / 2)) ** 2 + ((xx - (w - 1) / 2) / ((w - 1) / 2)) ** 2) / 2
+    return np.clip(np.rint(img * light[..., None]), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("kind", ["gradient", "vignette"])
+def test_the_network_sees_uneven_light_evened_out(tiny, monkeypatch, kind):
+    """Under a gradient to 50 % the network itself missed cells with the right diameter too (BCCD F1
+    0.74): its windows are now those of the evenly lit smear, and its ranges too. An evenly lit smear
+    is left exactly as it is."""
+    from napari_wbc.core.scale import shading
+
+    img = _red_cells()
+    dim = _dimmed(img, kind)
+    assert shading(img) is None
+    light = shading(dim)
+    assert light is not None and light.min() < 0.75
+    seen = []
+    real = S.iter_probabilities
+
+    def spy(x, net, device, *a, ranges=None, shading=None, **k):
+        seen.append((x.copy(), ranges, shading))
+        yield from real(x, net, device, *a, ranges=ranges, shading=shading, **k)
+
+    monkeypatch.setattr(S, "iter_probabilities", spy)
+    for im in (img, dim):
+        napari_wbc.segment(im, model=tiny, device="cpu", diameter=16)
+    (x0, r0, s0), (x1, r1, s1) = seen
+    assert s0 is None and s1 is not None
+    even = S.unshade(x1, s1, (0, 0), x1.shape[:2]).astype(np.float32)
+    error = np.abs(even - x0).mean()  # the fitted light is a smooth surface, not the true one
+    assert error < 10 and error < 0.3 * np.abs(x1.astype(np.float32) - x0).mean()
+    assert np.abs(r1 - r0).max() < 0.4 * np.abs(S.channel_ranges(dim) - r0).max()
+
+
+def test_the_classifier_sees_uneven_light_evened_out():
+    """The classifier's windows are brought to the light of the image's brightest part, as the
+    segmenter's: a cell in the dim half is typed as the same cell in bright light."""
+    from napari_wbc.core.classify import image_normaliser
+
+    img = _red_cells()
+    dim = _dimmed(img, "gradient")
+    spec = {"low": 0.5, "high": 99.5}
+    f0, f1 = image_normaliser(img, spec), image_normaliser(dim, spec)
+    win = (slice(100, 140), slice(260, 300))  # in the dim part (light ~ 0.6)
+    a = f0(img[win], (120, 280))
+    error = np.abs(f1(dim[win], (120, 280)) - a).mean()
+    assert error < 0.15 and error < 0.2 * np.abs(f1(dim[win]) - a).mean()  # without its place: as dim as it was

@@ -143,20 +143,31 @@ def od_normalise(x: np.ndarray, background: np.ndarray, exponent: float) -> np.n
 
 
 def image_normaliser(rgb: np.ndarray, norm: dict) -> Callable[[np.ndarray], np.ndarray]:
-    """The function that normalises windows of ``rgb`` as a card's ``normalisation`` (see
-    :func:`input_settings`) asks, from statistics of the whole image."""
-    from .segment import channel_ranges, normalise
+    """The function ``f(window, at=None)`` that normalises windows of ``rgb`` as a card's
+    ``normalisation`` (see :func:`input_settings`) asks, from statistics of the whole image. Under
+    uneven light (:func:`.scale.shading`) a window centred ``at`` (y, x) is first brought to the
+    light of the image's brightest part, as :func:`~.segment.segment` sees it."""
+    from .scale import out_of_field, shading
+    from .segment import channel_ranges, normalise, unshade
+
+    light = shading(rgb)
+    h, w = rgb.shape[:2]
+
+    def even(x, at):
+        if light is None or at is None:
+            return x
+        inverse = unshade(np.ones((1, 1, 1), np.float32), light, (int(round(at[0])), int(round(at[1]))), (h, w))
+        return x.astype(np.float32) * inverse[0, 0, 0]
 
     if norm.get("method") == OPTICAL_DENSITY:
-        h, w = rgb.shape[:2]
         step = max(1, int(np.sqrt(h * w / 1e6)))  # ~1 Mpx strided, as channel_ranges
-        bg, k = od_parameters(rgb[::step, ::step], background_q=norm["background_percentile"],
+        sub = rgb[::step, ::step] if light is None else unshade(rgb[::step, ::step], light, (0, 0), rgb[::step, ::step].shape[:2])
+        bg, k = od_parameters(sub, background_q=norm["background_percentile"],
                               dark_q=norm["dark_percentile"], reference=norm["reference"])
-        return lambda x: od_normalise(x, bg, k)
-    from .scale import out_of_field
-
-    ranges = channel_ranges(rgb, norm["low"], norm["high"], outside=out_of_field(rgb))  # of the smear, as segment()'s
-    return lambda x: normalise(x, ranges)
+        return lambda x, at=None: od_normalise(even(x, at), bg, k)
+    # of the smear, as segment()'s
+    ranges = channel_ranges(rgb, norm["low"], norm["high"], outside=out_of_field(rgb), shading=light)
+    return lambda x, at=None: normalise(even(x, at), ranges)
 
 
 def cell_input(rgb, norm, labels, label_id, sl, area, *, size, context, background, dilation):
@@ -166,14 +177,14 @@ def cell_input(rgb, norm, labels, label_id, sl, area, *, size, context, backgrou
         from .segment import normalise
 
         ranges = norm
-        norm = lambda x: normalise(x, ranges)  # noqa: E731
+        norm = lambda x, at=None: normalise(x, ranges)  # noqa: E731
 
     extent = max(sl[0].stop - sl[0].start, sl[1].stop - sl[1].start)
     cy = (sl[0].start + sl[0].stop - 1) / 2.0
     cx = (sl[1].start + sl[1].stop - 1) / 2.0
     side = window_side(area, extent, context)
     step = window_step(side, size)
-    x = norm(cut_window(rgb, cy, cx, side, 0, step))  # any dtype: cast per window only
+    x = norm(cut_window(rgb, cy, cx, side, 0, step), (cy, cx))  # any dtype: cast per window only
     x[~inside_window(rgb.shape, cy, cx, side, step)] = background
     m = (cut_window(labels, cy, cx, side, 0, step) == label_id).astype(np.float32)
     return finish_input(resize_square(x, size), resize_square(m, size), background=background, dilation=dilation)

@@ -107,6 +107,7 @@ def out_of_field(image: np.ndarray) -> np.ndarray | None:
 ILLUMINATION_GRID = 8  # blocks along the longer side
 ILLUMINATION_MIN_RANGE = 1.3  # brightest / darkest background of the fitted surface
 ILLUMINATION_TOLERANCE = 0.04  # a block whose bright level is this far (log) under the surface: cells
+SHADING_FLOOR = 0.25  # the light is never taken as dimmer than this (a fit's far corner is not divided by 0.05)
 # A frame of one flat colour around or beside the smear (a tile padded to size with white or grey, an
 # empty area filled by software): large regions of exactly one colour that touch the image's edge and
 # leave the smear as a rectangle. The rectangle test keeps a smear whose background is saturated (flat
@@ -291,18 +292,9 @@ def _illumination(lum: np.ndarray, valid: np.ndarray | None) -> np.ndarray | Non
     return np.maximum(g, np.float32(0.05))
 
 
-def foreground(rgb_small: np.ndarray) -> np.ndarray:
-    """Cells vs background: colour distance from the bright background, Otsu threshold.
-
-    Works on integer levels (:func:`_levels`) with histogram statistics: every
-    step is invariant to the image's overall scale, as the threshold is Otsu's.
-    Uneven illumination is divided out first (:func:`_illumination`).
-    """
-    from scipy import ndimage as ndi
-    from skimage.filters import threshold_otsu
-
-    q, top, lum, counts = _luminance(rgb_small)
-    in_field, everywhere = _in_field(lum, counts)
+def _gain(lum, top, in_field, everywhere):
+    """(the light's relative level over the grid of ``lum``, or None where it is even; the in-field mask,
+    less a soft edge's darkest ring)"""
     gain = None
     if not everywhere:
         edge = _field_edge_gain(lum, in_field)
@@ -317,6 +309,39 @@ def foreground(rgb_small: np.ndarray) -> np.ndarray:
     ill = _illumination(lum, valid)
     if ill is not None:
         gain = ill if gain is None else gain * ill
+    return gain, in_field
+
+
+def shading(image: np.ndarray) -> np.ndarray | None:
+    """The light's relative level over an HxWx3 image (float32, 1 where brightest, at least
+    :data:`SHADING_FLOOR`), on a grid of at most 640 px a side, where it is uneven - a soft-edged
+    field of view, a brightness gradient, vignetting (:func:`_illumination`: >= 1.3x over the
+    background) - else None (the usual case). Outside the field (:func:`out_of_field`) it is 1."""
+    small = _downsample(image)[0]
+    _, top, lum, counts = _luminance(small)
+    in_field, everywhere = _in_field(lum, counts)
+    gain = _gain(lum, top, in_field, everywhere)[0]
+    if gain is None:
+        return None
+    gain = np.maximum(gain, np.float32(SHADING_FLOOR))
+    if not everywhere:
+        gain[~in_field] = 1.0
+    return gain
+
+
+def foreground(rgb_small: np.ndarray) -> np.ndarray:
+    """Cells vs background: colour distance from the bright background, Otsu threshold.
+
+    Works on integer levels (:func:`_levels`) with histogram statistics: every
+    step is invariant to the image's overall scale, as the threshold is Otsu's.
+    Uneven illumination is divided out first (:func:`_illumination`).
+    """
+    from scipy import ndimage as ndi
+    from skimage.filters import threshold_otsu
+
+    q, top, lum, counts = _luminance(rgb_small)
+    in_field, everywhere = _in_field(lum, counts)
+    gain, in_field = _gain(lum, top, in_field, everywhere)
     if gain is not None:
         x = q.astype(np.float32)
         x /= gain[..., None]

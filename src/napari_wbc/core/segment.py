@@ -45,6 +45,11 @@ RED_CELL_SHARE = 0.25
 # vignetting, slide edges: see scale.out_of_field) is dropped
 OUT_OF_FIELD_SHARE = 0.5
 NEAR_BLACK = 0.04  # of the image's bright level (99th percentile of the brightest channel): burned in, not smear
+# white burned in: pixels whose darkest channel is within WHITE_SPIKE of the image's whitest, a share
+# WHITE_SHARE of the image, above a smear whose own bright end (99.5th percentile of the darkest channel
+# of the rest) lies under WHITE_GAP of that: a mark, not the smear's (saturated or glaring) background.
+# (More than a quarter white is background, or a white frame, which scale.out_of_field finds.)
+WHITE_SPIKE, WHITE_GAP, WHITE_SHARE = 0.97, 0.9, (5e-4, 0.25)
 
 
 def check_image(image) -> np.ndarray:
@@ -78,13 +83,17 @@ def check_image(image) -> np.ndarray:
     return to_rgb(image)
 
 
-def channel_ranges(rgb: np.ndarray, lo: float = 0.5, hi: float = 99.5, outside: np.ndarray | None = None) -> np.ndarray:
+def channel_ranges(rgb: np.ndarray, lo: float = 0.5, hi: float = 99.5, outside: np.ndarray | None = None,
+                   shading: np.ndarray | None = None) -> np.ndarray:
     """Robust per-channel (low, high) from a strided subsample of at most ~1 Mpx, of the smear only:
     near-black pixels (burned-in scale bars, labels, a black frame: see :func:`smear_pixels`) and
-    those ``outside`` the microscope's field (:func:`.scale.out_of_field`) do not count."""
+    those ``outside`` the microscope's field (:func:`.scale.out_of_field`) do not count. With
+    ``shading`` (:func:`.scale.shading`), those of the evenly lit image (:func:`unshade`)."""
     h, w = rgb.shape[:2]
     step = max(1, int(np.sqrt(h * w / 1e6)))
     sub = rgb[::step, ::step]
+    if shading is not None:
+        sub = unshade(sub, shading, (0, 0), sub.shape[:2])
     keep = smear_pixels(sub, outside)
     sub = sub.reshape(-1, 3) if keep is None else sub[keep]
     if sub.dtype == np.uint8:
@@ -102,7 +111,8 @@ def smear_pixels(rgb: np.ndarray, outside: np.ndarray | None = None) -> np.ndarr
 
     Not smear: pixels whose brightest channel is under :data:`NEAR_BLACK` of the image's bright level
     (a stained nucleus never is, at any exposure: the threshold follows the image's own brightness),
-    i.e. burned-in scale bars, text, label boxes, a black frame or round field of view; and those
+    i.e. burned-in scale bars, text, label boxes, a black frame or round field of view; white ones
+    (:func:`white_marks`); and those
     ``outside`` the microscope's field (a mask on any grid). A black 0.5 % of the image pulled the
     low percentile to black and flattened the contrast the networks see (F1 0.31-0.41 on BCCD
     fields with a label box or scale bar). When under 5 % would be left, all pixels count.
@@ -115,12 +125,76 @@ def smear_pixels(rgb: np.ndarray, outside: np.ndarray | None = None) -> np.ndarr
     keep = None
     if float(brightest.min()) >= 0 and top > 0:  # (values below 0: no black level to go by)
         keep = brightest > NEAR_BLACK * top
+        white = white_marks(rgb.min(axis=-1))
+        if white is not None:
+            keep &= ~white
     if outside is not None:
         inside = ~nearest_mask(outside, rgb.shape[:2])
         keep = inside if keep is None else keep & inside
     if keep is None or keep.all() or keep.sum() < 0.05 * keep.size:
         return None
     return keep
+
+
+def white_marks(darkest: np.ndarray) -> np.ndarray | None:
+    """Burned-in white (a label box, a scale bar, white outside the field) in an image whose darkest
+    channel is ``darkest`` (values >= 0): None when there is none.
+
+    White marks are a group of pixels near the image's whitest, clearly above the smear's own bright
+    end: its background. A saturated or glaring background runs up to the whitest without a gap and is
+    left alone. A white label box took the normalisation's bright end from the background's 215 to
+    255 on BCCD (detection F1 0.88).
+    """
+    if darkest.dtype == np.uint8:
+        counts = np.bincount(darkest.ravel(), minlength=256)
+        whitest = int(np.flatnonzero(counts)[-1])
+        first = int(np.ceil(WHITE_SPIKE * whitest))
+        n_white = int(counts[first:].sum())
+        rest = counts[:first]
+        if whitest == 0 or not WHITE_SHARE[0] <= n_white / darkest.size <= WHITE_SHARE[1]:
+            return None
+        bright_end = percentile_from_counts(rest, 99.5)
+    else:
+        whitest = float(darkest.max())
+        mark = darkest >= WHITE_SPIKE * whitest
+        n_white = int(mark.sum())
+        if whitest <= 0 or not WHITE_SHARE[0] <= n_white / darkest.size <= WHITE_SHARE[1]:
+            return None
+        bright_end = float(np.percentile(darkest[~mark], 99.5))
+    if bright_end >= WHITE_GAP * whitest:
+        return None
+    return darkest >= WHITE_SPIKE * whitest
+
+
+def unshade(window: np.ndarray, shading: np.ndarray, corner, shape) -> np.ndarray:
+    """``window`` (HxWx3, any dtype; its top-left pixel at ``corner`` of an image of ``shape``) divided
+    by the light's level there: ``shading`` (:func:`.scale.shading`, on any grid over the image),
+    interpolated bilinearly. Integers stay integers (rounded, clipped to the dtype), as the image
+    would have been under even light."""
+    gh, gw = shading.shape
+    h, w = window.shape[:2]
+
+    def weights(start, n, total, grid):  # grid coordinates of pixel centres, clamped; lower index, fraction
+        c = np.clip((np.arange(start, start + n) + 0.5) * grid / total - 0.5, 0, grid - 1)
+        i = np.minimum(np.floor(c).astype(np.intp), grid - 2) if grid > 1 else np.zeros(n, np.intp)
+        return i, (c - i).astype(np.float32) if grid > 1 else np.zeros(n, np.float32)
+
+    iy, fy = weights(corner[0], h, shape[0], gh)
+    ix, fx = weights(corner[1], w, shape[1], gw)
+    g = shading.astype(np.float32, copy=False)
+    if gh > 1:
+        g = g[iy] * (1 - fy)[:, None] + g[iy + 1] * fy[:, None]
+    else:
+        g = np.repeat(g, h, 0)
+    if gw > 1:
+        g = g[:, ix] * (1 - fx)[None] + g[:, ix + 1] * fx[None]
+    else:
+        g = np.repeat(g, w, 1)
+    out = window.astype(np.float32) / g[..., None]
+    if window.dtype.kind in "ui":
+        info = np.iinfo(window.dtype)
+        return np.clip(np.rint(out), info.min, info.max).astype(window.dtype)
+    return out.astype(window.dtype, copy=False)
 
 
 def nearest_mask(mask: np.ndarray, shape) -> np.ndarray:
@@ -185,13 +259,15 @@ def _tile_starts(n: int, tile: int, margin: int) -> list[int]:
 
 
 def iter_probabilities(
-    x: np.ndarray, net, device, *, tile: int = 768, margin: int = 64, batch_size: int = 1, ranges=None
+    x: np.ndarray, net, device, *, tile: int = 768, margin: int = 64, batch_size: int = 1, ranges=None,
+    shading=None,
 ) -> Iterator:
     """Yield ``("progress", done, total)``; finally ``("probs", fg_u8, dist_u8)``.
 
     ``x``: HxWx3 image at network scale, float32 normalised (:func:`normalise`), or
     any dtype with its ``ranges`` (:func:`channel_ranges`): then each window is
-    normalised as it is cut (same values; no float32 copy of a large image).
+    normalised as it is cut (same values; no float32 copy of a large image), and with
+    ``shading`` (:func:`.scale.shading`) brought to even light first (:func:`unshade`).
     Outputs are uint8 (probability * 255) of the same HxW, filled tile by tile
     (bounded memory).
     """
@@ -235,7 +311,10 @@ def iter_probabilities(
             wy0, wx0 = y0 - margin, x0 - margin
             sy0, sx0 = max(wy0, 0), max(wx0, 0)
             sy1, sx1 = min(wy0 + th, h), min(wx0 + tw, w)
-            win = x[sy0:sy1, sx0:sx1] if ranges is None else normalise(x[sy0:sy1, sx0:sx1], ranges)
+            win = x[sy0:sy1, sx0:sx1]
+            if shading is not None:
+                win = unshade(win, shading, (sy0, sx0), (h, w))
+            win = win if ranges is None else normalise(win, ranges)
             arr[i, :, sy0 - wy0 : sy1 - wy0, sx0 - wx0 : sx1 - wx0] = np.moveaxis(win, -1, 0)
         out = None
         try:
@@ -477,7 +556,7 @@ def iter_segment(
     """
     from .device import resolve_device
     from .models import load_model
-    from .scale import estimate_diameter, out_of_field
+    from .scale import estimate_diameter, out_of_field, shading
 
     rgb = check_image(image)
     if diameter is not None:
@@ -501,7 +580,8 @@ def iter_segment(
     if batch_size is None:
         batch_size = 8 if dev.type == "cuda" else 1
     outside = out_of_field(rgb)
-    ranges = channel_ranges(rgb, outside=outside)
+    light = shading(rgb)  # uneven light (a gradient, vignetting, a soft field edge): evened out first
+    ranges = channel_ranges(rgb, outside=outside, shading=light)
     estimated = diameter is None
     d = estimate_diameter(rgb) if estimated else diameter
     H, W = rgb.shape[:2]
@@ -517,7 +597,7 @@ def iter_segment(
             x = x if x.flags.writeable and x is not rgb else x.copy()
             x[nearest_mask(outside, (h, w))] = np.asarray(ranges[1]).astype(x.dtype)
         fg = dist = None
-        for item in iter_probabilities(x, net, dev, tile=tile, batch_size=batch_size, ranges=ranges):
+        for item in iter_probabilities(x, net, dev, tile=tile, batch_size=batch_size, ranges=ranges, shading=light):
             if item[0] == "probs":
                 _, fg, dist = item
             else:
