@@ -775,3 +775,22 @@ def test_the_classifier_fine_tuned_is_the_one_the_segmenter_types_with(tmp_path,
     napari_wbc.finetune(list(imgs), list(labs), base=seg, epochs=1, device="cpu",
                         output=tmp_path / "ft.safetensors", cell_types=[{1: "neutrophil"}] * 2)
     assert bases == [None]  # the shipped classifier, as classifier_for says
+
+
+def test_training_sees_uneven_light_evened_out_as_segment_does():
+    """A user's smear under a brightness gradient trains the network on the evenly lit smear, as
+    segment() and classify() show it to the network (training on the dim one taught it the wrong
+    thing); an evenly lit smear is taken as it is."""
+    from test_segment import _dimmed, _red_cells
+
+    from napari_wbc.core.train import make_sample
+
+    img = _red_cells()
+    lab = np.zeros(img.shape[:2], np.int32)
+    lab[40:70, 40:70] = 1
+    even = make_sample(img, lab, diameter=30).rgb
+    np.testing.assert_array_equal(even, img.astype(np.float32) / 255)
+    dim = _dimmed(img, "gradient")
+    got = make_sample(dim, lab, diameter=30).rgb
+    raw = dim.astype(np.float32) / 255
+    assert np.abs(got - even).mean() < 0.3 * np.abs(raw - even).mean()

@@ -197,6 +197,15 @@ def unshade(window: np.ndarray, shading: np.ndarray, corner, shape) -> np.ndarra
     return out.astype(window.dtype, copy=False)
 
 
+def unshade_image(rgb: np.ndarray, shading: np.ndarray, rows: int = 512) -> np.ndarray:
+    """A copy of the whole HxWx3 ``rgb`` under even light (:func:`unshade`), band by band (no float
+    copy of a large image)."""
+    out = np.empty_like(rgb)
+    for y0 in range(0, rgb.shape[0], rows):
+        out[y0:y0 + rows] = unshade(rgb[y0:y0 + rows], shading, (y0, 0), rgb.shape[:2])
+    return out
+
+
 def nearest_mask(mask: np.ndarray, shape) -> np.ndarray:
     """A boolean mask brought to ``shape`` by nearest neighbour (no float copy of a big grid)."""
     h, w = int(shape[0]), int(shape[1])

@@ -57,9 +57,13 @@ def cell_centres(labels: np.ndarray) -> np.ndarray:
 
 
 def make_sample(image, labels, *, diameter=None, weight=None, name="") -> Sample:
-    from .segment import check_image
+    from .scale import shading
+    from .segment import check_image, unshade_image
 
     rgb = check_image(image)
+    light = shading(rgb)
+    if light is not None:  # as segment() and classify() see it: under even light
+        rgb = unshade_image(rgb, light)
     if rgb.dtype == np.uint8:
         rgb = rgb.astype(np.float32) / 255.0
     elif rgb.dtype.kind == "u":  # by the image's top, not the dtype's: 12-bit data in uint16 is 0..4095
