@@ -803,7 +803,7 @@ def test_every_output_and_its_marker_are_written_under_the_folder_lock(tmp_path,
     inp.mkdir()
     Image.fromarray(smear(seed=1)).save(inp / "x.png")
     held, writes = [], []
-    real_lock, real_write = batch._folder_lock, batch.atomic_write
+    real_lock, real_write = batch.folder_lock, batch.atomic_write
 
     @contextlib.contextmanager
     def lock(folder):
@@ -816,9 +816,43 @@ def test_every_output_and_its_marker_are_written_under_the_folder_lock(tmp_path,
         writes.append((Path(path).name, bool(held)))
         return real_write(path, fn)
 
-    monkeypatch.setattr(batch, "_folder_lock", lock)
+    monkeypatch.setattr(batch, "folder_lock", lock)
     monkeypatch.setattr(batch, "atomic_write", write)
     settings = batch.Settings(model=str(tiny_models[0]), classifier=str(tiny_models[1]), device="cpu")
     assert batch.process_one(inp / "x.png", tmp_path / "out", settings)["status"] == "ok"
     assert [w for w in writes if w[0] in ("x.done", "x_labels.tif", "x_cells.csv")] == [
         ("x.done", True), ("x_labels.tif", True), ("x_cells.csv", True), ("x.done", True)]
+
+
+def test_a_correction_saved_by_the_writer_while_a_run_writes_the_same_outputs_is_kept(tmp_path, tiny_models,
+                                                                                      monkeypatch):
+    """napari's writer did not take the batch's folder lock: labels saved while a run wrote that image's
+    outputs were replaced by the run's. Now the save waits for the run, and the next run counts it."""
+    import threading
+
+    from napari_wbc._writer import write_labels
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    Image.fromarray(smear(seed=1)).save(inp / "x.png")
+    correction = np.zeros((64, 80), np.uint16)
+    correction[5:15, 5:15] = 1
+    real_write = batch._write_labels
+    features = pd.DataFrame({"label": [1], "cell_type": ["basophil"]})
+    saver = threading.Thread(target=write_labels, args=(str(out / "x_labels.tif"), correction, {"features": features}))
+
+    def write_while_saving(path, labels):  # the user saves in napari as the run writes
+        saver.start()
+        saver.join(timeout=1.0)
+        real_write(path, labels)
+
+    monkeypatch.setattr(batch, "_write_labels", write_while_saving)
+    settings = batch.Settings(model=str(tiny_models[0]), classifier=str(tiny_models[1]), device="cpu")
+    assert batch.process_one(inp / "x.png", out, settings)["status"] == "ok"
+    saver.join(timeout=30)
+    assert not saver.is_alive()
+    np.testing.assert_array_equal(tifffile.imread(out / "x_labels.tif"), correction)
+    monkeypatch.setattr(batch, "_write_labels", real_write)
+    row = batch.process_one(inp / "x.png", out, settings)
+    assert row["status"] == "skipped" and row["edited"] == ["labels", "cells"], row["error"]
+    assert row["n_wbc"] == 1 and row["count"]["basophil"] == 1

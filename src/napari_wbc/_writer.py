@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .core.io import atomic_write, batch_labels_beside, cells_table_path
+from .core.io import atomic_write, batch_labels_beside, cells_table_path, folder_lock
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 # what a labels TIFF records of its napari-wbc layer metadata (the reader gives it back)
@@ -66,12 +66,16 @@ def write_labels(path: str, data, meta: dict) -> list[str]:
     keep = {k: source[k] for k in SAVED_META_KEYS if source.get(k) is not None}
     description = json.dumps({"napari_wbc": keep}) if keep else None
     csv_path = cells_table_path(tif_path)
-    owner = batch_labels_beside(tif_path)
-    if owner is not None and not tif_path.stem.endswith("_labels"):  # x.tif beside the batch's x_labels.tif:
-        raise ValueError(  # x_cells.csv is that file's table (the batch counts it); nothing written
-            f"cannot save {tif_path.name!r} here: its cells table {csv_path.name!r} belongs to {owner.name!r} "
-            f"beside it (the batch tool's outputs); save as {owner.name!r} to correct those, or under another name")
-    atomic_write(tif_path, lambda tmp: tifffile.imwrite(tmp, labels, compression="zlib", description=description,
-                                                        metadata=None if description else {}))
-    atomic_write(csv_path, lambda tmp: table.to_csv(tmp, index=False))
+    tif_path.parent.mkdir(parents=True, exist_ok=True)
+    # the batch tool's lock on the folder: a correction saved while a run writes this image's outputs
+    # waits for it (and replaces them), or is written first (and the run, checking again, keeps it)
+    with folder_lock(tif_path.parent):
+        owner = batch_labels_beside(tif_path)
+        if owner is not None and not tif_path.stem.endswith("_labels"):  # x.tif beside the batch's x_labels.tif:
+            raise ValueError(  # x_cells.csv is that file's table (the batch counts it); nothing written
+                f"cannot save {tif_path.name!r} here: its cells table {csv_path.name!r} belongs to {owner.name!r} "
+                f"beside it (the batch tool's outputs); save as {owner.name!r} to correct those, or under another name")
+        atomic_write(tif_path, lambda tmp: tifffile.imwrite(tmp, labels, compression="zlib", description=description,
+                                                            metadata=None if description else {}))
+        atomic_write(csv_path, lambda tmp: table.to_csv(tmp, index=False))
     return [str(tif_path), str(csv_path)]

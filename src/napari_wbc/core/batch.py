@@ -22,7 +22,6 @@ it can run in a process pool or on a dask.distributed cluster
 from __future__ import annotations
 
 import base64
-import contextlib
 import dataclasses
 import datetime
 import html
@@ -36,7 +35,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from .io import IMAGE_SUFFIXES, MASK_SUFFIXES, atomic_write, free_path, remove_stale_temporaries
+from .io import IMAGE_SUFFIXES, MASK_SUFFIXES, atomic_write, folder_lock, free_path, remove_stale_temporaries
 
 CLASSES = ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"]
 PROB_COLUMNS = [f"p_{c}" for c in CLASSES]
@@ -314,27 +313,6 @@ def check_replaceable(path, outs: dict, marker: dict | None) -> None:
 
 
 # ------------------------------------------------------------------ one image
-@contextlib.contextmanager
-def _folder_lock(folder: Path):
-    """Hold an exclusive lock on ``folder`` (POSIX ``flock``; released if the process dies): napari-wbc
-    processes writing outputs there take turns. Where locks are not available, nothing is held."""
-    try:
-        import fcntl
-
-        fd = os.open(folder, os.O_RDONLY)
-    except (ImportError, OSError):  # not POSIX, or a folder that cannot be opened: no lock
-        yield
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:  # a file system without locks
-            pass
-        yield
-    finally:
-        os.close(fd)
-
-
 def _set_threads(n):
     if n:
         import torch
@@ -518,7 +496,7 @@ def process_one(path, out_dir, settings: Settings | None = None, name: str | Non
         table = cells_table(labels, types)
         counts, pct = differential(table["cell_type"]) if settings.classify else ({}, {})
         out_dir.mkdir(parents=True, exist_ok=True)
-        with _folder_lock(out_dir):  # another napari-wbc process writing here waits (it checks again too)
+        with folder_lock(out_dir):  # another napari-wbc process writing here waits (it checks again too)
             if not settings.overwrite:  # again, just before writing: minutes went by (another run's
                 check_replaceable(path, outs, _read_marker(outs))  # outputs, a correction saved meanwhile)
             # outputs change below: a pending marker (this source, nothing vouched for) replaces the old one

@@ -376,6 +376,27 @@ def _new_file_mode() -> int:
     return 0o666 & ~mask
 
 
+@contextlib.contextmanager
+def folder_lock(folder):
+    """Hold an exclusive lock on ``folder`` (POSIX ``flock``; released if the process dies): napari-wbc
+    processes writing outputs there (the batch tool, napari's writer) take turns. Where locks are not available, nothing is held."""
+    try:
+        import fcntl
+
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):  # not POSIX, or a folder that cannot be opened: no lock
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks
+            pass
+        yield
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path, write_fn) -> Path:
     """Call ``write_fn(tmp_path)`` then rename onto ``path`` (same folder, so atomic). Callers decide
     whether ``path`` may be replaced (models never are: :func:`~napari_wbc.core.models.save_model`).
