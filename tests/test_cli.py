@@ -856,3 +856,27 @@ def test_a_correction_saved_by_the_writer_while_a_run_writes_the_same_outputs_is
     row = batch.process_one(inp / "x.png", out, settings)
     assert row["status"] == "skipped" and row["edited"] == ["labels", "cells"], row["error"]
     assert row["n_wbc"] == 1 and row["count"]["basophil"] == 1
+
+
+def test_atomic_write_flushes_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    """atomic_write renamed a file that might still be only in the page cache: after a power cut the
+    output (a labels file, a marker) could be there under its name but empty or partly written."""
+    from napari_wbc.core.io import atomic_write
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.fstat(fd).st_ino))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.stat(src).st_ino))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    atomic_write(tmp_path / "x.done", lambda tmp: Path(tmp).write_text("{}"))
+    written = (tmp_path / "x.done").stat().st_ino
+    assert events == [("fsync", written), ("replace", written), ("fsync", tmp_path.stat().st_ino)], events
+    assert (tmp_path / "x.done").read_text() == "{}"

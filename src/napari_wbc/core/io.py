@@ -397,12 +397,31 @@ def folder_lock(folder):
         os.close(fd)
 
 
+def fsync_path(path, *, best_effort: bool = False) -> None:
+    """Flush ``path`` to disk: a file's data, or a folder's entries (a rename in it). With ``best_effort``
+    a failure is ignored (a folder cannot be opened on Windows, some file systems refuse)."""
+    try:  # (a file opened for writing: Windows flushes no other)
+        fd = os.open(path, os.O_RDONLY if os.path.isdir(path) else os.O_RDWR)
+    except OSError:
+        if best_effort:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not best_effort:
+            raise
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path, write_fn) -> Path:
     """Call ``write_fn(tmp_path)`` then rename onto ``path`` (same folder, so atomic). Callers decide
     whether ``path`` may be replaced (models never are: :func:`~napari_wbc.core.models.save_model`).
 
     The file gets the permissions of the file it replaces, or those of a newly
-    created file (mkstemp alone would leave it readable by its owner only).
+    created file (mkstemp alone would leave it readable by its owner only). The new
+    file is flushed to disk before the rename, and the folder after it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -412,8 +431,10 @@ def atomic_write(path, write_fn) -> Path:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{_temp_stem(path)}.", suffix=TEMP_MARK + path.suffix)
         os.close(fd)
         write_fn(tmp)
+        fsync_path(tmp)  # on disk before it takes the name: a crash never leaves the name on an empty file
         os.chmod(tmp, mode)
         os.replace(tmp, path)
+        fsync_path(path.parent, best_effort=True)  # and the rename itself
     except BaseException as e:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)

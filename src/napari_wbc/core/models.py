@@ -451,6 +451,9 @@ def save_model(net, card: dict, path, *, overwrite: bool = False, unique: bool =
                 else:
                     _publish_new(tmp, final)
                 published.append(final)
+            from .io import fsync_path
+
+            fsync_path(path.parent, best_effort=True)  # the new names on disk too (the data is: _temp_file)
             return path
         except FileExistsError:
             if not unique:
