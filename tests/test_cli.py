@@ -821,7 +821,7 @@ def test_every_output_and_its_marker_are_written_under_the_folder_lock(tmp_path,
     settings = batch.Settings(model=str(tiny_models[0]), classifier=str(tiny_models[1]), device="cpu")
     assert batch.process_one(inp / "x.png", tmp_path / "out", settings)["status"] == "ok"
     assert [w for w in writes if w[0] in ("x.done", "x_labels.tif", "x_cells.csv")] == [
-        ("x.done", True), ("x_labels.tif", True), ("x_cells.csv", True), ("x.done", True)]
+        ("x.done", True), ("x_labels.tif", True), ("x.done", True), ("x_cells.csv", True), ("x.done", True)]
 
 
 def test_a_correction_saved_by_the_writer_while_a_run_writes_the_same_outputs_is_kept(tmp_path, tiny_models,
@@ -880,3 +880,46 @@ def test_atomic_write_flushes_the_file_before_the_rename_and_the_folder_after(tm
     written = (tmp_path / "x.done").stat().st_ino
     assert events == [("fsync", written), ("replace", written), ("fsync", tmp_path.stat().st_ino)], events
     assert (tmp_path / "x.done").read_text() == "{}"
+
+
+def test_outputs_corrected_after_a_failed_redo_are_kept(tmp_path, tiny_models, monkeypatch):
+    """The pending marker written before a redo dropped the record of the outputs as written: when the
+    redo failed (disk full) and the user then corrected the outputs left, the next run replaced them."""
+    import errno
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    Image.fromarray(smear(seed=1)).save(inp / "x.png")
+    settings = batch.Settings(model=str(tiny_models[0]), classifier=str(tiny_models[1]), device="cpu")
+    assert batch.process_one(inp / "x.png", out, settings)["status"] == "ok"
+    Image.fromarray(smear(seed=2)).save(inp / "x.png")  # the smear changed: to be done again
+    real_write = batch.atomic_write
+
+    def disk_full_at(name):
+        def write(path, fn):
+            if Path(path).name == name:
+                raise OSError(errno.ENOSPC, f"could not write {str(path)!r}: No space left on device")
+            return real_write(path, fn)
+        return write
+
+    monkeypatch.setattr(batch, "atomic_write", disk_full_at("x_labels.tif"))
+    row = batch.process_one(inp / "x.png", out, settings)
+    assert row["status"] == "failed" and "No space left" in row["error"]
+    assert json.loads((out / "x.done").read_text())["pending"]
+    monkeypatch.setattr(batch, "atomic_write", real_write)
+    lab = tifffile.imread(out / "x_labels.tif")  # the user corrects the outputs left
+    lab[:5, :5] = lab.max() + 1
+    tifffile.imwrite(out / "x_labels.tif", lab)
+    edited = (out / "x_labels.tif").read_bytes()
+    row = batch.process_one(inp / "x.png", out, settings)
+    assert row["status"] == "failed" and "changed after napari-wbc wrote it" in row["error"], row
+    assert (out / "x_labels.tif").read_bytes() == edited
+
+    # a redo that failed after writing the labels: those are napari-wbc's, not a correction
+    (out / "x_labels.tif").unlink()
+    assert batch.process_one(inp / "x.png", out, settings)["status"] == "ok"
+    Image.fromarray(smear(seed=3)).save(inp / "x.png")
+    monkeypatch.setattr(batch, "atomic_write", disk_full_at("x_cells.csv"))
+    assert batch.process_one(inp / "x.png", out, settings)["status"] == "failed"
+    monkeypatch.setattr(batch, "atomic_write", real_write)
+    assert batch.process_one(inp / "x.png", out, settings)["status"] == "ok"

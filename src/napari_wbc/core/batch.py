@@ -497,12 +497,23 @@ def process_one(path, out_dir, settings: Settings | None = None, name: str | Non
         counts, pct = differential(table["cell_type"]) if settings.classify else ({}, {})
         out_dir.mkdir(parents=True, exist_ok=True)
         with folder_lock(out_dir):  # another napari-wbc process writing here waits (it checks again too)
+            earlier = _read_marker(outs)
             if not settings.overwrite:  # again, just before writing: minutes went by (another run's
-                check_replaceable(path, outs, _read_marker(outs))  # outputs, a correction saved meanwhile)
-            # outputs change below: a pending marker (this source, nothing vouched for) replaces the old one
-            pending = {"stamp": stamp, "pending": True}
-            atomic_write(outs["done"], lambda tmp: Path(tmp).write_text(json.dumps(pending, indent=1)))
+                check_replaceable(path, outs, earlier)  # outputs, a correction saved meanwhile)
+            # outputs change below: a pending marker (this source, no counts vouched for) replaces the old
+            # one. It keeps the record of the outputs as napari-wbc wrote them, brought up to date as each
+            # is replaced: when a write fails (disk full), the outputs left are still told from corrections
+            # made to them afterwards, which the next run keeps
+            record = dict((earlier or {}).get("outputs") or {})
+
+            def write_pending():
+                pending = {"stamp": stamp, "pending": True, "outputs": record}
+                atomic_write(outs["done"], lambda tmp: Path(tmp).write_text(json.dumps(pending, indent=1)))
+
+            write_pending()
             _write_labels(outs["labels"], labels)
+            record["labels"] = _file_stamp(outs["labels"])
+            write_pending()
             atomic_write(outs["cells"], lambda tmp: table.to_csv(tmp, index=False, float_format="%.6g"))
             row.update({
                 "status": STATUS_OK,
