@@ -923,3 +923,35 @@ def test_outputs_corrected_after_a_failed_redo_are_kept(tmp_path, tiny_models, m
     assert batch.process_one(inp / "x.png", out, settings)["status"] == "failed"
     monkeypatch.setattr(batch, "atomic_write", real_write)
     assert batch.process_one(inp / "x.png", out, settings)["status"] == "ok"
+
+
+def test_labels_tiffs_among_the_inputs_are_left_out_and_said_so(tmp_path, tiny_models, capsys):
+    """A labels TIFF in the input folder without a marker beside it (the batch's outputs copied there,
+    labels saved from napari, one without any cell) was segmented as if it were a smear."""
+    from napari_wbc._writer import write_labels
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    Image.fromarray(smear(seed=1)).save(inp / "a.png")
+    tifffile.imwrite(inp / "rgb.tif", smear(seed=2))
+    grey = smear(seed=3).mean(-1).astype(np.uint8)
+    tifffile.imwrite(inp / "grey.tif", grey)
+    tifffile.imwrite(inp / "grey16.tif", grey.astype(np.uint16) * 200)
+    assert main(seg_args([inp / "a.png"], out, tiny_models)) == 0
+    for f in ("a_labels.tif", "a_cells.csv"):  # the batch's outputs, without their marker
+        shutil.copy(out / f, inp / f)
+    lab = np.zeros((64, 80), np.uint8)
+    lab[10:20, 10:20], lab[30:40, 50:60] = 1, 2
+    tifffile.imwrite(inp / "painted.tif", lab)  # napari's own writer: no table
+    write_labels(str(inp / "corrected.tif"), lab, {})  # napari-wbc's writer
+    write_labels(str(inp / "none.tif"), np.zeros((64, 80), np.uint16), {})  # no cell at all
+    smears = ["a.png", "grey.tif", "grey16.tif", "rgb.tif"]
+    files, notes = batch.collect_images([inp])
+    assert sorted(f.name for f in files) == smears
+    files, notes = batch.collect_images([inp / "painted.tif", inp / "rgb.tif"])  # named explicitly too
+    assert [f.name for f in files] == ["rgb.tif"] and "painted.tif" in notes[0]
+    capsys.readouterr()
+    assert main(seg_args([inp], out, tiny_models)) == 0
+    err = capsys.readouterr().err
+    assert "left out 4 labels image(s)" in err and "painted.tif" in err and "a_labels.tif" in err
+    assert sorted(pd.read_csv(out / "summary.csv")["path"].map(lambda p: Path(p).name)) == smears

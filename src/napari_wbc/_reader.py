@@ -33,6 +33,7 @@ from .core.io import (
     saved_cells_table,
     is_image_path,
     labels_for_layer,
+    looks_like_labels,
     read_image,
     read_mask,
     read_voc_boxes,
@@ -69,30 +70,6 @@ def is_mask_path(path) -> bool:
     """A file that holds a mask: ``x-mask.*`` / ``x_mask.*``, or anything under a ``masks/`` folder."""
     path = Path(path)
     return any(path.stem.lower().endswith(s) for s in MASK_SUFFIXES) or path.parent.name.lower() == "masks"
-
-
-def looks_like_labels(arr: np.ndarray) -> bool:
-    """A 2-D integer array that is a label image, not a greyscale picture: 32/64-bit integers (no camera
-    stores those), or mostly 0 with flat regions of a few values (napari's own writer saves hand-drawn
-    labels as 8- or 16-bit). A picture is noisy where it is not black or clipped at the camera's top
-    (2**k - 1), which is left out of the flatness test."""
-    if arr.ndim != 2 or arr.dtype.kind not in "ui" or arr.size == 0 or arr.shape[1] < 2:
-        return False
-    if arr.dtype.itemsize >= 4:
-        return bool(arr.min() >= 0)
-    rows = arr[:: max(1, int(arr.size // 2_000_000))]  # whole rows: cells keep their width
-    left, right = rows[:, :-1], rows[:, 1:]
-    nz = left != 0
-    n = int(nz.sum())
-    if n == 0 or n > 0.7 * nz.size:
-        return False
-    values, counts = np.unique(left[nz], return_counts=True)
-    top = int(values[np.argmax(counts)])
-    clipped = (top + 1) & top == 0  # 2**k - 1: a camera's saturated level
-    rest = nz & (left != top)
-    if rest.sum() < 0.01 * n:  # one value (a mask of one id): labels unless it is a clipped level
-        return not clipped
-    return float((left[rest] == right[rest]).mean()) >= 0.85
 
 
 def _read_one(path: Path) -> list[tuple]:

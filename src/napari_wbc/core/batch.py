@@ -35,7 +35,15 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from .io import IMAGE_SUFFIXES, MASK_SUFFIXES, atomic_write, folder_lock, free_path, remove_stale_temporaries
+from .io import (
+    IMAGE_SUFFIXES,
+    MASK_SUFFIXES,
+    atomic_write,
+    folder_lock,
+    free_path,
+    is_labels_tiff,
+    remove_stale_temporaries,
+)
 
 CLASSES = ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"]
 PROB_COLUMNS = [f"p_{c}" for c in CLASSES]
@@ -126,8 +134,10 @@ def collect_images(paths: Iterable, *, recursive: bool = False, exclude: Sequenc
     in name order, descending into sub-folders only when ``recursive``. Mask files
     (``*-mask.*``, ``*_mask.*``), files under a ``masks/`` sub-folder, hidden files
     and our own ``*_labels.tif`` outputs are left out, as is anything under a folder
-    of ``exclude`` (the output folder). Files named explicitly are kept whatever
-    their suffix (an unsupported one then fails with a clear reason), except masks.
+    of ``exclude`` (the output folder), and labels TIFFs (:func:`~.io.is_labels_tiff`:
+    napari-wbc's outputs without their marker, labels saved from napari). Files named
+    explicitly are kept whatever their suffix (an unsupported one then fails with a
+    clear reason), except masks and labels TIFFs.
 
     Returns ``(files, notes)``: the files (each once, input order) and messages
     about what was left out. A missing path is returned as a file, so that it is
@@ -149,6 +159,7 @@ def collect_images(paths: Iterable, *, recursive: bool = False, exclude: Sequenc
         return any(rp == e or e in rp.parents for e in excl)
 
     n_masks = 0
+    labels: list[Path] = []
     for raw in paths:
         p = Path(raw).expanduser()
         if p.is_dir():
@@ -166,13 +177,22 @@ def collect_images(paths: Iterable, *, recursive: bool = False, exclude: Sequenc
                     continue
                 if recursive and excluded(f.parent) and not excluded(p):
                     continue
+                if is_labels_tiff(f):
+                    labels.append(f)
+                    continue
                 add(f)
         elif is_mask_name(p):
             n_masks += 1
+        elif is_labels_tiff(p):
+            labels.append(p)
         else:
             add(p)  # a missing or unreadable file is reported as failed by process_one
     if n_masks:
         notes.append(f"left out {n_masks} mask file(s) (*-mask.*, *_mask.*, masks/)")
+    if labels:
+        shown = ", ".join(repr(str(f)) for f in labels[:5]) + (f" and {len(labels) - 5} more" if len(labels) > 5 else "")
+        notes.append(f"left out {len(labels)} labels image(s), not smears (napari-wbc's outputs, labels saved "
+                     f"from napari): {shown}")
     return files, notes
 
 

@@ -226,6 +226,54 @@ def batch_labels_beside(path) -> Path | None:
                  if p.is_file()), None)
 
 
+def looks_like_labels(arr: np.ndarray) -> bool:
+    """A 2-D integer array that is a label image, not a greyscale picture: 32/64-bit integers (no camera
+    stores those), or mostly 0 with flat regions of a few values (napari's own writer saves hand-drawn
+    labels as 8- or 16-bit). A picture is noisy where it is not black or clipped at the camera's top
+    (2**k - 1), which is left out of the flatness test."""
+    if arr.ndim != 2 or arr.dtype.kind not in "ui" or arr.size == 0 or arr.shape[1] < 2:
+        return False
+    if arr.dtype.itemsize >= 4:
+        return bool(arr.min() >= 0)
+    rows = arr[:: max(1, int(arr.size // 2_000_000))]  # whole rows: cells keep their width
+    left, right = rows[:, :-1], rows[:, 1:]
+    nz = left != 0
+    n = int(nz.sum())
+    if n == 0 or n > 0.7 * nz.size:
+        return False
+    values, counts = np.unique(left[nz], return_counts=True)
+    top = int(values[np.argmax(counts)])
+    clipped = (top + 1) & top == 0  # 2**k - 1: a camera's saturated level
+    rest = nz & (left != top)
+    if rest.sum() < 0.01 * n:  # one value (a mask of one id): labels unless it is a clipped level
+        return not clipped
+    return float((left[rest] == right[rest]).mean()) >= 0.85
+
+
+def is_labels_tiff(path) -> bool:
+    """Whether ``path`` is a labels TIFF, not a smear: a 2-D integer image that the reader opens as labels -
+    napari-wbc's (``x_labels.tif``; ``y.tif`` with its ``y_cells.csv`` beside, unless that table is the
+    batch's ``y_labels.tif``'s) or one :func:`looks_like_labels` (napari's own writer). False when the
+    file cannot be read (reading it as a smear then says why); a colour TIFF is told from its header."""
+    import tifffile
+
+    path = Path(path)
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        return False
+    try:
+        with tifffile.TiffFile(str(path)) as tf:
+            series = tf.series[0]
+            shape, dtype = series.shape, series.dtype
+        if sum(n > 1 for n in shape) > 2 or np.dtype(dtype).kind not in "ui":
+            return False
+        if path.stem.endswith(LABELS_STEM_SUFFIX) or (
+                saved_cells_table(path).is_file() and batch_labels_beside(path) is None):
+            return True
+        return looks_like_labels(read_image(path))
+    except Exception:  # noqa: BLE001 - not readable here: not a labels file we can tell
+        return False
+
+
 def cells_table_path(labels_path) -> Path:
     """The per-cell table that goes with a labels file, for every writer and reader: the batch tool's
     ``x_labels.tif`` -> ``x_cells.csv`` (so labels corrected in napari and saved under that name keep
