@@ -955,3 +955,30 @@ def test_labels_tiffs_among_the_inputs_are_left_out_and_said_so(tmp_path, tiny_m
     err = capsys.readouterr().err
     assert "left out 4 labels image(s)" in err and "painted.tif" in err and "a_labels.tif" in err
     assert sorted(pd.read_csv(out / "summary.csv")["path"].map(lambda p: Path(p).name)) == smears
+
+
+def test_an_input_added_beside_one_of_the_same_stem_leaves_the_earlier_outputs_their_name(tmp_path, tiny_models,
+                                                                                         capsys):
+    """Adding a.tif beside an earlier run's a.png renamed both outputs in_a / in_a-2: the earlier outputs,
+    corrected by hand, were no longer read and a.png was segmented again. The newcomer alone is renamed."""
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    Image.fromarray(smear(seed=1)).save(inp / "a.png")
+    assert main(seg_args([inp], out, tiny_models)) == 0
+    lab = tifffile.imread(out / "a_labels.tif")
+    lab[:5, :5] = lab.max() + 1  # corrected by hand
+    tifffile.imwrite(out / "a_labels.tif", lab)
+    edited = (out / "a_labels.tif").read_bytes()
+    tifffile.imwrite(inp / "a.tif", smear(seed=2))
+    Image.fromarray(smear(seed=3)).save(inp / "in_a.png")  # a newcomer already named like the disambiguation
+    assert main(seg_args([inp], out, tiny_models)) == 0
+    st = dict(pd.read_csv(out / "summary.csv")[["image", "status"]].values)
+    assert st == {"a": "skipped", "in_a": "ok", "in_a-2": "ok"}
+    assert (out / "a_labels.tif").read_bytes() == edited
+    assert json.loads((out / "in_a.done").read_text())["stamp"]["source"] == str((inp / "a.tif").resolve())
+    files, _ = batch.collect_images([inp])  # a.png, a.tif, in_a.png
+    assert batch.output_names(files) == ["in_a", "in_a-2", "in_a-3"]  # the names of a first run
+    assert batch.output_names(files, out) == ["a", "in_a", "in_a-2"]  # each keeps its earlier outputs' name
+    assert main(seg_args([inp], out, tiny_models)) == 0
+    assert dict(pd.read_csv(out / "summary.csv")[["image", "status"]].values) == {
+        "a": "skipped", "in_a": "skipped", "in_a-2": "skipped"}

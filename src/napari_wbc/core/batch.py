@@ -196,13 +196,21 @@ def collect_images(paths: Iterable, *, recursive: bool = False, exclude: Sequenc
     return files, notes
 
 
-def output_names(files: Sequence[Path]) -> list[str]:
+def output_names(files: Sequence[Path], out_dir=None) -> list[str]:
     """A distinct output name per input: its stem, or ``<folder>_<stem>`` for shared stems.
 
     Still-colliding names (same stem, same folder name) get ``-2``, ``-3``... in
-    input order. The names depend only on the list of inputs, so re-running the
-    same command finds the same outputs.
+    input order. An input that has outputs in ``out_dir`` from an earlier run (a
+    marker there names it) keeps their name, and the others keep clear of it: adding
+    ``a.tif`` beside ``a.png`` renames the newcomer only, never outputs already made
+    (corrected by hand, perhaps). Otherwise the names depend only on the list of
+    inputs, so re-running the same command finds the same outputs.
     """
+    earlier = _earlier_names(out_dir) if out_dir is not None else {}
+    kept: list[str | None] = []
+    for f in files:
+        n = earlier.pop(_source_key(f), None)  # (popped: an input listed twice keeps it once)
+        kept.append(n)
     stems = [Path(f).stem for f in files]
     counts: dict[str, int] = {}
     for s in stems:
@@ -213,10 +221,13 @@ def output_names(files: Sequence[Path]) -> list[str]:
             parent = Path(f).absolute().parent.name or "root"
             s = f"{parent}_{s}"
         names.append(s)
-    taken = {n.lower() for n in names}  # case-insensitive file systems
-    seen: set[str] = set()
+    seen = {n.lower() for n in kept if n is not None}  # earlier outputs' names come first
+    taken = {n.lower() for n in names} | seen  # case-insensitive file systems
     out = []
-    for n in names:
+    for n, old in zip(names, kept):
+        if old is not None:
+            out.append(old)
+            continue
         k, i = n.lower(), 1
         if k in seen:  # -2, -3... but never a name another input has (p_a-2.png beside two p_a)
             i = 2
@@ -225,6 +236,34 @@ def output_names(files: Sequence[Path]) -> list[str]:
         seen.add(k if i == 1 else f"{k}-{i}")
         out.append(n if i == 1 else f"{n}-{i}")
     return out
+
+
+def _source_key(path) -> str:
+    try:
+        return str(Path(path).resolve())  # as the marker's stamp names it
+    except (OSError, RuntimeError):  # a link loop
+        return str(Path(path).absolute())
+
+
+def _earlier_names(out_dir) -> dict[str, str]:
+    """Source file (resolved path) -> output name, from the markers of earlier runs in ``out_dir``
+    (of two markers naming one source, the one written last)."""
+    found: dict[str, tuple[int, str]] = {}
+    try:
+        markers = sorted(Path(out_dir).glob(f"*{DONE_SUFFIX}"))
+    except OSError:
+        return {}
+    for done in markers:
+        name = done.name[: -len(DONE_SUFFIX)]
+        marker = _read_marker(output_paths(done.parent, name))
+        source = ((marker or {}).get("stamp") or {}).get("source")
+        try:
+            when = done.stat().st_mtime_ns
+        except OSError:
+            continue
+        if isinstance(source, str) and (source not in found or when > found[source][0]):
+            found[source] = (when, name)
+    return {source: name for source, (_, name) in found.items()}
 
 
 def output_paths(out_dir, name: str) -> dict[str, Path]:
@@ -599,8 +638,8 @@ def run_batch(
     ``on_result(row)`` is called as each image finishes (in completion order).
     """
     files = [Path(f).expanduser().absolute() for f in files]
-    names = output_names(files)
     out_dir = Path(out_dir).absolute()
+    names = output_names(files, out_dir)  # (the names an earlier run gave them kept)
     out_dir.mkdir(parents=True, exist_ok=True)
     # what a killed earlier run left half written (hidden, never mistaken for outputs): cleared
     remove_stale_temporaries(out_dir, [p.name for n in names for p in output_paths(out_dir, n).values()]
