@@ -190,7 +190,9 @@ def collect_images(paths: Iterable, *, recursive: bool = False, exclude: Sequenc
     if n_masks:
         notes.append(f"left out {n_masks} mask file(s) (*-mask.*, *_mask.*, masks/)")
     if labels:
-        shown = ", ".join(repr(str(f)) for f in labels[:5]) + (f" and {len(labels) - 5} more" if len(labels) > 5 else "")
+        shown = ", ".join(repr(str(f)) for f in labels[:5])
+        if len(labels) > 5:
+            shown += f" and {len(labels) - 5} more"
         notes.append(f"left out {len(labels)} labels image(s), not smears (napari-wbc's outputs, labels saved "
                      f"from napari): {shown}")
     return files, notes
@@ -207,10 +209,7 @@ def output_names(files: Sequence[Path], out_dir=None) -> list[str]:
     inputs, so re-running the same command finds the same outputs.
     """
     earlier = _earlier_names(out_dir) if out_dir is not None else {}
-    kept: list[str | None] = []
-    for f in files:
-        n = earlier.pop(_source_key(f), None)  # (popped: an input listed twice keeps it once)
-        kept.append(n)
+    kept = [earlier.pop(_source_key(f), None) for f in files]  # (popped: an input listed twice keeps it once)
     stems = [Path(f).stem for f in files]
     counts: dict[str, int] = {}
     for s in stems:

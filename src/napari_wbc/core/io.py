@@ -427,7 +427,8 @@ def _new_file_mode() -> int:
 @contextlib.contextmanager
 def folder_lock(folder):
     """Hold an exclusive lock on ``folder`` (POSIX ``flock``; released if the process dies): napari-wbc
-    processes writing outputs there (the batch tool, napari's writer) take turns. Where locks are not available, nothing is held."""
+    processes writing outputs there (the batch tool, napari's writer) take turns. Where locks are not
+    available, nothing is held."""
     try:
         import fcntl
 
