@@ -13,7 +13,9 @@ the output folder gets, each file written atomically (temp file + rename):
 
 An image counts as done only when its marker exists, both outputs exist and
 the marker names the same, unchanged source file; a run killed half way
-therefore leaves at most outputs without a marker, which the next run redoes.
+therefore leaves at most outputs under a pending marker (which still holds the
+record of the outputs as napari-wbc wrote them), and the next run redoes them,
+unless they were corrected by hand since.
 
 :func:`process_one` is the unit of work: a top-level, picklable function, so
 it can run in a process pool or on a dask.distributed cluster
