@@ -325,3 +325,101 @@ def test_the_three_docks_fit_a_1000_px_screen(make_napari_viewer):
         _, w = viewer.window.add_plugin_dock_widget("napari-wbc", name)
         heights.append(w.minimumSizeHint().height())
     assert sum(heights) <= 800, heights
+
+
+def test_other_is_set_by_hand_and_counted_apart(qtbot, cls, tmp_path):
+    """'other' (smudge cells, blasts...) is offered in 'Set type', never predicted, shown and exported
+    on its own row, and left out of the five types' percentages; the total says how many."""
+    viewer, widget, lab = cls
+    run(qtbot, widget)
+    assert [widget.type_combo.itemText(i) for i in range(widget.type_combo.count())] == [*CLASSES, "other"]
+    widget.cell_spin.setValue(2)
+    widget.type_combo.setCurrentText("other")
+    widget.set_type_button.click()
+    row = lab.features.set_index("label").loc[2]
+    assert row["cell_type"] == "other" and bool(row["corrected"])
+    assert types_layer(viewer).text.values[1] == "other"
+    assert shown_counts(widget)["other"] == 1 and sum(shown_counts(widget)[c] for c in CLASSES) == 3
+    assert widget.total_label.text() == "total WBCs: 4 (1 other, not in the percentages)"
+    counts = widget.counts().set_index("cell_type")
+    assert counts.loc[CLASSES, "percent"].sum() == pytest.approx(100.0, abs=0.2)  # of the 3 typed WBCs
+    assert np.isnan(counts.loc["other", "percent"])
+    widget.pick_cell(2)
+    assert widget.type_combo.currentText() == "other" and "other" in widget.cell_info.text()
+    counts = pd.read_csv(widget.export_csv(tmp_path / "cells.csv")[1]).set_index("cell_type")
+    assert counts.loc["other", "count"] == 1 and np.isnan(counts.loc["other", "percent"])
+    assert counts.loc["total typed", "count"] == 3 and counts.loc["total typed", "percent"] == 100.0
+    assert counts.loc["total", "count"] == 4 and np.isnan(counts.loc["total", "percent"])
+    assert pd.read_csv(tmp_path / "cells.csv").set_index("label").loc[2, "cell_type"] == "other"
+    run(qtbot, widget)  # classified again: the hand-set "other" stays
+    assert lab.features.set_index("label").loc[2, "cell_type"] == "other"
+
+
+def test_undo_restores_the_type_and_the_corrected_mark(qtbot, cls):
+    viewer, widget, lab = cls
+    run(qtbot, widget)
+    assert not widget.undo_button.isEnabled()
+    before = lab.features.set_index("label")[["cell_type", "confidence", "corrected"]].copy()
+    counts_before = shown_counts(widget)
+    t2 = before.loc[2, "cell_type"]
+    widget.set_type(2, next(c for c in CLASSES if c != t2))
+    widget.set_type(3, "other")
+    widget.set_type(3, "basophil")  # a second change of one cell
+    assert widget.undo_button.isEnabled()
+    widget.undo_button.click()
+    assert lab.features.set_index("label").loc[3, "cell_type"] == "other"
+    assert bool(lab.features.set_index("label").loc[3, "corrected"])
+    assert widget.undo_type() == 3 and widget.undo_type() == 2
+    after = lab.features.set_index("label")[["cell_type", "confidence", "corrected"]]
+    pd.testing.assert_frame_equal(after, before)
+    assert list(types_layer(viewer).text.values) == list(before["cell_type"])
+    assert shown_counts(widget) == counts_before
+    assert not widget.undo_button.isEnabled() and widget.undo_type() is None
+    assert "nothing to undo" in widget.status.text()
+    assert widget.next_to_review() is not None  # unconfirmed again: offered for review
+
+
+def test_undo_of_an_erased_cell_says_so_and_a_layer_keeps_its_own_undo(qtbot, cls):
+    viewer, widget, lab = cls
+    run(qtbot, widget)
+    widget.set_type(1, "other")
+    other = viewer.add_labels(np.array(lab.data), name="copy", features=lab.features.copy())
+    widget.labels_combo.set_layer(other)
+    assert widget.labels_layer is other and not widget.undo_button.isEnabled()
+    widget.labels_combo.set_layer(lab)
+    assert widget.undo_button.isEnabled()
+    lab.fill((14, 14), 0)  # cell 1 erased
+    qtbot.waitUntil(lambda: 1 not in set(lab.features["label"]), timeout=TIMEOUT)
+    assert widget.undo_type() is None and "cell 1 is no longer in" in widget.status.text()
+    assert not widget.undo_button.isEnabled()
+
+
+def test_an_undone_type_correction_unticks_the_layer_in_train(qtbot, make_napari_viewer, tiny_classifier, disc_smear):
+    """Train ticks a segmentation whose types were set by hand; when every one is undone it is as the
+    segmenter made it again, and not ticked (as before the correction)."""
+    from napari_wbc._widgets._common import data_hash
+    from napari_wbc._widgets.segment import cell_features
+
+    viewer = make_napari_viewer()
+    image, labels = disc_smear
+    viewer.add_image(image, name="smear", rgb=True)
+    lab = viewer.add_labels(labels, name="smear WBC labels", features=cell_features(labels),
+                            metadata={"napari_wbc": {"image_layer": "smear", "data_hash": data_hash(labels)}})
+    _, train = viewer.window.add_plugin_dock_widget(PLUGIN, "Train from corrections")
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Classify WBCs")
+    widget.model_combo.add_model(tiny_classifier, select=True)
+    widget.device_combo.set_device("cpu")
+    run(qtbot, widget)
+    assert train.pairs() == []  # as segmented: not ticked
+    widget.set_type(2, "other")
+    widget.set_type(3, "lymphocyte")
+    assert [p[0] for p in train.pairs()] == [lab]
+    widget.undo_type()
+    assert [p[0] for p in train.pairs()] == [lab]  # one correction left
+    widget.undo_type()
+    assert train.pairs() == []
+    widget.set_type(2, "monocyte")
+    assert [p[0] for p in train.pairs()] == [lab]
+    lab.paint((2, 2), 9)  # painted: a correction no type undo takes back
+    widget.undo_type()
+    assert [p[0] for p in train.pairs()] == [lab]

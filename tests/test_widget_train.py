@@ -310,3 +310,50 @@ def test_the_new_classifiers_held_out_figures_are_told(tmp_path):
     card["finetune"] = {"holdout_accuracy_before": 1.0, "holdout_accuracy_after": 1.0, "n_holdout": 1}
     cls.with_suffix(".json").write_text(json.dumps(card))
     assert _classifier_holdout(cls) == " (held-out accuracy 1.00 -> 1.00 on 1 cell: too few to tell)"
+
+
+def test_cells_typed_other_train_the_outlines_only_and_the_user_is_told(qtbot, tr, user_models, monkeypatch,
+                                                                       tmp_path):
+    """Cells set to "other" in Classify: the layer still trains (their outlines are white cells), they
+    go to finetune, which leaves them out of the classifier's examples, and they do not count towards
+    the 4 corrected cells the classifier needs."""
+    import shutil
+
+    import pandas as pd
+
+    import napari_wbc.core.classifier_finetune as cf
+    from napari_wbc.core.testing import make_tiny_classifier
+
+    viewer, widget, seg, lab, messages = tr
+    tiny_cls = make_tiny_classifier(tmp_path / "c.safetensors")
+    passed = []
+
+    def fake_classifier(images, labels, cell_types, *, base, output, **kw):  # stands in for the training
+        passed.append(cell_types)
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(tiny_cls, output)
+        shutil.copy(tiny_cls.with_suffix(".json"), Path(output).with_suffix(".json"))
+        return Path(output)
+
+    monkeypatch.setattr(cf, "finetune_classifier", fake_classifier)
+    data = np.array(lab.data)
+    data[50:56, 2:8], data[2:8, 50:56] = 5, 6  # two more cells
+    lab.data = data
+    ids = [int(i) for i in np.unique(data) if i > 0]
+    assert len(ids) == 6
+    kinds = ["lymphocyte", "other", "lymphocyte", "neutrophil", "other", "neutrophil"]
+    lab.features = pd.DataFrame({"index": ids, "label": ids, "cell_type": kinds, "corrected": [True] * 6})
+    assert widget._corrected_types() == [dict(zip(ids, kinds))]
+    lab.features = pd.DataFrame({"index": ids, "label": ids, "cell_type": kinds[:4] + ["other", "other"],
+                                 "corrected": [True] * 6})
+    assert widget._corrected_types() is None  # 3 of the classifier's types: too few to learn from
+    lab.features = pd.DataFrame({"index": ids, "label": ids, "cell_type": kinds, "corrected": [True] * 6})
+    widget.auto_epochs.setChecked(False)
+    widget.epochs.setValue(1)
+    widget.train()
+    assert "2 cells typed other trained the outlines only" in widget.status.text()
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT)
+    assert not [m for m in messages if m[0] == "show_error"], messages
+    assert passed == [[dict(zip(ids, kinds))]]
+    assert "the classifier learned the corrected types" in widget.status.text()
+    assert "(2 cells typed other trained the outlines only, not the classifier)" in widget.status.text()

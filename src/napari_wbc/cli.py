@@ -516,7 +516,7 @@ def cmd_demo(args) -> int:
     import time
 
     from ._sample_data import sample_path
-    from .core.batch import cells_table, differential
+    from .core.batch import OTHER, cells_table, differential
     from .core.io import read_image
     from .core.models import SHIPPED
 
@@ -549,6 +549,8 @@ def cmd_demo(args) -> int:
         counts, pct = differential(table["cell_type"])
         print(f"{'type':<12}{'count':>6}{'%':>8}")
         for c, k in counts.items():
+            if c == OTHER and not k:  # (only ever typed by hand)
+                continue
             print(f"{c:<12}{k:>6}{'' if pct[c] is None else f'{pct[c]:.1f}':>8}")
     return EXIT_OK
 

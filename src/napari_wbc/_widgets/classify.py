@@ -7,6 +7,7 @@ at the cell centroids. The network work is
 """
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_wbc.core.classify import CELL_TYPES, CLASSES, OTHER
 from napari_wbc.core.segment import cell_features, merge_measured, remeasure
 
 from ._common import (
@@ -61,13 +63,12 @@ CLASS_COLORS = {
     "eosinophil": "#e8524c",
     "basophil": "#a65ce8",
 }
-OTHER_COLOR = "#b0b0b0"
+OTHER_COLOR = "#b0b0b0"  # the type "other" (set by hand), and any type of a classifier's own
 TYPES_SUFFIX = "types"
 
 
 def class_names() -> list[str]:
-    from napari_wbc.core.classify import CLASSES
-
+    """The types the classifier predicts (not ``other``, which only a user sets)."""
     return list(CLASSES)
 
 
@@ -110,18 +111,21 @@ def merge_classification(features: pd.DataFrame, table: pd.DataFrame) -> pd.Data
 
 def with_totals(counts: pd.DataFrame) -> pd.DataFrame:
     """``counts`` (:func:`differential_count`) with a ``total`` row of every cell; the percents are of
-    the typed cells, so with unclassified cells a ``total typed`` row holds the 100 % and ``total`` none."""
-    unclassified = counts["cell_type"] == "unclassified"
-    typed = int(counts.loc[~unclassified, "count"].sum())
-    rows = [{"cell_type": "total", "count": int(counts["count"].sum()),
-             "percent": np.nan if unclassified.any() else 100.0}]
-    if unclassified.any():
+    the typed WBCs, so with ``other`` or unclassified cells a ``total typed`` row (neither) holds the
+    100 % and ``total`` none."""
+    aside = counts["cell_type"].isin([OTHER, "unclassified"]).to_numpy()
+    typed = int(counts.loc[~aside, "count"].sum())
+    apart = bool((counts.loc[aside, "count"] > 0).any())
+    rows = [{"cell_type": "total", "count": int(counts["count"].sum()), "percent": np.nan if apart else 100.0}]
+    if apart:
         rows.insert(0, {"cell_type": "total typed", "count": typed, "percent": 100.0 if typed else np.nan})
     return pd.concat([counts, pd.DataFrame(rows)], ignore_index=True)
 
 
 def differential_count(features) -> pd.DataFrame:
-    """Rows ``cell_type, count, percent`` for every class (+ other types, + ``unclassified``)."""
+    """Rows ``cell_type, count, percent`` for every class (+ a classifier's own types), then ``other``
+    (typed so by hand) and ``unclassified`` (when there are any). The percents are of the typed WBCs:
+    ``other`` and unclassified cells have none and are not in the others'."""
     classes = class_names()
     if features is None or len(features) == 0 or "cell_type" not in features:
         types = pd.Series([], dtype=object)
@@ -131,16 +135,35 @@ def differential_count(features) -> pd.DataFrame:
         types = col[pd.notna(col)].astype(str)
         n_unclassified = int(pd.isna(col).sum())
     counts = types.value_counts()
-    order = classes + sorted(t for t in counts.index if t not in classes)
-    total = int(counts.sum())
+    n_other = int(counts.get(OTHER, 0))
+    order = classes + sorted(t for t in counts.index if t not in classes and t != OTHER)
+    total = int(counts.sum()) - n_other
     rows = [
         {"cell_type": c, "count": int(counts.get(c, 0)),
          "percent": round(100.0 * counts.get(c, 0) / total, 1) if total else np.nan}  # none typed: no percent (as the CLI)
         for c in order
     ]
+    rows.append({"cell_type": OTHER, "count": n_other, "percent": np.nan})
     if n_unclassified:
         rows.append({"cell_type": "unclassified", "count": n_unclassified, "percent": np.nan})
     return pd.DataFrame(rows, columns=["cell_type", "count", "percent"])
+
+
+def _write_type(layer, label: int, cell_type, confidence, corrected) -> tuple:
+    """Set one cell's ``cell_type``, ``confidence`` and ``corrected`` in ``layer.features``; returns
+    what they were (a missing type as None, a missing confidence as NaN)."""
+    f = _with_type_columns(layer.features, ["cell_type", "confidence"]).reset_index(drop=True)
+    row = (f["label"] == label).to_numpy()
+    old = f.loc[row].iloc[0]
+    before = (old["cell_type"] if isinstance(old["cell_type"], str) else None,
+              float(old["confidence"]) if pd.notna(old["confidence"]) else np.nan, bool(old["corrected"]))
+    col = f["cell_type"].astype(object)
+    col[row] = cell_type
+    f["cell_type"] = col
+    f.loc[row, "confidence"] = confidence
+    f.loc[row, "corrected"] = bool(corrected)
+    layer.features = f
+    return before
 
 
 # ------------------------------------------------------------------ canvas
@@ -246,6 +269,7 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
         self._synced_hash = None  # digest of the labels the table was last brought up to date with
         self._sync_worker = None  # hashes and measures the labels in a thread (seconds on a large smear)
         self._edits = 0  # edit events seen: a measurement that edits overtook is dropped
+        self._undo = []  # per 'Set type', latest last: (weakref to the labels layer, label, the row before)
 
         self.labels_combo = LayerCombo(napari_viewer, Labels, follow_new=True)
         self.image_combo = LayerCombo(napari_viewer, Image)
@@ -265,7 +289,7 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
         self.count_table.verticalHeader().setVisible(False)
         self.count_table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
         self.count_table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
-        rows = len(class_names()) + 1  # every class visible without scrolling (+ unclassified)
+        rows = len(CELL_TYPES) + 1  # every type visible without scrolling (+ unclassified)
         self.count_table.setMinimumHeight(
             self.count_table.horizontalHeader().sizeHint().height()
             + rows * self.count_table.verticalHeader().defaultSectionSize() + 4
@@ -277,10 +301,17 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
         self.cell_spin.setToolTip("label id of the cell to correct (click a cell in pan/zoom mode)")
         self.cell_spin.valueChanged.connect(self._show_cell)
         self.type_combo = QComboBox()
-        self.type_combo.addItems(class_names())
+        self.type_combo.addItems(CELL_TYPES)
+        self.type_combo.setToolTip(f"'{OTHER}': smudge cells, blasts, atypical or unidentifiable cells (never "
+                                   "predicted; counted apart, not in the percentages, not learned by the classifier)")
         self.set_type_button = QPushButton("Set type")
         self.set_type_button.setToolTip("set the cell's type; on an unchanged type this confirms it")
         self.set_type_button.clicked.connect(self._on_set_type)
+        self.undo_button = QPushButton("Undo")
+        self.undo_button.setToolTip("undo the last 'Set type' in this layer: the cell's type and its "
+                                    "corrected or confirmed mark go back to what they were")
+        self.undo_button.clicked.connect(lambda: self.undo_type())
+        self.undo_button.setEnabled(False)
         self.review_button = QPushButton("Next to review")
         self.review_button.setToolTip(
             "go to the least confident cell not yet corrected or confirmed; 'Set type' confirms it"
@@ -299,6 +330,7 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
         fix.addWidget(self.cell_spin)
         fix.addWidget(self.type_combo, 1)
         fix.addWidget(self.set_type_button)
+        fix.addWidget(self.undo_button)
         lay = scroll_layout(self)
         lay.addLayout(form)
         lay.addWidget(self.buttons)
@@ -367,6 +399,7 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
                 self.image_combo.set_layer(image)
         self.refresh_counts()
         self._show_cell()
+        self._update_undo()
 
     def _layer_slots(self):
         return [
@@ -424,7 +457,8 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
             for c, text in enumerate((row.cell_type, str(row.count), pct)):
                 self.count_table.setItem(r, c, QTableWidgetItem(text))
         n = 0 if feats is None else len(feats)
-        self.total_label.setText(f"total WBCs: {n}")
+        n_other = int(table.loc[table["cell_type"] == OTHER, "count"].sum())
+        self.total_label.setText(f"total WBCs: {n}" + (f" ({n_other} {OTHER}, not in the percentages)" if n_other else ""))
 
     def counts(self) -> pd.DataFrame:
         """The differential count of the followed labels layer (as shown in the table)."""
@@ -482,7 +516,7 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
         if t is None or (isinstance(t, float) and np.isnan(t)):
             self.cell_info.setText(f"cell {label}: not classified")
             return
-        if t in CLASS_COLORS:
+        if t in CELL_TYPES:
             self.type_combo.setCurrentText(str(t))
         conf = row.get("confidence")
         how = "corrected" if bool(row.get("corrected", False)) else (
@@ -496,26 +530,54 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
             show_error(error_message("Set type", e))
 
     def set_type(self, label: int, cell_type: str) -> None:
-        """Correct one cell's type: features (corrected=True), canvas text and counts update at once."""
+        """Correct one cell's type: features (corrected=True), canvas text and counts update at once;
+        :meth:`undo_type` takes it back."""
         layer = self._layer
         if layer is None:
             raise ValueError("no labels layer chosen")
-        if cell_type not in class_names():
-            raise ValueError(f"{cell_type!r} is not a cell type ({', '.join(class_names())})")
+        if cell_type not in CELL_TYPES:
+            raise ValueError(f"{cell_type!r} is not a cell type ({', '.join(CELL_TYPES)})")
         if label == 0:
             raise ValueError("no cell chosen: click a cell (in pan/zoom mode), type its label, or use 'Next to review'")
         if not self._has_cell(label):
             raise ValueError(f"there is no cell {label} in {layer.name!r}")
-        f = _with_type_columns(layer.features, ["cell_type", "confidence"]).reset_index(drop=True)
-        row = (f["label"] == label).to_numpy()
-        col = f["cell_type"].astype(object)
-        col[row] = cell_type
-        f["cell_type"] = col
-        f.loc[row, "confidence"] = 1.0
-        f.loc[row, "corrected"] = True
-        layer.features = f
+        before = _write_type(layer, label, cell_type, 1.0, True)
+        self._undo = [e for e in self._undo if e[0]() is not None and e[0]() in self.viewer.layers]
+        self._undo.append((weakref.ref(layer), int(label), before))
         render_types(self.viewer, layer)
+        self._update_undo()
         self.status.setText(f"cell {label} set to {cell_type}")
+
+    def _undo_index(self) -> int | None:
+        """Where the followed layer's last 'Set type' is in the undo list (None: nothing to undo)."""
+        for k in range(len(self._undo) - 1, -1, -1):
+            if self._layer is not None and self._undo[k][0]() is self._layer:
+                return k
+        return None
+
+    def _update_undo(self) -> None:
+        self.undo_button.setEnabled(self._undo_index() is not None)
+
+    def undo_type(self) -> int | None:
+        """Undo the followed layer's last :meth:`set_type`: that cell's type, confidence and corrected
+        mark go back to what they were (uncorrected: 'Next to review' offers it again). Returns its
+        label; None when there is nothing to undo or the cell was erased since (said in the status)."""
+        k = self._undo_index()
+        if k is None:
+            self.status.setText("nothing to undo: no type was set in this layer")
+            return None
+        _, label, before = self._undo.pop(k)
+        self._update_undo()
+        layer = self._layer
+        if not self._has_cell(label):
+            self.status.setText(f"cell {label} is no longer in {layer.name!r}: its type change was not undone")
+            return None
+        _write_type(layer, label, *before)
+        render_types(self.viewer, layer)
+        self.pick_cell(label)
+        was = before[0] if isinstance(before[0], str) else "not classified"
+        self.status.setText(f"undone: cell {label} is {was} again")
+        return label
 
     # ------------------------------------------------------------ classification
     @property

@@ -82,10 +82,15 @@ def segment_job(image, *, model, device, diameter, classify_model=None, classify
     return labels, d, table, measured
 
 
+def is_painted(layer) -> bool:
+    """A labels layer whose labels are not (or not known to be) as the segmenter made them."""
+    meta = wbc_meta(layer)
+    return meta.get("data_hash") is None or meta.get("data_hash") != data_hash(layer_image(layer))
+
+
 def is_untouched(layer) -> bool:
     """A labels layer still exactly as the segmenter made it (no painting, no corrected type)."""
-    meta = wbc_meta(layer)
-    if meta.get("data_hash") is None or meta.get("data_hash") != data_hash(layer_image(layer)):
+    if is_painted(layer):
         return False
     feats = getattr(layer, "features", None)
     if feats is not None and "corrected" in feats and bool(np.asarray(feats["corrected"], bool).any()):

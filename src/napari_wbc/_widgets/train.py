@@ -28,6 +28,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_wbc.core.classify import OTHER
+
 from ._common import (
     scroll_layout,
     CancelWhenRemoved,
@@ -47,7 +49,7 @@ from ._common import (
     wbc_meta,
     reset_progress,
 )
-from .segment import is_untouched
+from .segment import is_painted, is_untouched
 
 NO_IMAGE = "(choose image)"
 
@@ -97,6 +99,8 @@ class TrainWidget(CancelWhenRemoved, QWidget):
         self._job = None
         self._use: dict[int, bool] = {}  # id(labels layer) -> included, as the user ticked it
         self._auto: dict[int, bool] = {}  # id(labels layer) -> included unless the user said: corrected ones
+        self._typed_only: set[int] = set()  # ids of layers ticked for types set by hand (not painted): an
+        # undo of those in Classify unticks them again
         self._image_pick: dict[int, str] = {}  # id(labels layer) -> image layer name
 
         self.pairs_table = QTableWidget(0, len(self.COLS))
@@ -219,6 +223,7 @@ class TrainWidget(CancelWhenRemoved, QWidget):
             for d in (self._use, self._auto, self._image_pick):
                 for k in [k for k in d if k not in alive_keys]:
                     del d[k]
+            self._typed_only &= alive_keys
         finally:
             table.blockSignals(False)
 
@@ -228,10 +233,24 @@ class TrainWidget(CancelWhenRemoved, QWidget):
 
     def _on_corrected(self, event=None) -> None:
         layer = getattr(event, "source", None)
-        if not alive(self) or layer is None or self._auto.get(id(layer)) is not False:
+        if not alive(self) or layer is None:
             return
-        if event.type == "features" and is_untouched(layer):  # (types measured or classified: no correction)
+        key = id(layer)
+        if event.type == "features" and key in self._typed_only:  # ticked for types set by hand
+            if not _any_corrected(layer.features):  # every one undone in Classify: untouched again
+                self._typed_only.discard(key)
+                self._auto[key] = False
+                self.refresh_pairs()
             return
+        if self._auto.get(key) is not False and key not in self._typed_only:
+            return
+        if event.type == "features" and not is_painted(layer):
+            if _any_corrected(layer.features):  # types set by hand on the segmenter's outlines: still
+                self._typed_only.add(key)  # followed (an undo in Classify takes them back)
+                self._auto[key] = paired_image(self.viewer, layer) is not None
+                self.refresh_pairs()
+            return  # (else types measured or classified: no correction)
+        self._typed_only.discard(key)
         layer.events.paint.disconnect(self._on_corrected)
         layer.events.features.disconnect(self._on_corrected)
         self._auto[id(layer)] = paired_image(self.viewer, layer) is not None
@@ -311,9 +330,11 @@ class TrainWidget(CancelWhenRemoved, QWidget):
 
     def _corrected_types(self, labels=None) -> list[dict] | None:
         """Per included pair ``{label: type}`` of the cells whose type was corrected by hand and that
-        the labels (``labels``: the arrays about to be trained on, else the layers') still hold.
+        the labels (``labels``: the arrays about to be trained on, else the layers') still hold. Cells
+        typed ``other`` are in it (finetune leaves them out of the classifier's examples).
 
-        None when fewer than 4 corrected cells exist in all (too few to learn types from).
+        None when fewer than 4 corrected cells of the classifier's types exist in all (too few to learn
+        types from).
         """
         out = []
         for k, (lab, _) in enumerate(self.pairs()):
@@ -329,7 +350,7 @@ class TrainWidget(CancelWhenRemoved, QWidget):
                 present = _present(data, list(types))
                 types = {i: t for i, t in types.items() if i in present}
             out.append(types)
-        return out if sum(len(t) for t in out) >= 4 else None
+        return out if sum(t != OTHER for types in out for t in types.values()) >= 4 else None
 
     def train(self):
         """Start fine-tuning on the included pairs; returns the worker (None when nothing started)."""
@@ -356,12 +377,17 @@ class TrainWidget(CancelWhenRemoved, QWidget):
             except ValueError as e:
                 types_note, cell_types = f"the corrected types were not learned: {e}", None
         self._stop = stop = threading.Event()
-        self._job = {"base": Path(base), "names": names, "types": cell_types is not None, "types_note": types_note}
+        n_other = sum(t == OTHER for types in cell_types or [] for t in types.values())
+        other_note = (f"{n_other} cell{'s' if n_other != 1 else ''} typed {OTHER} trained the outlines only, "
+                      "not the classifier" if n_other else None)
+        self._job = {"base": Path(base), "names": names, "types": cell_types is not None, "types_note": types_note,
+                     "other_note": other_note}
         self.buttons.set_busy(True)
         self.progress.setRange(0, 0)
         self.progress.setFormat("scoring the starting model...")
         self.status.setText(f"training on {', '.join(names)}"
-                            + (" (and the classifier on the corrected types)" if cell_types else "") + "...")
+                            + (" (and the classifier on the corrected types" if cell_types else "")
+                            + (f"; {other_note})" if other_note else ")" if cell_types else "") + "...")
         relay = self._relay
         self.destroyed.connect(stop.set)  # the viewer's window closed: stop at the next batch, writing nothing
 
@@ -453,6 +479,8 @@ class TrainWidget(CancelWhenRemoved, QWidget):
                     if cls_path is not None else
                     "; the corrected types were not learned: the classifier trained on them was worse on the "
                     "held-out corrected cells, the previous one is kept")
+            if self._job.get("other_note"):
+                msg += f" ({self._job['other_note']})"
         self.status.setText(msg)
         self.model_combo.add_model(path, select=False)
         from .segment import SegmentWidget
@@ -520,6 +548,10 @@ def _show_work_warning(w) -> None:
     ours = len(w) > 2 and f"napari_wbc{os.sep}" in str(w[2])
     if ours and not (isinstance(w[1], type) and issubclass(w[1], BaseKeptWarning)):
         show_warning(f"Train: {w[0]}")
+
+
+def _any_corrected(features) -> bool:
+    return features is not None and "corrected" in features and bool(np.asarray(features["corrected"], bool).any())
 
 
 def _present(labels: np.ndarray, ids: list[int]) -> set[int]:

@@ -37,6 +37,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from .classify import CLASSES, OTHER, PROB_COLUMNS
 from .io import (
     IMAGE_SUFFIXES,
     MASK_SUFFIXES,
@@ -47,8 +48,6 @@ from .io import (
     remove_stale_temporaries,
 )
 
-CLASSES = ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"]
-PROB_COLUMNS = [f"p_{c}" for c in CLASSES]
 CELL_COLUMNS = [
     "label", "cell_type", "confidence", *PROB_COLUMNS,
     "area", "centroid-0", "centroid-1", "bbox-0", "bbox-1", "bbox-2", "bbox-3",
@@ -60,6 +59,7 @@ CLASS_COLOURS = {
     "monocyte": (60, 180, 75),
     "eosinophil": (245, 130, 48),
     "basophil": (145, 30, 180),
+    OTHER: (160, 160, 160),
 }
 UNTYPED_COLOUR = (255, 225, 25)
 THUMBNAIL_SIZE = 400
@@ -410,13 +410,16 @@ def cells_table(labels: np.ndarray, types=None):
 
 
 def differential(cell_types) -> tuple[dict, dict]:
-    """Counts and percentages (of the typed cells) for each class of :data:`CLASSES`."""
+    """Counts and percentages (of the typed cells) for each class of :data:`CLASSES`, then ``other``
+    (cells a user typed so by hand: counted, with no percentage, and left out of the others')."""
     vals = [t for t in cell_types if isinstance(t, str) and t]
     counts = {c: vals.count(c) for c in CLASSES}
     for t in vals:  # a classifier with other classes: keep them too
-        counts.setdefault(t, vals.count(t))
-    n = len(vals)
+        if t != OTHER:
+            counts.setdefault(t, vals.count(t))
+    n = len(vals) - vals.count(OTHER)
     pct = {c: (round(100.0 * k / n, 1) if n else None) for c, k in counts.items()}
+    counts[OTHER], pct[OTHER] = vals.count(OTHER), None
     return counts, pct
 
 
@@ -799,8 +802,8 @@ def edited_note(row: dict) -> str:
 
 
 def summary_frame(rows: Sequence[dict]):
-    """One row per image: image, path, status, n_wbc, n_<type> and pct_<type>, diameter, seconds, error,
-    note (what a skipped image's counts come from when its outputs were corrected by hand)."""
+    """One row per image: image, path, status, n_wbc, n_<type> and pct_<type> (``n_other`` alone: cells
+    typed ``other`` by hand are not in the percentages), diameter, seconds, error, note (what a skipped image's counts come from when its outputs were corrected by hand)."""
     import pandas as pd
 
     classes = list(CLASSES)
@@ -815,7 +818,8 @@ def summary_frame(rows: Sequence[dict]):
         for c in classes:
             rec[f"n_{c}"] = counts.get(c) if counts else None
         for c in classes:
-            rec[f"pct_{c}"] = pct.get(c) if pct else None
+            if c != OTHER:  # (not a share of the typed WBCs)
+                rec[f"pct_{c}"] = pct.get(c) if pct else None
         rec["diameter"] = r.get("diameter")
         rec["seconds"] = r.get("seconds")
         rec["error"] = r.get("error") or ""
@@ -892,6 +896,11 @@ def _diff_table(counts: dict, pct: dict) -> str:
     return f"<table><tr><th class=l>type</th><th>count</th><th>%</th></tr>{rows}</table>"
 
 
+def _other_note(counts: dict) -> str:
+    k = int(counts.get(OTHER) or 0)
+    return f" ({k} typed {OTHER} by hand, left out of the percentages)" if k else ""
+
+
 def render_report(rows: Sequence[dict], run_info: dict) -> str:
     """The HTML report of a run: settings, overall and per-image differential counts, previews."""
     ok = [r for r in rows if r["status"] != STATUS_FAILED]
@@ -901,8 +910,8 @@ def render_report(rows: Sequence[dict], run_info: dict) -> str:
     for r in ok:
         for c, k in (r.get("count") or {}).items():
             total[c] = total.get(c, 0) + int(k)
-    n_typed = sum(total.values())
-    total_pct = {c: (round(100.0 * k / n_typed, 1) if n_typed else None) for c, k in total.items()}
+    n_typed = sum(k for c, k in total.items() if c != OTHER)
+    total_pct = {c: (round(100.0 * k / n_typed, 1) if n_typed and c != OTHER else None) for c, k in total.items()}
     info_rows = "".join(f"<tr><th class=l>{_esc(k)}</th><td class=l>{_esc(v)}</td></tr>" for k, v in run_info.items())
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>napari-wbc report</title>",
@@ -910,7 +919,7 @@ def render_report(rows: Sequence[dict], run_info: dict) -> str:
         "<h1>napari-wbc: white blood cell report</h1>",
         f"<h2>Run</h2><table>{info_rows}</table>",
         f"<p>{len(rows)} image(s): {len(ok)} done, {len(failed)} failed; "
-        f"{sum(int(r.get('n_wbc') or 0) for r in ok)} WBC(s) found.</p>",
+        f"{sum(int(r.get('n_wbc') or 0) for r in ok)} WBC(s) found{_other_note(total)}.</p>",
         "<h2>All images</h2>",
         _diff_table(total, total_pct) if classified else "<p>cells were not typed</p>",
         "<h2>Per image</h2>",
@@ -925,7 +934,7 @@ def render_report(rows: Sequence[dict], run_info: dict) -> str:
             continue
         thumb = r.get("thumbnail")
         img = (f"<img alt='{name}' src='data:image/png;base64,{thumb}'>" if thumb else "<p>(no preview)</p>")
-        meta = f"{r.get('n_wbc')} WBC(s)"
+        meta = f"{r.get('n_wbc')} WBC(s){_other_note(r.get('count') or {})}"
         if r.get("diameter") is not None:
             meta += f"; WBC diameter {r['diameter']:.0f} px"
         if r["status"] == STATUS_SKIPPED:

@@ -8,25 +8,32 @@ from pathlib import Path
 
 import numpy as np
 
+from .classify import OTHER
+
 
 def check_cell_types(cell_types, card) -> None:
-    """Raise a ValueError unless every ``cell_types`` entry names a type the classifier ``card`` knows,
-    at least one cell is typed, and some can be held out to check the result (at least 4, with 2 of
-    one type: :func:`holdout_indices`) - checked before any training starts."""
+    """Raise a ValueError unless every ``cell_types`` entry names a type the classifier ``card`` knows
+    (or ``other``: accepted, not an example for the classifier), at least one cell of the card's types
+    is typed, and some can be held out to check the result (at least 4, with 2 of one type:
+    :func:`holdout_indices`) - checked before any training starts."""
     classes = _card_classes(card)
-    n = 0
+    n = n_other = 0
     for i, types in enumerate(cell_types):
         if types is None:
             continue
         if not isinstance(types, dict):
             raise ValueError(f"cell_types[{i}] is a {type(types).__name__}; expected a mapping {{label: type}}")
         for k, t in types.items():
-            if t not in classes:
-                raise ValueError(f"cell_types[{i}][{k!r}] = {t!r} is not a known type ({', '.join(classes)})")
+            if t not in classes and t != OTHER:
+                raise ValueError(f"cell_types[{i}][{k!r}] = {t!r} is not a known type "
+                                 f"({', '.join([*classes, OTHER])})")
+        n_other += sum(t == OTHER for t in types.values())
         n += len(types)
-    if n == 0:
-        raise ValueError("cell_types names no cell; expected {label: type} for at least one labelled cell")
-    y = np.array([classes.index(t) for types in cell_types if types for t in types.values()])
+    if n == n_other:
+        raise ValueError("cell_types names no cell" + (f" of the classifier's types ({n_other} {OTHER}, which it "
+                                                       "does not learn)" if n_other else "")
+                         + "; expected {label: type} for at least one labelled cell")
+    y = np.array([classes.index(t) for types in cell_types if types for t in types.values() if t != OTHER])
     if len(holdout_indices(y, np.random.default_rng(0))) == 0:
         per_type = ", ".join(f"{int((y == c).sum())} {classes[c]}" for c in np.unique(y))
         raise ValueError(
@@ -36,8 +43,8 @@ def check_cell_types(cell_types, card) -> None:
 
 
 def _cell_inputs(images, labels, cell_types, card):
-    """Network inputs (N x 4 x S x S) and class indices of every typed cell (types checked by
-    :func:`check_cell_types`)."""
+    """Network inputs (N x 4 x S x S) and class indices of every typed cell but those typed ``other``
+    (types checked by :func:`check_cell_types`)."""
     from .classify import _check_labels, _regions, cell_input, image_normaliser, input_settings
     from .segment import check_image
 
@@ -45,6 +52,7 @@ def _cell_inputs(images, labels, cell_types, card):
     settings, norm_spec = input_settings(card)
     xs, ys = [], []
     for i, (im, lab, types) in enumerate(zip(images, labels, cell_types)):
+        types = {k: t for k, t in (types or {}).items() if t != OTHER}  # (not one of the classifier's types)
         if not types:
             continue
         rgb = check_image(im)
@@ -96,7 +104,8 @@ def holdout_indices(y: np.ndarray, rng) -> np.ndarray:
 
 def finetune_classifier(images, labels, cell_types, *, base=None, output, device=None, epochs=None,
                         should_stop=None, seed: int = 0, unique: bool = False, progress=None) -> Path:
-    """Fine-tune the classifier on ``cell_types`` (per image ``{label: type}``); return the model path.
+    """Fine-tune the classifier on ``cell_types`` (per image ``{label: type}``; cells typed ``other`` are
+    left out); return the model path.
 
     A stratified ~25% of the typed cells is held out (when there are at least 4);
     the best epoch by hold-out accuracy is kept, and the base model's path comes
@@ -184,6 +193,7 @@ def finetune_classifier(images, labels, cell_types, *, base=None, output, device
                      "data_sha256": data_sha256([*images, *labels]), "seed": seed, "learning_rate": 3e-4,
                      "cell_types": [{str(k): v for k, v in t.items()} for t in cell_types],
                      "n_cells": int(len(y)), "n_holdout": int(len(val_idx)),
+                     "n_other": sum(t == OTHER for types in cell_types if types for t in types.values()),
                      "epochs": epochs, "holdout_accuracy_before": before, "holdout_accuracy_after": best if len(val_idx) else None,
                      "wall_time_s": round(time.time() - t0, 1), "history": history},
     })

@@ -27,6 +27,10 @@ from typing import Callable, Iterator
 import numpy as np
 
 CLASSES = ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"]
+# a type only the user sets (smudge cells, blasts, atypical or unidentifiable cells): never predicted,
+# counted on its own and left out of the differential's percentages and of the classifier's examples
+OTHER = "other"
+CELL_TYPES = [*CLASSES, OTHER]
 PROB_COLUMNS = [f"p_{c}" for c in CLASSES]
 COLUMNS = ["label", "cell_type", "confidence", *PROB_COLUMNS]
 

@@ -309,7 +309,8 @@ def finetune(
     cell_types : optional list (one per image) of ``{label: cell_type}``; when given
         the classifier is fine-tuned the same way and its file is written beside the
         segmenter with ``_classifier`` in the name (its path is in the segmenter card
-        under ``"classifier"``).
+        under ``"classifier"``). Cells typed ``"other"`` (by hand) are accepted: their
+        outlines train the segmenter as every cell's do, but they are no classifier example.
     should_stop : callable returning True to cancel; raises FinetuneCancelled and
         writes nothing.
 

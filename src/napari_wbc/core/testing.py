@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .classify import CLASSES  # (numpy only: light to import)
+
 TINY_SEGMENTER_ARCH = {
     "name": "Unet",
     "encoder_name": "tu-mobilenetv3_small_050",
@@ -11,7 +13,6 @@ TINY_SEGMENTER_ARCH = {
     "in_channels": 3,
     "classes": 2,
 }
-CLASSES = ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"]
 
 
 def make_tiny_segmenter(path, *, seed: int = 0, target_diameter: float = 16.0) -> Path:
@@ -48,7 +49,7 @@ def make_tiny_classifier(path, *, seed: int = 0, input_size: int = 32, members: 
     card = {
         "kind": "classifier",
         "arch": arch,
-        "classes": CLASSES,
+        "classes": list(CLASSES),
         "input_size": input_size,
         "context": 1.5,
         "note": "tiny random network for tests",
