@@ -803,7 +803,8 @@ def edited_note(row: dict) -> str:
 
 def summary_frame(rows: Sequence[dict]):
     """One row per image: image, path, status, n_wbc, n_<type> and pct_<type> (``n_other`` alone: cells
-    typed ``other`` by hand are not in the percentages), diameter, seconds, error, note (what a skipped image's counts come from when its outputs were corrected by hand)."""
+    typed ``other`` by hand are not in the percentages), diameter, seconds, error, note (what a skipped
+    image's counts come from when its outputs were corrected by hand)."""
     import pandas as pd
 
     classes = list(CLASSES)
