@@ -1,6 +1,7 @@
 """The command-line tool and the batch engine behind it (tiny random networks, CPU)."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -858,6 +859,27 @@ def test_a_correction_saved_by_the_writer_while_a_run_writes_the_same_outputs_is
     assert row["n_wbc"] == 1 and row["count"]["basophil"] == 1
 
 
+def test_the_writer_waits_for_a_busy_folder_only_so_long(tmp_path, monkeypatch):
+    """napari's writer runs on the UI thread: a folder held by a batch run (or a hung share) must not
+    freeze napari. It waits a while, then says why nothing was saved; nothing half written."""
+    pytest.importorskip("fcntl")
+    import time
+
+    from napari_wbc import _writer
+    from napari_wbc.core.io import FolderBusy, folder_lock
+
+    monkeypatch.setattr(_writer, "LOCK_TIMEOUT_S", 0.3)
+    labels = np.zeros((20, 20), np.uint16)
+    labels[2:8, 2:8] = 1
+    with folder_lock(tmp_path):  # a batch run writing here
+        t0 = time.monotonic()
+        with pytest.raises(FolderBusy, match="batch run"):
+            _writer.write_labels(str(tmp_path / "x.tif"), labels, {})
+        assert time.monotonic() - t0 < 5
+    assert not list(tmp_path.iterdir())
+    assert _writer.write_labels(str(tmp_path / "x.tif"), labels, {})  # free again: saved
+
+
 def test_atomic_write_flushes_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
     """atomic_write renamed a file that might still be only in the page cache: after a power cut the
     output (a labels file, a marker) could be there under its name but empty or partly written."""
@@ -982,3 +1004,16 @@ def test_an_input_added_beside_one_of_the_same_stem_leaves_the_earlier_outputs_t
     assert main(seg_args([inp], out, tiny_models)) == 0
     assert dict(pd.read_csv(out / "summary.csv")[["image", "status"]].values) == {
         "a": "skipped", "in_a": "skipped", "in_a-2": "skipped"}
+
+
+def test_atomic_write_survives_a_file_system_without_fsync(tmp_path, monkeypatch):
+    """A file system that cannot fsync (EINVAL/ENOTSUP from some FUSE/SMB mounts) still gets every write
+    (labels, CSV, markers, models); real I/O errors still raise."""
+    from napari_wbc.core import io
+
+    def no_fsync(fd):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "fsync", no_fsync)
+    io.atomic_write(tmp_path / "x.txt", lambda tmp: open(tmp, "w").write("hi"))
+    assert (tmp_path / "x.txt").read_text() == "hi"

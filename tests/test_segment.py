@@ -799,13 +799,7 @@ def test_estimate_diameter_under_uneven_illumination(kind, dtype):
     from napari_wbc.core.scale import estimate_diameter
 
     img = _red_cells()
-    h, w = img.shape[:2]
-    yy, xx = np.mgrid[:h, :w].astype(np.float32)
-    if kind == "gradient":
-        light = 1 - 0.5 * xx / (w - 1)
-    else:
-        light = 1 - 0.55 * (((yy - (h - 1) / 2) / ((h - 1) / 2)) ** 2 + ((xx - (w - 1) / 2) / ((w - 1) / 2)) ** 2) / 2
-    dim = np.clip(np.rint(img * light[..., None]), 0, 255).astype(np.uint8)
+    dim = _dimmed(img, "gradient" if kind == "gradient" else "vignette")
     d0 = estimate_diameter(img)
     d = estimate_diameter(dim.astype(dtype) / (255 if dtype == np.float32 else 1))
     assert d == pytest.approx(d0, rel=0.15)

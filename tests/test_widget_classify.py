@@ -423,3 +423,21 @@ def test_an_undone_type_correction_unticks_the_layer_in_train(qtbot, make_napari
     lab.paint((2, 2), 9)  # painted: a correction no type undo takes back
     widget.undo_type()
     assert [p[0] for p in train.pairs()] == [lab]
+
+
+def test_undo_does_not_type_a_cell_of_a_new_segmentation(qtbot, cls):
+    """Segmented again into the same layer (data and features replaced): label 2 is another cell now,
+    never typed. Undo does not give it the old cell's type, and says why (found by a review)."""
+    from napari_wbc._widgets.segment import cell_features
+
+    viewer, widget, lab = cls
+    run(qtbot, widget)
+    widget.set_type(2, "other")
+    new = np.zeros_like(lab.data)
+    new[2:10, 2:10], new[20:30, 20:30] = 1, 2  # a new segmentation, untyped
+    lab.data = new
+    lab.features = cell_features(new)
+    assert widget.undo_type() is None
+    row = lab.features.set_index("label").loc[2]
+    assert not isinstance(row.get("cell_type"), str)
+    assert "changed since" in widget.status.text()

@@ -10,6 +10,7 @@ import numpy as np
 from .core.io import atomic_write, batch_labels_beside, cells_table_path, folder_lock
 
 TIFF_SUFFIXES = (".tif", ".tiff")
+LOCK_TIMEOUT_S = 10.0  # napari's UI waits at most this long for a batch run writing in the same folder
 # what a labels TIFF records of its napari-wbc layer metadata (the reader gives it back)
 SAVED_META_KEYS = ("image_layer", "model", "diameter")
 
@@ -69,7 +70,7 @@ def write_labels(path: str, data, meta: dict) -> list[str]:
     tif_path.parent.mkdir(parents=True, exist_ok=True)
     # the batch tool's lock on the folder: a correction saved while a run writes this image's outputs
     # waits for it (and replaces them), or is written first (and the run, checking again, keeps it)
-    with folder_lock(tif_path.parent):
+    with folder_lock(tif_path.parent, timeout=LOCK_TIMEOUT_S):
         owner = batch_labels_beside(tif_path)
         if owner is not None and not tif_path.stem.endswith("_labels"):  # x.tif beside the batch's x_labels.tif:
             raise ValueError(  # x_cells.csv is that file's table (the batch counts it); nothing written

@@ -56,6 +56,8 @@ from ._common import (
     unwrap_viewer,
 )
 
+UNDO_STEPS = 500  # type changes Undo can take back (all layers together)
+
 CLASS_COLORS = {
     "neutrophil": "#4c9be8",
     "lymphocyte": "#f5c242",
@@ -269,7 +271,9 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
         self._synced_hash = None  # digest of the labels the table was last brought up to date with
         self._sync_worker = None  # hashes and measures the labels in a thread (seconds on a large smear)
         self._edits = 0  # edit events seen: a measurement that edits overtook is dropped
-        self._undo = []  # per 'Set type', latest last: (weakref to the labels layer, label, the row before)
+        # per 'Set type', latest last (at most UNDO_STEPS): (weakref to the labels layer, label, the row
+        # before, the cell's footprint then)
+        self._undo = []
 
         self.labels_combo = LayerCombo(napari_viewer, Labels, follow_new=True)
         self.image_combo = LayerCombo(napari_viewer, Image)
@@ -543,7 +547,8 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
             raise ValueError(f"there is no cell {label} in {layer.name!r}")
         before = _write_type(layer, label, cell_type, 1.0, True)
         self._undo = [e for e in self._undo if e[0]() is not None and e[0]() in self.viewer.layers]
-        self._undo.append((weakref.ref(layer), int(label), before))
+        self._undo.append((weakref.ref(layer), int(label), before, _footprint(layer.data, label)))
+        del self._undo[:-UNDO_STEPS]
         render_types(self.viewer, layer)
         self._update_undo()
         self.status.setText(f"cell {label} set to {cell_type}")
@@ -566,11 +571,15 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
         if k is None:
             self.status.setText("nothing to undo: no type was set in this layer")
             return None
-        _, label, before = self._undo.pop(k)
+        _, label, before, footprint = self._undo.pop(k)
         self._update_undo()
         layer = self._layer
         if not self._has_cell(label):
             self.status.setText(f"cell {label} is no longer in {layer.name!r}: its type change was not undone")
+            return None
+        if _footprint(layer.data, label) != footprint:  # segmented again, or repainted: another cell now
+            self.status.setText(f"cell {label} of {layer.name!r} changed since its type was set (segmented or "
+                                "painted again): its type change was not undone")
             return None
         _write_type(layer, label, *before)
         render_types(self.viewer, layer)
@@ -817,3 +826,10 @@ def _classify_job(image, labels, *, model, device, ids):
             table = item[1]
     return table, cell_features(labels)
 
+
+def _footprint(data, label: int) -> tuple:
+    """(area, bounding box) of cell ``label``: whether it is still the cell a type was set on."""
+    ys, xs = np.nonzero(np.asarray(data) == label)
+    if not len(ys):
+        return (0,)
+    return (len(ys), int(ys.min()), int(xs.min()), int(ys.max()), int(xs.max()))

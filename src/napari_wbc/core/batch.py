@@ -59,7 +59,7 @@ CLASS_COLOURS = {
     "monocyte": (60, 180, 75),
     "eosinophil": (245, 130, 48),
     "basophil": (145, 30, 180),
-    OTHER: (160, 160, 160),
+    OTHER: (176, 176, 176),  # as the Classify dock draws it (#b0b0b0)
 }
 UNTYPED_COLOUR = (255, 225, 25)
 THUMBNAIL_SIZE = 400

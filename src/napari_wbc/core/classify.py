@@ -157,15 +157,18 @@ def image_normaliser(rgb: np.ndarray, norm: dict) -> Callable[[np.ndarray], np.n
     light = shading(rgb)
     h, w = rgb.shape[:2]
 
-    def even(x, at):
+    def even(x, at):  # as unshade() brings the segmenter's windows to even light (integers clipped alike)
         if light is None or at is None:
             return x
         inverse = unshade(np.ones((1, 1, 1), np.float32), light, (int(round(at[0])), int(round(at[1]))), (h, w))
-        return x.astype(np.float32) * inverse[0, 0, 0]
+        y = x.astype(np.float32) * inverse[0, 0, 0]
+        return np.minimum(y, np.iinfo(x.dtype).max) if x.dtype.kind in "ui" else y
 
     if norm.get("method") == OPTICAL_DENSITY:
         step = max(1, int(np.sqrt(h * w / 1e6)))  # ~1 Mpx strided, as channel_ranges
-        sub = rgb[::step, ::step] if light is None else unshade(rgb[::step, ::step], light, (0, 0), rgb[::step, ::step].shape[:2])
+        sub = rgb[::step, ::step]
+        if light is not None:
+            sub = unshade(sub, light, (0, 0), sub.shape[:2])
         bg, k = od_parameters(sub, background_q=norm["background_percentile"],
                               dark_q=norm["dark_percentile"], reference=norm["reference"])
         return lambda x, at=None: od_normalise(even(x, at), bg, k)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import tempfile
@@ -424,11 +425,18 @@ def _new_file_mode() -> int:
     return 0o666 & ~mask
 
 
+class FolderBusy(OSError):
+    """Another napari-wbc process held a folder's lock for longer than one would wait."""
+
+
 @contextlib.contextmanager
-def folder_lock(folder):
+def folder_lock(folder, timeout: float | None = None):
     """Hold an exclusive lock on ``folder`` (POSIX ``flock``; released if the process dies): napari-wbc
     processes writing outputs there (the batch tool, napari's writer) take turns. Where locks are not
-    available, nothing is held."""
+    available, nothing is held. With ``timeout`` (seconds), :class:`FolderBusy` when the lock is not
+    had by then (napari's writer runs on its UI thread: it must not wait on a hung share)."""
+    import time
+
     try:
         import fcntl
 
@@ -438,7 +446,22 @@ def folder_lock(folder):
         return
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            if timeout is None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            else:
+                end = time.monotonic() + timeout
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() >= end:
+                            raise FolderBusy(
+                                f"another napari-wbc process (a batch run) has been writing in {str(folder)!r} for "
+                                f"over {timeout:g} s; nothing was saved: save again when it is done") from None
+                        time.sleep(0.05)
+        except FolderBusy:
+            raise
         except OSError:  # a file system without locks
             pass
         yield
@@ -457,8 +480,8 @@ def fsync_path(path, *, best_effort: bool = False) -> None:
         raise
     try:
         os.fsync(fd)
-    except OSError:
-        if not best_effort:
+    except OSError as e:  # (a file system that cannot sync says so: EINVAL, ENOTSUP; not an I/O error)
+        if not best_effort and e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.ENOSYS):
             raise
     finally:
         os.close(fd)

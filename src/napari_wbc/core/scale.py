@@ -318,6 +318,8 @@ def shading(image: np.ndarray) -> np.ndarray | None:
     field of view, a brightness gradient, vignetting (:func:`_illumination`: >= 1.3x over the
     background) - else None (the usual case). Outside the field (:func:`out_of_field`) it is 1."""
     small = _downsample(image)[0]
+    if small.dtype.kind in "fi" and float(small.min()) < 0:  # no black level (z-scored): not a light to divide by
+        return None
     _, top, lum, counts = _luminance(small)
     in_field, everywhere = _in_field(lum, counts)
     gain = _gain(lum, top, in_field, everywhere)[0]
