@@ -794,3 +794,35 @@ def test_training_sees_uneven_light_evened_out_as_segment_does():
     got = make_sample(dim, lab, diameter=30).rgb
     raw = dim.astype(np.float32) / 255
     assert np.abs(got - even).mean() < 0.3 * np.abs(raw - even).mean()
+
+
+def test_a_greyscale_smear_trains_in_the_colours_segment_shows_it(tmp_path, monkeypatch, tiny_segmenter):
+    """segment() colours a greyscale camera's smear by its card's grey_colours table; fine-tuning on
+    such a smear trains on the same colours (the base card's table; it carries over to the new card)."""
+    import json
+    import shutil
+
+    from test_segment import GREY_TABLE, _red_cells
+
+    from napari_wbc.core import segment as S
+    from napari_wbc.core import train
+
+    base = tmp_path / "grey_seg.safetensors"
+    shutil.copy(tiny_segmenter, base)
+    card = json.loads(tiny_segmenter.with_suffix(".json").read_text())
+    card["grey_colours"] = GREY_TABLE
+    base.with_suffix(".json").write_text(json.dumps(card))
+
+    class Seen(Exception):
+        pass
+
+    def spy(image, labels, **k):
+        raise Seen(image)
+
+    monkeypatch.setattr(train, "make_sample", spy)
+    grey = np.repeat(_red_cells().mean(-1, keepdims=True), 3, -1).astype(np.uint8)
+    lab = np.zeros(grey.shape[:2], np.int32)
+    lab[40:70, 40:70] = 1
+    with pytest.raises(Seen) as got:
+        F.finetune([grey], [lab], base=str(base), output=tmp_path / "out.safetensors", device="cpu", epochs=1)
+    np.testing.assert_array_equal(got.value.args[0], S.grey_to_colour(grey, GREY_TABLE))

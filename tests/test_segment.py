@@ -1,6 +1,8 @@
 """segment(): contract, tiling, bad input (tiny random networks, CPU)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -920,3 +922,56 @@ def test_the_classifier_sees_uneven_light_evened_out():
     a = f0(img[win], (120, 280))
     error = np.abs(f1(dim[win], (120, 280)) - a).mean()
     assert error < 0.15 and error < 0.2 * np.abs(f1(dim[win]) - a).mean()  # without its place: as dim as it was
+
+
+GREY_TABLE = {"bins": 4, "colours": [[0.1, 0.0, 0.6], [0.5, 0.3, 0.5], [0.8, 0.6, 0.6], [1.0, 1.0, 1.0]]}
+
+
+def test_greyscale_images_are_told_from_colour_ones():
+    img = _red_cells()
+    grey = np.repeat(img.mean(-1, keepdims=True), 3, -1).astype(np.uint8)
+    assert S.is_greyscale(grey) and S.is_greyscale(grey.astype(np.float32) / 255)
+    assert not S.is_greyscale(img)
+    assert not S.is_greyscale(np.full((20, 20, 3), 7, np.uint8))  # flat: nothing to tell
+
+
+def test_grey_to_colour_maps_grey_levels_to_stained_colours():
+    """Dark grey (a nucleus) comes out in the table's dark colour, the background in its light one;
+    band by band is the whole image at once."""
+    grey = np.repeat(_red_cells().mean(-1, keepdims=True), 3, -1).astype(np.uint16) * 200
+    out = S.grey_to_colour(grey, GREY_TABLE)
+    assert out.dtype == np.uint8 and out.shape == grey.shape
+    dark, light = grey[..., 0] == grey.min(), grey[..., 0] == grey.max()
+    np.testing.assert_allclose(out[dark].mean(0), np.array([0.1, 0.0, 0.6]) * 255, atol=2)
+    np.testing.assert_allclose(out[light].mean(0), [255, 255, 255], atol=2)
+    np.testing.assert_array_equal(S.grey_to_colour(grey, GREY_TABLE, rows=7), out)
+
+
+def test_a_greyscale_camera_image_reaches_the_network_in_colour(tiny, monkeypatch, tmp_path):
+    """A greyscale camera's smear (BCCD F1 0.800 as grey) is coloured by the segmenter card's
+    grey_colours table before the network sees it (0.877); a colour image, or a card without the table,
+    as before."""
+    import json
+    import shutil
+
+    seen = []
+    real = S.iter_probabilities
+
+    def spy(x, *a, **k):
+        seen.append(x.copy())
+        yield from real(x, *a, **k)
+
+    monkeypatch.setattr(S, "iter_probabilities", spy)
+    model = tmp_path / "grey_seg.safetensors"
+    shutil.copy(tiny, model)
+    card = json.loads(Path(tiny).with_suffix(".json").read_text())
+    card["grey_colours"] = GREY_TABLE
+    model.with_suffix(".json").write_text(json.dumps(card))
+    img = _red_cells()
+    grey = np.repeat(img.mean(-1, keepdims=True), 3, -1).astype(np.uint8)
+    for m, im in ((model, grey), (tiny, grey), (model, img)):
+        napari_wbc.segment(im, model=str(m), device="cpu", diameter=16)
+    coloured, plain, colour = seen
+    assert np.abs(coloured[..., 2].astype(int) - coloured[..., 0]).mean() > 20  # blue-purple darks
+    assert S.is_greyscale(plain)
+    np.testing.assert_array_equal(colour, img)

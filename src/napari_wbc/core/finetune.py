@@ -323,7 +323,7 @@ def finetune(
     t_start = time.time()
     from .device import resolve_device
     from .models import build_from_card, read_card, read_weights, resolve_model_path, save_model
-    from .segment import check_image, label_areas
+    from .segment import check_image, in_colour, label_areas
     from .train import evaluate, make_sample, train_segmenter
 
     if isinstance(images, np.ndarray) and images.ndim in (2, 3) and not isinstance(labels, (list, tuple)):
@@ -342,9 +342,11 @@ def finetune(
         if should_stop is not None and should_stop():
             raise FinetuneCancelled("fine-tuning was cancelled; no model file was written") from None
 
+    base_path = resolve_model_path(base, "segmenter")
+    card = read_card(base_path)
     for i, (im, lab) in enumerate(zip(images, labels)):
         check_stop()
-        rgb = check_image(im)
+        rgb = in_colour(check_image(im), card)  # a greyscale camera's smear: as segment() shows it
         lab = _as_labels(lab, i)
         as_labels.append(lab)  # (the classifier's cells come from the same labels)
         if lab.shape != rgb.shape[:2]:
@@ -361,8 +363,6 @@ def finetune(
     if not samples:
         raise ValueError("no labelled pixel in any of the label arrays; paint or keep at least one cell")
 
-    base_path = resolve_model_path(base, "segmenter")
-    card = read_card(base_path)
     if card.get("kind") != "segmenter":
         raise ValueError(f"base model {str(base_path)!r} is a {card.get('kind')}, expected a segmenter")
     out_path = _new_output_path("wbc_unet") if output is None else model_output_path(output)

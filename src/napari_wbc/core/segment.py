@@ -207,6 +207,45 @@ def unshade_image(rgb: np.ndarray, shading: np.ndarray, rows: int = 512) -> np.n
     return out
 
 
+def is_greyscale(rgb: np.ndarray) -> bool:
+    """Whether an HxWx3 image is a greyscale camera's (its channels equal, to 2 % of its range, on 99 %
+    of a strided ~1 Mpx sample)."""
+    h, w = rgb.shape[:2]
+    step = max(1, int(np.sqrt(h * w / 1e6)))
+    sub = rgb[::step, ::step].astype(np.float32)
+    spread = float(np.ptp(sub[..., 1]))
+    if spread <= 0:
+        return False
+    off = np.maximum(np.abs(sub[..., 0] - sub[..., 1]), np.abs(sub[..., 2] - sub[..., 1]))
+    return float(np.mean(off <= 0.02 * spread)) >= 0.99
+
+
+def grey_to_colour(rgb: np.ndarray, table: dict, rows: int = 512) -> np.ndarray:
+    """A greyscale smear (HxWx3, equal channels, any dtype) in the colours of stained smears: each
+    grey level, stretched as :func:`channel_ranges` stretches it, becomes the mean colour of training
+    pixels at that level (``table``: a segmenter card's ``grey_colours``, made by
+    benchmarks/grey_colours.py). HxWx3 uint8, band by band (no float copy of a large image)."""
+    colours = np.asarray(table["colours"], np.float32)  # bins x 3, in stretched units (0..1)
+    bins = len(colours)
+    centres = (np.arange(bins, dtype=np.float32) + 0.5) / bins
+    lo, hi = channel_ranges(rgb)[:, 1]  # (the channels are equal: the green one's, of the smear only)
+    lut_x = centres
+    out = np.empty(rgb.shape[:2] + (3,), np.uint8)
+    for y0 in range(0, rgb.shape[0], rows):
+        q = (rgb[y0:y0 + rows, :, 1].astype(np.float32) - lo) / max(float(hi - lo), 1e-12)
+        for c in range(3):
+            v = np.interp(q, lut_x, colours[:, c])
+            out[y0:y0 + rows, :, c] = np.clip(np.rint(v * 255), 0, 255).astype(np.uint8)
+    return out
+
+
+def in_colour(rgb: np.ndarray, card: dict | None) -> np.ndarray:
+    """``rgb`` as the networks of ``card`` want it: a greyscale camera's image in stained smears' colours
+    (:func:`grey_to_colour`, when the card has ``grey_colours``), any other as it is."""
+    table = (card or {}).get("grey_colours")
+    return grey_to_colour(rgb, table) if table and is_greyscale(rgb) else rgb
+
+
 def nearest_mask(mask: np.ndarray, shape) -> np.ndarray:
     """A boolean mask brought to ``shape`` by nearest neighbour (no float copy of a big grid)."""
     h, w = int(shape[0]), int(shape[1])
@@ -587,6 +626,7 @@ def iter_segment(
     else:
         net, card = load_model(model, "segmenter", dev)
     target = float(card.get("target_diameter", 32.0))
+    rgb = in_colour(rgb, card)  # a greyscale camera's image: in stained smears' colours
     if batch_size is None:
         batch_size = 8 if dev.type == "cuda" else 1
     outside = out_of_field(rgb)
