@@ -209,9 +209,9 @@ def unshade_image(rgb: np.ndarray, shading: np.ndarray, rows: int = 512) -> np.n
 
 def is_greyscale(rgb: np.ndarray) -> bool:
     """Whether an HxWx3 image is a greyscale camera's (its channels equal, to 2 % of its range, on 99 %
-    of a strided ~1 Mpx sample)."""
+    of a strided sample of ~65000 pixels)."""
     h, w = rgb.shape[:2]
-    step = max(1, int(np.sqrt(h * w / 1e6)))
+    step = max(1, int(np.sqrt(h * w / 65536)))
     sub = rgb[::step, ::step].astype(np.float32)
     spread = float(np.ptp(sub[..., 1]))
     if spread <= 0:
