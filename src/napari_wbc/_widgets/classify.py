@@ -29,7 +29,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_wbc.core.classify import CELL_TYPES, CLASSES, OTHER
+from napari_wbc.core.classify import CELL_TYPES, CLASSES, OTHER, percentages
 from napari_wbc.core.segment import cell_features, merge_measured, remeasure
 
 from ._common import (
@@ -136,16 +136,11 @@ def differential_count(features) -> pd.DataFrame:
         col = features["cell_type"]
         types = col[pd.notna(col)].astype(str)
         n_unclassified = int(pd.isna(col).sum())
-    counts = types.value_counts()
-    n_other = int(counts.get(OTHER, 0))
-    order = classes + sorted(t for t in counts.index if t not in classes and t != OTHER)
-    total = int(counts.sum()) - n_other
-    rows = [
-        {"cell_type": c, "count": int(counts.get(c, 0)),
-         "percent": round(100.0 * counts.get(c, 0) / total, 1) if total else np.nan}  # none typed: no percent (as the CLI)
-        for c in order
-    ]
-    rows.append({"cell_type": OTHER, "count": n_other, "percent": np.nan})
+    found = types.value_counts()
+    order = classes + sorted(t for t in found.index if t not in classes and t != OTHER)
+    counts = {c: int(found.get(c, 0)) for c in [*order, OTHER]}
+    pct = percentages(counts)  # of the typed WBCs; none typed: no percent (as the CLI)
+    rows = [{"cell_type": c, "count": k, "percent": np.nan if pct[c] is None else pct[c]} for c, k in counts.items()]
     if n_unclassified:
         rows.append({"cell_type": "unclassified", "count": n_unclassified, "percent": np.nan})
     return pd.DataFrame(rows, columns=["cell_type", "count", "percent"])

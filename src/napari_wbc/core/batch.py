@@ -37,7 +37,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from .classify import CLASSES, OTHER, PROB_COLUMNS
+from .classify import CLASSES, OTHER, PROB_COLUMNS, percentages
 from .io import (
     IMAGE_SUFFIXES,
     MASK_SUFFIXES,
@@ -417,10 +417,8 @@ def differential(cell_types) -> tuple[dict, dict]:
     for t in vals:  # a classifier with other classes: keep them too
         if t != OTHER:
             counts.setdefault(t, vals.count(t))
-    n = len(vals) - vals.count(OTHER)
-    pct = {c: (round(100.0 * k / n, 1) if n else None) for c, k in counts.items()}
-    counts[OTHER], pct[OTHER] = vals.count(OTHER), None
-    return counts, pct
+    counts[OTHER] = vals.count(OTHER)
+    return counts, percentages(counts)
 
 
 def _display_rgb(image: np.ndarray) -> np.ndarray:
@@ -911,8 +909,7 @@ def render_report(rows: Sequence[dict], run_info: dict) -> str:
     for r in ok:
         for c, k in (r.get("count") or {}).items():
             total[c] = total.get(c, 0) + int(k)
-    n_typed = sum(k for c, k in total.items() if c != OTHER)
-    total_pct = {c: (round(100.0 * k / n_typed, 1) if n_typed and c != OTHER else None) for c, k in total.items()}
+    total_pct = percentages(total)
     info_rows = "".join(f"<tr><th class=l>{_esc(k)}</th><td class=l>{_esc(v)}</td></tr>" for k, v in run_info.items())
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>napari-wbc report</title>",

@@ -32,6 +32,14 @@ CLASSES = ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"]
 OTHER = "other"
 CELL_TYPES = [*CLASSES, OTHER]
 PROB_COLUMNS = [f"p_{c}" for c in CLASSES]
+
+
+def percentages(counts) -> dict:
+    """Each type's share (%, to 0.1) of the typed WBCs, for ``counts`` {type: number}: ``other`` has
+    none and is not among them; None for every type when no cell is typed (the differential count's
+    one rule, for the Classify dock, the batch summary and its report)."""
+    n = sum(int(k) for t, k in counts.items() if t != OTHER)
+    return {t: (round(100.0 * int(k) / n, 1) if n and t != OTHER else None) for t, k in counts.items()}
 COLUMNS = ["label", "cell_type", "confidence", *PROB_COLUMNS]
 
 # defaults for cards that do not say (e.g. the tiny test networks)
