@@ -27,13 +27,13 @@ import numpy as np
 from .core.io import (
     MASK_SUFFIXES,
     ImageReadError,
-    batch_labels_beside,
     find_mask,
     find_voc,
     saved_cells_table,
     is_image_path,
     labels_for_layer,
     looks_like_labels,
+    named_as_labels,
     read_image,
     read_mask,
     read_voc_boxes,
@@ -75,11 +75,8 @@ def is_mask_path(path) -> bool:
 def _read_one(path: Path) -> list[tuple]:
     meta = {"path": str(path)}
     cells_csv = saved_cells_table(path)  # x.tif + x_cells.csv; the CLI's x_labels.tif + x_cells.csv
-    saved = path.suffix.lower() in (".tif", ".tiff") and (cells_csv.is_file() or path.stem.endswith("_labels"))
-    if saved and not path.stem.endswith("_labels") and batch_labels_beside(path) is not None:
-        saved = False  # x_cells.csv belongs to the CLI's x_labels.tif: x.tif is the smear it came from
     arr = None
-    if saved:
+    if named_as_labels(path):
         arr = read_image(path)
         if arr.ndim == 2 and arr.dtype.kind in "ui":
             return [_saved_labels_layer(path, cells_csv, arr)]

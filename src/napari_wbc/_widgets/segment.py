@@ -88,14 +88,14 @@ def is_painted(layer) -> bool:
     return meta.get("data_hash") is None or meta.get("data_hash") != data_hash(layer_image(layer))
 
 
+def any_corrected(features) -> bool:
+    """Whether a labels layer's ``features`` hold a type set by hand (Classify's ``corrected``)."""
+    return features is not None and "corrected" in features and bool(np.asarray(features["corrected"], bool).any())
+
+
 def is_untouched(layer) -> bool:
     """A labels layer still exactly as the segmenter made it (no painting, no corrected type)."""
-    if is_painted(layer):
-        return False
-    feats = getattr(layer, "features", None)
-    if feats is not None and "corrected" in feats and bool(np.asarray(feats["corrected"], bool).any()):
-        return False
-    return True
+    return not is_painted(layer) and not any_corrected(getattr(layer, "features", None))
 
 
 class SegmentWidget(CancelWhenRemoved, QWidget):

@@ -49,7 +49,7 @@ from ._common import (
     wbc_meta,
     reset_progress,
 )
-from .segment import is_painted, is_untouched
+from .segment import any_corrected, is_painted, is_untouched
 
 NO_IMAGE = "(choose image)"
 
@@ -237,7 +237,7 @@ class TrainWidget(CancelWhenRemoved, QWidget):
             return
         key = id(layer)
         if event.type == "features" and key in self._typed_only:  # ticked for types set by hand
-            if not _any_corrected(layer.features):  # every one undone in Classify: untouched again
+            if not any_corrected(layer.features):  # every one undone in Classify: untouched again
                 self._typed_only.discard(key)
                 self._auto[key] = False
                 self.refresh_pairs()
@@ -245,7 +245,7 @@ class TrainWidget(CancelWhenRemoved, QWidget):
         if self._auto.get(key) is not False and key not in self._typed_only:
             return
         if event.type == "features" and not is_painted(layer):
-            if _any_corrected(layer.features):  # types set by hand on the segmenter's outlines: still
+            if any_corrected(layer.features):  # types set by hand on the segmenter's outlines: still
                 self._typed_only.add(key)  # followed (an undo in Classify takes them back)
                 self._auto[key] = paired_image(self.viewer, layer) is not None
                 self.refresh_pairs()
@@ -548,10 +548,6 @@ def _show_work_warning(w) -> None:
     ours = len(w) > 2 and f"napari_wbc{os.sep}" in str(w[2])
     if ours and not (isinstance(w[1], type) and issubclass(w[1], BaseKeptWarning)):
         show_warning(f"Train: {w[0]}")
-
-
-def _any_corrected(features) -> bool:
-    return features is not None and "corrected" in features and bool(np.asarray(features["corrected"], bool).any())
 
 
 def _present(labels: np.ndarray, ids: list[int]) -> set[int]:

@@ -32,15 +32,8 @@ CLASSES = ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"]
 OTHER = "other"
 CELL_TYPES = [*CLASSES, OTHER]
 PROB_COLUMNS = [f"p_{c}" for c in CLASSES]
-
-
-def percentages(counts) -> dict:
-    """Each type's share (%, to 0.1) of the typed WBCs, for ``counts`` {type: number}: ``other`` has
-    none and is not among them; None for every type when no cell is typed (the differential count's
-    one rule, for the Classify dock, the batch summary and its report)."""
-    n = sum(int(k) for t, k in counts.items() if t != OTHER)
-    return {t: (round(100.0 * int(k) / n, 1) if n and t != OTHER else None) for t, k in counts.items()}
 COLUMNS = ["label", "cell_type", "confidence", *PROB_COLUMNS]
+
 
 # defaults for cards that do not say (e.g. the tiny test networks)
 DEFAULT_CONTEXT = 1.5
@@ -50,6 +43,14 @@ MIN_SIDE = 4.0  # smallest window side in image pixels (one-pixel cells still wo
 
 
 # ------------------------------------------------------------------ per-cell input
+def percentages(counts) -> dict:
+    """Each type's share (%, to 0.1) of the typed WBCs, for ``counts`` {type: number}: ``other`` has
+    none and is not among them; None for every type when no cell is typed (the differential count's
+    one rule, for the Classify dock, the batch summary and its report)."""
+    n = sum(int(k) for t, k in counts.items() if t != OTHER)
+    return {t: (round(100.0 * int(k) / n, 1) if n and t != OTHER else None) for t, k in counts.items()}
+
+
 def window_side(area: float, bbox_extent: float, context: float) -> float:
     """Window side in image pixels for a cell of ``area`` px and bbox extent (max of height, width)."""
     diameter = float(np.sqrt(4.0 * max(float(area), 1.0) / np.pi))
@@ -159,17 +160,17 @@ def image_normaliser(rgb: np.ndarray, norm: dict) -> Callable[[np.ndarray], np.n
     ``normalisation`` (see :func:`input_settings`) asks, from statistics of the whole image. Under
     uneven light (:func:`.scale.shading`) a window centred ``at`` (y, x) is first brought to the
     light of the image's brightest part, as :func:`~.segment.segment` sees it."""
-    from .scale import out_of_field, shading
-    from .segment import channel_ranges, normalise, unshade
+    from .scale import field_of_view
+    from .segment import channel_ranges, light_window, normalise, unshade
 
-    light = shading(rgb)
+    outside, light = field_of_view(rgb)
     h, w = rgb.shape[:2]
 
     def even(x, at):  # as unshade() brings the segmenter's windows to even light (integers clipped alike)
         if light is None or at is None:
             return x
-        inverse = unshade(np.ones((1, 1, 1), np.float32), light, (int(round(at[0])), int(round(at[1]))), (h, w))
-        y = x.astype(np.float32) * inverse[0, 0, 0]
+        level = light_window(light, (int(round(at[0])), int(round(at[1]))), (1, 1), (h, w))[0, 0]
+        y = x.astype(np.float32) * (np.float32(1) / level)
         return np.minimum(y, np.iinfo(x.dtype).max) if x.dtype.kind in "ui" else y
 
     if norm.get("method") == OPTICAL_DENSITY:
@@ -181,7 +182,7 @@ def image_normaliser(rgb: np.ndarray, norm: dict) -> Callable[[np.ndarray], np.n
                               dark_q=norm["dark_percentile"], reference=norm["reference"])
         return lambda x, at=None: od_normalise(even(x, at), bg, k)
     # of the smear, as segment()'s
-    ranges = channel_ranges(rgb, norm["low"], norm["high"], outside=out_of_field(rgb), shading=light)
+    ranges = channel_ranges(rgb, norm["low"], norm["high"], outside=outside, shading=light)
     return lambda x, at=None: normalise(even(x, at), ranges)
 
 

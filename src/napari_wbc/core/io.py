@@ -251,6 +251,18 @@ def looks_like_labels(arr: np.ndarray) -> bool:
     return float((left[rest] == right[rest]).mean()) >= 0.85
 
 
+def named_as_labels(path) -> bool:
+    """A labels TIFF napari-wbc wrote, by its name alone: the batch's ``x_labels.tif``, or ``y.tif`` with
+    its ``y_cells.csv`` beside (unless that table is the batch's ``y_labels.tif``'s: then ``y.tif`` is
+    the smear it came from)."""
+    path = Path(path)
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        return False
+    if path.stem.endswith(LABELS_STEM_SUFFIX):
+        return True
+    return saved_cells_table(path).is_file() and batch_labels_beside(path) is None
+
+
 def is_labels_tiff(path) -> bool:
     """Whether ``path`` is a labels TIFF, not a smear: a 2-D integer image that the reader opens as labels -
     napari-wbc's (``x_labels.tif``; ``y.tif`` with its ``y_cells.csv`` beside, unless that table is the
@@ -267,10 +279,7 @@ def is_labels_tiff(path) -> bool:
             shape, dtype = series.shape, series.dtype
         if sum(n > 1 for n in shape) > 2 or np.dtype(dtype).kind not in "ui":
             return False
-        if path.stem.endswith(LABELS_STEM_SUFFIX) or (
-                saved_cells_table(path).is_file() and batch_labels_beside(path) is None):
-            return True
-        return looks_like_labels(read_image(path))
+        return named_as_labels(path) or looks_like_labels(read_image(path))
     except Exception:  # noqa: BLE001 - not readable here: not a labels file we can tell
         return False
 

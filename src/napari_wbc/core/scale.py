@@ -86,9 +86,22 @@ def _in_field(lum: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, bool]:
 def out_of_field(image: np.ndarray) -> np.ndarray | None:
     """Where an HxWx3 image lies outside the microscope's field (black vignetting, slide edges), on a
     grid of at most 640 px a side; None when the field is everywhere (the usual case)."""
+    return field_of_view(image)[0]
+
+
+def field_of_view(image: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``(out_of_field(image), shading(image))`` from one look at the image (one downsampling, one
+    luminance): what segment() and classify() both need before their networks run."""
     small = _downsample(image)[0]
-    _, _, lum, counts = _luminance(small)
+    _, top, lum, counts = _luminance(small)
     in_field, everywhere = _in_field(lum, counts)
+    light = None
+    if not (small.dtype.kind in "fi" and float(small.min()) < 0):  # no black level (z-scored): no light
+        gain = _gain(lum, top, in_field, everywhere)[0]  # to divide by
+        if gain is not None:
+            light = np.maximum(gain, np.float32(SHADING_FLOOR))
+            if not everywhere:
+                light[~in_field] = 1.0
     box = smear_box(small)
     if box is not None:  # a flat frame: not smear either
         y0, y1, x0, x1 = box
@@ -96,7 +109,7 @@ def out_of_field(image: np.ndarray) -> np.ndarray | None:
         frame[y0:y1, x0:x1] = False
         in_field &= ~frame
         everywhere = False
-    return None if everywhere else ~in_field
+    return (None if everywhere else ~in_field), light
 
 
 # Uneven illumination (a brightness gradient, vignetting): the background's brightness is modelled as a
@@ -317,18 +330,7 @@ def shading(image: np.ndarray) -> np.ndarray | None:
     :data:`SHADING_FLOOR`), on a grid of at most 640 px a side, where it is uneven - a soft-edged
     field of view, a brightness gradient, vignetting (:func:`_illumination`: >= 1.3x over the
     background) - else None (the usual case). Outside the field (:func:`out_of_field`) it is 1."""
-    small = _downsample(image)[0]
-    if small.dtype.kind in "fi" and float(small.min()) < 0:  # no black level (z-scored): not a light to divide by
-        return None
-    _, top, lum, counts = _luminance(small)
-    in_field, everywhere = _in_field(lum, counts)
-    gain = _gain(lum, top, in_field, everywhere)[0]
-    if gain is None:
-        return None
-    gain = np.maximum(gain, np.float32(SHADING_FLOOR))
-    if not everywhere:
-        gain[~in_field] = 1.0
-    return gain
+    return field_of_view(image)[1]
 
 
 def foreground(rgb_small: np.ndarray) -> np.ndarray:

@@ -149,31 +149,29 @@ def white_marks(darkest: np.ndarray) -> np.ndarray | None:
     if darkest.dtype == np.uint8:
         counts = np.bincount(darkest.ravel(), minlength=256)
         whitest = int(np.flatnonzero(counts)[-1])
-        first = int(np.ceil(WHITE_SPIKE * whitest))
+        first = int(np.ceil(WHITE_SPIKE * whitest))  # (darkest >= WHITE_SPIKE * whitest, on integers)
         n_white = int(counts[first:].sum())
-        rest = counts[:first]
         if whitest == 0 or not WHITE_SHARE[0] <= n_white / darkest.size <= WHITE_SHARE[1]:
             return None
-        bright_end = percentile_from_counts(rest, 99.5)
-    else:
-        whitest = float(darkest.max())
-        mark = darkest >= WHITE_SPIKE * whitest
-        n_white = int(mark.sum())
-        if whitest <= 0 or not WHITE_SHARE[0] <= n_white / darkest.size <= WHITE_SHARE[1]:
+        if percentile_from_counts(counts[:first], 99.5) >= WHITE_GAP * whitest:  # the smear's bright end
             return None
-        bright_end = float(np.percentile(darkest[~mark], 99.5))
-    if bright_end >= WHITE_GAP * whitest:
+        return darkest >= first
+    whitest = float(darkest.max())
+    mark = darkest >= WHITE_SPIKE * whitest
+    n_white = int(mark.sum())
+    if whitest <= 0 or not WHITE_SHARE[0] <= n_white / darkest.size <= WHITE_SHARE[1]:
         return None
-    return darkest >= WHITE_SPIKE * whitest
+    if float(np.percentile(darkest[~mark], 99.5)) >= WHITE_GAP * whitest:  # the smear's bright end
+        return None
+    return mark
 
 
-def unshade(window: np.ndarray, shading: np.ndarray, corner, shape) -> np.ndarray:
-    """``window`` (HxWx3, any dtype; its top-left pixel at ``corner`` of an image of ``shape``) divided
-    by the light's level there: ``shading`` (:func:`.scale.shading`, on any grid over the image),
-    interpolated bilinearly. Integers stay integers (rounded, clipped to the dtype), as the image
-    would have been under even light."""
+def light_window(shading: np.ndarray, corner, size, shape) -> np.ndarray:
+    """The light's level (float32, ``size`` = (h, w)) over the window whose top-left pixel is at
+    ``corner`` of an image of ``shape``: ``shading`` (:func:`.scale.shading`, on any grid over the
+    image) interpolated bilinearly."""
     gh, gw = shading.shape
-    h, w = window.shape[:2]
+    h, w = int(size[0]), int(size[1])
 
     def weights(start, n, total, grid):  # grid coordinates of pixel centres, clamped; lower index, fraction
         c = np.clip((np.arange(start, start + n) + 0.5) * grid / total - 0.5, 0, grid - 1)
@@ -191,6 +189,14 @@ def unshade(window: np.ndarray, shading: np.ndarray, corner, shape) -> np.ndarra
         g = g[:, ix] * (1 - fx)[None] + g[:, ix + 1] * fx[None]
     else:
         g = np.repeat(g, w, 1)
+    return g
+
+
+def unshade(window: np.ndarray, shading: np.ndarray, corner, shape) -> np.ndarray:
+    """``window`` (HxWx3, any dtype; its top-left pixel at ``corner`` of an image of ``shape``) divided
+    by the light's level there (:func:`light_window`). Integers stay integers (rounded, clipped to the
+    dtype), as the image would have been under even light."""
+    g = light_window(shading, corner, window.shape[:2], shape)
     out = window.astype(np.float32) / g[..., None]
     if window.dtype.kind in "ui":
         info = np.iinfo(window.dtype)
@@ -226,15 +232,13 @@ def grey_to_colour(rgb: np.ndarray, table: dict, rows: int = 512) -> np.ndarray:
     pixels at that level (``table``: a segmenter card's ``grey_colours``, made by
     benchmarks/grey_colours.py). HxWx3 uint8, band by band (no float copy of a large image)."""
     colours = np.asarray(table["colours"], np.float32)  # bins x 3, in stretched units (0..1)
-    bins = len(colours)
-    centres = (np.arange(bins, dtype=np.float32) + 0.5) / bins
+    centres = (np.arange(len(colours), dtype=np.float32) + 0.5) / len(colours)
     lo, hi = channel_ranges(rgb)[:, 1]  # (the channels are equal: the green one's, of the smear only)
-    lut_x = centres
     out = np.empty(rgb.shape[:2] + (3,), np.uint8)
     for y0 in range(0, rgb.shape[0], rows):
         q = (rgb[y0:y0 + rows, :, 1].astype(np.float32) - lo) / max(float(hi - lo), 1e-12)
         for c in range(3):
-            v = np.interp(q, lut_x, colours[:, c])
+            v = np.interp(q, centres, colours[:, c])
             out[y0:y0 + rows, :, c] = np.clip(np.rint(v * 255), 0, 255).astype(np.uint8)
     return out
 
@@ -605,7 +609,7 @@ def iter_segment(
     """
     from .device import resolve_device
     from .models import load_model
-    from .scale import estimate_diameter, out_of_field, shading
+    from .scale import estimate_diameter, field_of_view
 
     rgb = check_image(image)
     if diameter is not None:
@@ -629,8 +633,8 @@ def iter_segment(
     rgb = in_colour(rgb, card)  # a greyscale camera's image: in stained smears' colours
     if batch_size is None:
         batch_size = 8 if dev.type == "cuda" else 1
-    outside = out_of_field(rgb)
-    light = shading(rgb)  # uneven light (a gradient, vignetting, a soft field edge): evened out first
+    # outside the microscope's field; uneven light (a gradient, vignetting, a soft field edge): evened out
+    outside, light = field_of_view(rgb)
     ranges = channel_ranges(rgb, outside=outside, shading=light)
     estimated = diameter is None
     d = estimate_diameter(rgb) if estimated else diameter
