@@ -977,6 +977,12 @@ def test_labels_tiffs_among_the_inputs_are_left_out_and_said_so(tmp_path, tiny_m
     err = capsys.readouterr().err
     assert "left out 4 labels image(s)" in err and "painted.tif" in err and "a_labels.tif" in err
     assert sorted(pd.read_csv(out / "summary.csv")["path"].map(lambda p: Path(p).name)) == smears
+    # the Python API, without collect_images: a failed row that says so, nothing written
+    rows = batch.run_batch([inp / "painted.tif", inp / "a_labels.tif"], tmp_path / "api", batch.Settings(
+        model=str(tiny_models[0]), classifier=str(tiny_models[1]), device="cpu"))
+    assert [r["status"] for r in rows] == ["failed", "failed"]
+    assert all("is a labels image" in r["error"] and r["path"] in r["error"] for r in rows)
+    assert not list((tmp_path / "api").glob("*_labels.tif"))
 
 
 def test_an_input_added_beside_one_of_the_same_stem_leaves_the_earlier_outputs_their_name(tmp_path, tiny_models,

@@ -531,6 +531,9 @@ def process_one(path, out_dir, settings: Settings | None = None, name: str | Non
             )
         if path.is_file() and path.stat().st_size == 0:
             raise ImageReadError(f"{str(path)!r} is empty (0 bytes)")
+        if is_labels_tiff(path):  # callers of run_batch/process_one that did not go through collect_images
+            raise ImageReadError(f"{str(path)!r} is a labels image (napari-wbc's output or labels saved from "
+                                 "napari), not a smear; expected a smear image")
         if not settings.overwrite:  # before the work: another image's or hand-corrected outputs are kept
             check_replaceable(path, outs, marker)
         stamp = _source_stamp(path) if path.is_file() else None
