@@ -412,7 +412,7 @@ def window_tensor(windows):
 
 
 def augment_batch(wt, windows, idx, rng, *, size, background, dilation, strength=1.0, stain=0.0, stain_share=1.0,
-                  blur=(0.2, 1.0), noise=(0.3, 0.04), norm="percentiles"):
+                  blur=(0.2, 1.0), noise=(0.3, 0.04), norm="percentiles", wide_hue=0.0, grey=0.1):
     """Augmented inputs (B x 4 x size x size) for windows ``idx``: the geometric part on the batch in torch
     (any rotation, mirror, zoom +-15%, shift +-6%; sampled at 2x then 2x2-averaged, like the anti-aliased
     resize of inference), then per cell: stain/colour change, percentile normalisation from the changed
@@ -420,7 +420,8 @@ def augment_batch(wt, windows, idx, rng, *, size, background, dilation, strength
 
     ``stain``/``stain_share``: colour-deconvolution jitter (see colour_transform); ``blur``: (share of cells,
     largest Gaussian sigma in window pixels); ``noise``: (share of cells, largest noise sigma); ``norm``:
-    "percentiles" or "od" (napari_wbc.core.classify.od_parameters, from the same probe)."""
+    "percentiles" or "od" (napari_wbc.core.classify.od_parameters, from the same probe); ``wide_hue``: share
+    of cells whose hue turns by any angle; ``grey``: chance (times ``strength``) a cell is seen in grey."""
     import torch
     import torch.nn.functional as F
     from scipy import ndimage as ndi
@@ -444,7 +445,7 @@ def augment_batch(wt, windows, idx, rng, *, size, background, dilation, strength
     x = F.avg_pool2d(F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False), 2).numpy()
     out = np.empty((B, 4, size, size), np.float32)
     for b, i in enumerate(idx):
-        f = colour_transform(rng, strength, stain=stain, stain_share=stain_share)
+        f = colour_transform(rng, strength, stain=stain, stain_share=stain_share, wide_hue=wide_hue, grey=grey)
         rgb = f(np.moveaxis(x[b, :3], 0, -1).reshape(-1, 3)).reshape(size, size, 3)
         probe = f(windows[i]["probe"].astype(np.float32) / 255.0)
         if norm == "od":
@@ -563,6 +564,9 @@ def main(argv=None):
     ap.add_argument("--blur-max", type=float, default=1.0, help="largest blur sigma, in input pixels")
     ap.add_argument("--noise-share", type=float, default=0.3, help="share of cells given noise")
     ap.add_argument("--noise-max", type=float, default=0.04, help="largest noise sigma (normalised intensity)")
+    ap.add_argument("--wide-hue", type=float, default=0.0, help="share of cells whose hue turns by any angle")
+    ap.add_argument("--grey", type=float, default=0.1,
+                    help="chance (times --colour) that a cell is shown in grey, as a greyscale camera sees it")
     ap.add_argument("--norm", choices=["percentiles", "od"], default="percentiles",
                     help="input normalisation: per-channel percentiles, or optical density (white balance on the "
                          "background, one exponent bringing the darkest stain to a reference)")
@@ -636,7 +640,8 @@ def main(argv=None):
                                            dilation=dilation, strength=args.colour,
                                            stain=args.stain_jitter, stain_share=args.stain_share,
                                            blur=(args.blur_share, args.blur_max),
-                                           noise=(args.noise_share, args.noise_max), norm=args.norm)).to(dev)
+                                           noise=(args.noise_share, args.noise_max), norm=args.norm,
+                                           wide_hue=args.wide_hue, grey=args.grey)).to(dev)
         y = torch.from_numpy(targets[idx]).to(dev)
         loss = F.cross_entropy(net(x), y, label_smoothing=0.1)
         opt.zero_grad()
@@ -700,7 +705,8 @@ def main(argv=None):
             "augmentation": f"stain/colour (napari_wbc.core.train.colour_transform, strength {args.colour}), zoom +-15%, any rotation, "
                             f"mirror, shift +-6%, mask outline dilate/erode 1-2 px, stain jitter {args.stain_jitter} on "
                             f"{args.stain_share} of cells, blur sigma 0.3-{args.blur_max} px on {args.blur_share}, "
-                            f"noise up to {args.noise_max} on {args.noise_share}",
+                            f"noise up to {args.noise_max} on {args.noise_share}, any hue on {args.wide_hue}, grey "
+                            f"{args.grey} x strength",
             "basophil": f"only 2 training examples (Tecom 1, BCCD 1): drawn with share {args.basophil_share} "
                         "under full augmentation; basophil is a possible output but NOT validated (no "
                         "validation basophil exists)",
