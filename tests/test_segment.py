@@ -503,6 +503,106 @@ def test_a_cluster_is_read_as_one_cell_only_if_the_network_says_so(tiny, monkeyp
     assert labels.max() == 3
 
 
+def _cell_seen_too_large(red_cells: bool = False, touching: bool = False):
+    """An image at network scale (target 16 px) of one WBC 40 px across (pale cytoplasm, three dark
+    lobes) and the labels of a network that outlined one lobe only."""
+    yy, xx = np.mgrid[:64, :64]
+    img = np.full((64, 64, 3), 230, np.uint8)
+    img[(yy - 32) ** 2 + (xx - 32) ** 2 < 20**2] = (150, 125, 185)  # cytoplasm
+    small = np.zeros((64, 64), np.int32)
+    for i, (cy, cx) in enumerate(((24, 24), (24, 40), (40, 32))):
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 < 7**2
+        img[disc] = (90, 40, 140)
+        if i == 0:
+            small[disc] = 1
+    if red_cells:
+        for cy, cx in ((5, 5), (5, 58), (58, 5), (58, 58), (5, 32), (59, 32), (32, 4), (32, 59)):
+            img[(yy - cy) ** 2 + (xx - cx) ** 2 < 5**2] = (200, 120, 130)
+    if touching:  # a whole WBC found, with pale red cells touching it: no other dark parts beside it
+        img[:] = 230
+        for cy, cx in ((32, 12), (32, 52), (12, 32), (52, 32)):
+            img[(yy - cy) ** 2 + (xx - cx) ** 2 < 9**2] = (200, 120, 130)
+        cell = (yy - 32) ** 2 + (xx - 32) ** 2 < 12**2
+        img[cell] = (150, 125, 185)
+        img[(yy - 32) ** 2 + (xx - 32) ** 2 < 7**2] = (90, 40, 140)
+        small = cell.astype(np.int32)
+    return small, img
+
+
+def test_one_body_growth():
+    """One lobe found of a cell seen too large: the scale that makes the stained region one cell."""
+    small, img = _cell_seen_too_large()
+    g = S._one_body_growth(small, 16.0, img)
+    assert g is not None and S.BODY_GROWTH_MIN <= g <= S.CLUSTER_GROWTH[1]
+    assert g == pytest.approx(40 / 16, rel=0.15)
+    # red cells all around: the estimate had them to go by
+    lobe, crowded = _cell_seen_too_large(red_cells=True)
+    assert S._one_body_growth(lobe, 16.0, crowded) is None
+    # the whole cell found: nothing is missing
+    yy, xx = np.mgrid[:64, :64]
+    whole = ((yy - 32) ** 2 + (xx - 32) ** 2 < 20**2).astype(np.int32)
+    assert S._one_body_growth(whole, 16.0, img) is None
+    # a whole WBC with paler red cells touching it: its region is larger, but holds no more nucleus
+    small, img = _cell_seen_too_large(touching=True)
+    assert S._one_body_growth(small, 16.0, img) is None
+    # two cells are the cluster check's
+    two = small.copy()
+    two[:4, :4] = 2
+    assert S._one_body_growth(two, 16.0, img) is None
+
+
+def test_a_dim_edge_beside_a_whole_cell_is_not_more_nucleus():
+    """Under uneven light (a soft field edge) the dim smear beside a whole cell is as dark as its
+    nucleus; the check looks at the image under even light, as the network does."""
+    small, img = _cell_seen_too_large(touching=True)
+    img[:] = 230
+    yy, xx = np.mgrid[:64, :64]
+    img[(yy - 32) ** 2 + (xx - 32) ** 2 < 12**2] = (150, 125, 185)
+    img[(yy - 32) ** 2 + (xx - 32) ** 2 < 7**2] = (90, 40, 140)
+    light = np.ones((64, 64), np.float32)
+    light[20:44, 44:58] = 0.15  # a dim patch touching the cell
+    dimmed = np.round(img * S.light_window(light, (0, 0), (64, 64), (64, 64))[..., None]).astype(np.uint8)
+    assert S._one_body_growth(small, 16.0, dimmed) is not None  # read as more nucleus
+    assert S._one_body_growth(small, 16.0, dimmed, shading=light) is None
+
+
+def test_a_part_is_read_as_the_whole_cell_only_if_the_network_finds_it_grown(tiny, monkeypatch):
+    part, _ = _cell_seen_too_large()
+
+    def run(second):
+        calls = []
+
+        def fake(fg, dist, min_area):
+            calls.append(fg.shape)
+            if len(calls) == 2:  # the pass at the region's scale
+                return second(fg.shape)
+            return S._resize(part, fg.shape, order=0)
+
+        monkeypatch.setattr(S, "instances_from_maps", fake)
+        monkeypatch.setattr(S, "_one_cluster_growth", lambda small, target, x: None)
+        monkeypatch.setattr(S, "_one_body_growth", lambda small, target, x, shading=None, outside=None: 2.0)
+        items = list(S.iter_segment(_discs(), model=tiny, device="cpu", refine=True))
+        return [it[1] for it in items if it[0] == "diameter"], items[-1][1]
+
+    def centred(r):  # one disc of radius r (share of the side) around the lobe's place
+        def make(shape):
+            yy, xx = np.mgrid[: shape[0], : shape[1]]
+            cy, cx = 24 / 64 * shape[0], 24 / 64 * shape[1]
+            return (((yy - cy) / shape[0]) ** 2 + ((xx - cx) / shape[1]) ** 2 < r**2).astype(np.int32)
+        return make
+
+    ds, labels = run(centred(0.3))  # the whole cell: far larger than the lobe, holding it
+    assert ds[1] == pytest.approx(ds[0] * 2.0) and labels.max() == 1
+    grown = (labels > 0).mean()
+    # the same part seen coarser (not grown): the first reading is kept, at its own diameter
+    ds, labels = run(centred(0.11))
+    assert ds[1] == pytest.approx(ds[0] * 2.0) and ds[2] == pytest.approx(ds[0])
+    assert labels.max() == 1 and (labels > 0).mean() < grown / 3
+    # nothing at the larger scale: the first reading too
+    ds, labels = run(lambda shape: np.zeros(shape, np.int32))
+    assert ds[2] == pytest.approx(ds[0]) and labels.max() == 1
+
+
 def test_cpu_segmenter_runs_traced_and_equals_the_eager_network(tiny, monkeypatch):
     """On CPU the segmenter runs through a frozen trace: same outputs at any size and batch; off with NAPARI_WBC_JIT=0."""
     import torch

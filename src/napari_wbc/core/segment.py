@@ -41,6 +41,15 @@ MIN_DIAMETER_ARG = 4.0  # px; a given diameter below this would blow the image u
 # red cells to go by: look once more at the scale that makes the cluster one cell, keep that if it is one
 CLUSTER_GROWTH = (1.3, 2.5)
 RED_CELL_SHARE = 0.25
+# ... and when one cell was found covering under BODY_SHARE of the stained region it lies in, with more
+# nucleus-dark pixels beside it (a lobe of a cell seen too large), look at the scale that makes the region
+# one cell (growth BODY_GROWTH_MIN to CLUSTER_GROWTH[1]); keep that if it finds one cell BODY_GAIN times
+# the first's area
+BODY_SHARE = 0.7
+BODY_GROWTH_MIN = 1.2
+BODY_GAIN = 1.5
+DARK_OUTSIDE = 0.25  # as dark as the cell's darkest 30 %, outside it in its region: this share of those inside
+SEEN_KEPT = 1 << 22  # px; the image as the network saw it is kept for these checks up to this size (12 MB)
 # a "cell" lying mostly (over this share of its pixels) outside the microscope's field (black
 # vignetting, slide edges: see scale.out_of_field) is dropped
 OUT_OF_FIELD_SHARE = 0.5
@@ -544,7 +553,7 @@ def drop_out_of_field(small: np.ndarray, outside: np.ndarray | None) -> np.ndarr
     return small if keep[1:].all() else _renumber(small, keep)
 
 
-def _one_cluster_growth(small: np.ndarray, target: float, rgb: np.ndarray) -> float | None:
+def _one_cluster_growth(small: np.ndarray, target: float, x: np.ndarray) -> float | None:
     """The scale factor that would make all cells found one cell, when that reading is plausible.
 
     On a tight crop of one large cell whose stain the red-cell estimate misreads (it then measures
@@ -574,9 +583,65 @@ def _one_cluster_growth(small: np.ndarray, target: float, rgb: np.ndarray) -> fl
     g = float(np.sqrt(4 * convex_hull_image(cells).sum() / np.pi)) / target
     if not CLUSTER_GROWTH[0] <= g <= CLUSTER_GROWTH[1]:
         return None
-    objects = foreground(_resize_image(rgb, small.shape))  # the image at network scale
+    objects = foreground(_resize_image(x, small.shape))  # x: the image at network scale (as it came)
     n = int(objects.sum())
     others = (n - int((objects[win] & near).sum())) / max(n, 1)
+    return g if others < RED_CELL_SHARE else None
+
+
+def _one_body_growth(small: np.ndarray, target: float, x: np.ndarray, shading: np.ndarray | None = None,
+                     outside: np.ndarray | None = None) -> float | None:
+    """The scale factor that would make one cell found the whole stained body it lies in, when plausible.
+
+    On a tight crop of one cell seen too large, the network can outline a single part of it (a nuclear
+    lobe, the nucleus without its pale cytoplasm) at about the working size, so the size check passes it.
+    When exactly one cell was found, it covers under BODY_SHARE of the stained region it lies in, that
+    region holds beside it as many pixels as dark as the cell's darkest (DARK_OUTSIDE of their number:
+    more nucleus), and the image has hardly any other cells outside the region, return the region's
+    size over the target size (from BODY_GROWTH_MIN up to CLUSTER_GROWTH[1]); else None. The caller
+    keeps the new scale only if it then finds one cell that has grown over the first
+    (:func:`_one_cell_grew`). ``x``: the image at network scale; ``shading``, ``outside``: the light
+    (evened first: a dim edge is not nucleus) and what lies outside the field (left out), as for the network.
+    """
+    from scipy import ndimage as ndi
+    from skimage.morphology import convex_hull_image
+
+    from .scale import foreground
+
+    if small.max() != 1:
+        return None
+    cell = small > 0
+    x = _resize_image(x, small.shape)  # the image at network scale (as it came)
+    if shading is not None:
+        x = unshade_image(x, shading)
+    # beside the cell (within one working diameter of its box) and in its region there must be more of
+    # what is darkest in the cell (other lobes of its nucleus), not only paler red cells touching it (a
+    # whole WBC in a crowded smear); looked at first without the region, which costs more
+    dark = np.minimum(np.minimum(x[..., 0], x[..., 1]), x[..., 2])
+    t = np.percentile(dark[cell], 30)
+    enough = DARK_OUTSIDE * int((dark[cell] <= t).sum())
+    rows, cols = np.flatnonzero(cell.any(axis=1)), np.flatnonzero(cell.any(axis=0))
+    r = int(np.ceil(target))
+    near = np.s_[max(rows[0] - r, 0) : rows[-1] + r + 1, max(cols[0] - r, 0) : cols[-1] + r + 1]
+    dark_out = (dark <= t) & ~cell
+    if outside is not None:
+        out = nearest_mask(outside, small.shape)
+        dark_out &= ~out
+    dark_out = dark_out[near]
+    if int(dark_out.sum()) < enough:
+        return None
+    objects = foreground(x)
+    if outside is not None:
+        objects &= ~out
+    regions, _ = ndi.label(objects | cell)
+    ids = np.unique(regions[cell])
+    body = np.isin(regions, ids[ids > 0])
+    if cell.sum() >= BODY_SHARE * body.sum() or int((dark_out & body[near]).sum()) < enough:
+        return None
+    g = float(np.sqrt(4 * convex_hull_image(body).sum() / np.pi)) / target
+    if not BODY_GROWTH_MIN <= g <= CLUSTER_GROWTH[1]:
+        return None
+    others = int((objects & ~body).sum()) / max(int(objects.sum()), 1)
     return g if others < RED_CELL_SHARE else None
 
 
@@ -587,6 +652,16 @@ def _one_cell_covers(small: np.ndarray, before: np.ndarray) -> bool:
     a_now = (small > 0).sum() / small.size
     a_before = (before > 0).sum() / before.size
     return a_now >= 0.7 * a_before
+
+
+def _one_cell_grew(small: np.ndarray, before: np.ndarray) -> bool:
+    """Whether ``small`` is one cell that holds the one cell of ``before`` and is BODY_GAIN times its area
+    (as image shares): what was a part has become the cell, not the same cell seen coarser."""
+    if small.max() != 1:
+        return False
+    now = nearest_mask(small > 0, before.shape)
+    was = before > 0
+    return now.sum() >= BODY_GAIN * was.sum() and (now & was).sum() >= 0.8 * was.sum()
 
 
 def iter_segment(
@@ -640,15 +715,16 @@ def iter_segment(
     d = estimate_diameter(rgb) if estimated else diameter
     H, W = rgb.shape[:2]
     passes_left, fallbacks = REFINE_PASSES, list(FALLBACK_FACTORS)
-    cluster_check, cluster_first = True, None  # cluster_first: set aside while a cluster is tested
+    cluster_check, cluster_first, cluster_part = True, None, False  # cluster_first: set aside while tested
     while True:
         yield ("diameter", d)
         s = target / d
         h, w = max(int(round(H * s)), 8), max(int(round(W * s)), 8)
         x = _resize_image(rgb, (h, w))  # normalised window by window: uint8 stays uint8 at this size
+        seen = x if h * w <= SEEN_KEPT else None  # for the checks below (as it is), not resized again
         if outside is not None:  # shown as background, as tiles see beyond the image's edge: a black
             # frame or round field of view in the network's view lost most cells (F1 0.00-0.25 on BCCD)
-            x = x if x.flags.writeable and x is not rgb else x.copy()
+            x = x if x.flags.writeable and x is not rgb and x is not seen else x.copy()
             x[nearest_mask(outside, (h, w))] = np.asarray(ranges[1]).astype(x.dtype)
         fg = dist = None
         for item in iter_probabilities(x, net, dev, tile=tile, batch_size=batch_size, ranges=ranges, shading=light):
@@ -662,8 +738,8 @@ def iter_segment(
         small = drop_out_of_field(instances_from_maps(fg, dist, min_area), outside)
         if not (estimated and refine):
             break
-        if cluster_first is not None:  # this pass tested the one-cell reading of a cluster
-            if _one_cell_covers(small, cluster_first[1]):
+        if cluster_first is not None:  # this pass tested the one-cell reading of a cluster (or a part)
+            if (_one_cell_grew if cluster_part else _one_cell_covers)(small, cluster_first[1]):
                 break
             d, small, fg = cluster_first  # it was not one cell: back to the first reading
             cluster_first = None
@@ -673,7 +749,12 @@ def iter_segment(
         nothing = small.max() == 0
         if cluster_check and not nothing:  # once, on the first pass that found cells
             cluster_check = False
-            grow = _one_cluster_growth(small, target, rgb)
+            view = seen if seen is not None else _resize_image(rgb, small.shape)
+            grow = _one_cluster_growth(small, target, view)
+            cluster_part = grow is None
+            if cluster_part:
+                grow = _one_body_growth(small, target, view, light, outside)
+            del view
             if grow is not None:
                 cluster_first = (d, small, fg)
                 d = float(np.clip(d * grow, *DIAMETER_LIMITS))
