@@ -200,6 +200,29 @@ def typing_items():
 REVIEW_BELOW = 0.6  # confidence under which a call is counted as "flagged for review" (set before any run)
 
 
+def matching_cell(labels, mask=None, box=None, threshold=0.5):
+    """The label id of ``labels`` that best matches the true cell (its boolean ``mask``, else its
+    ``box``) at IoU >= ``threshold``, or None."""
+    from napari_wbc.core.metrics import box_iou, label_boxes
+
+    best, best_iou = None, threshold
+    if labels.max() == 0:
+        return None
+    if mask is not None:
+        for i in np.unique(labels[mask]):
+            if i:
+                c = labels == i
+                iou = (c & mask).sum() / (c | mask).sum()
+                if iou >= best_iou:
+                    best, best_iou = int(i), iou
+        return best
+    for i, b in enumerate(label_boxes(labels), start=1):
+        iou = box_iou(box, b)
+        if iou >= best_iou:
+            best, best_iou = i, iou
+    return best
+
+
 def evaluate_types(cond, seg_model, cls_model, items, seed=0):
     """End to end (segment, then classify) cell typing: the class of the cell matching the true one.
 
@@ -207,7 +230,6 @@ def evaluate_types(cond, seg_model, cls_model, items, seed=0):
     Returns balanced accuracy over the four common classes, per source and together.
     """
     from napari_wbc import classify, segment
-    from napari_wbc.core.metrics import box_iou, label_boxes
 
     common = ["neutrophil", "lymphocyte", "monocyte", "eosinophil"]
     rng = np.random.default_rng(seed)
@@ -216,21 +238,10 @@ def evaluate_types(cond, seg_model, cls_model, items, seed=0):
         d = B.known_diameter(mask.astype(np.int32)) if mask is not None else (box[2] - box[0] + box[3] - box[1]) / 2
         img, f = cond(rgb, d, rng)
         labels = segment(img, model=seg_model, device="cpu")
-        best, best_iou = None, 0.5
-        if labels.max() > 0:
-            if mask is not None:
-                m = _scale_labels(mask.astype(np.int32), img.shape[:2]) > 0
-                for i in np.unique(labels[m]):
-                    if i:
-                        c = labels == i
-                        iou = (c & m).sum() / (c | m).sum()
-                        if iou >= best_iou:
-                            best, best_iou = int(i), iou
-            else:
-                for i, b in enumerate(label_boxes(labels), start=1):
-                    iou = box_iou(tuple(v * f for v in box), b)
-                    if iou >= best_iou:
-                        best, best_iou = i, iou
+        if mask is not None:
+            best = matching_cell(labels, mask=_scale_labels(mask.astype(np.int32), img.shape[:2]) > 0)
+        else:
+            best = matching_cell(labels, box=tuple(v * f for v in box))
         p, cf = "missed", np.nan
         if best is not None:
             t = classify(img, labels, model=cls_model, device="cpu", ids=[best])

@@ -116,7 +116,6 @@ def run_types(margin, model, classifier):
     import robustness as R
 
     from napari_wbc import classify, segment
-    from napari_wbc.core.metrics import box_iou
 
     common = ["neutrophil", "lymphocyte", "monocyte", "eosinophil"]
     truth, pred = [], []
@@ -129,20 +128,10 @@ def run_types(margin, model, classifier):
         y0, x0, y1, x1 = crop_around(rgb.shape, box, margin)
         img = rgb[y0:y1, x0:x1]
         labels = segment(img, model=model, device="cpu")
-        best, best_iou = None, 0.5
         if mask is not None:
-            m = mask[y0:y1, x0:x1]
-            for i in np.unique(labels[m]):
-                if i:
-                    c = labels == i
-                    iou = (c & m).sum() / (c | m).sum()
-                    if iou >= best_iou:
-                        best, best_iou = int(i), iou
+            best = R.matching_cell(labels, mask=mask[y0:y1, x0:x1])
         else:
-            b = (box[0] - y0, box[1] - x0, box[2] - y0, box[3] - x0)
-            for i, lb in enumerate(label_boxes(labels), start=1):
-                if lb is not None and box_iou(b, lb) >= best_iou:
-                    best, best_iou = i, box_iou(b, lb)
+            best = R.matching_cell(labels, box=(box[0] - y0, box[1] - x0, box[2] - y0, box[3] - x0))
         p = "missed"
         if best is not None:
             p = str(classify(img, labels, model=classifier, device="cpu", ids=[best])["cell_type"].iloc[0])

@@ -473,22 +473,30 @@ def test_one_cluster_growth():
     assert S._one_cluster_growth((small == 1).astype(np.int32), 16.0, img) is None
 
 
+def _two_readings(tiny, monkeypatch, first, second, cluster=None, body=None):
+    """Run iter_segment (diameter estimated) with the network's cells ``first`` at the first scale and
+    ``second(shape)`` at the scale the cluster (or one-cell) check asks for, the checks' growth given;
+    return the diameters passed and the labels."""
+    calls = []
+
+    def fake(fg, dist, min_area):
+        calls.append(fg.shape)
+        if len(calls) == 2:  # the pass at the checked scale
+            return second(fg.shape)
+        return S._resize(first, fg.shape, order=0)
+
+    monkeypatch.setattr(S, "instances_from_maps", fake)
+    monkeypatch.setattr(S, "_one_cluster_growth", lambda small, target, x: cluster)
+    monkeypatch.setattr(S, "_one_body_growth", lambda small, target, x, shading=None, outside=None: body)
+    items = list(S.iter_segment(_discs(), model=tiny, device="cpu", refine=True))
+    return [it[1] for it in items if it[0] == "diameter"], items[-1][1]
+
+
 def test_a_cluster_is_read_as_one_cell_only_if_the_network_says_so(tiny, monkeypatch):
     lobes, _ = _lobes(red_cells=False)
 
     def run(second):
-        calls = []
-
-        def fake(fg, dist, min_area):
-            calls.append(fg.shape)
-            if len(calls) == 2:  # the pass at the cluster's scale
-                return second(fg.shape)
-            return S._resize(lobes, fg.shape, order=0)
-
-        monkeypatch.setattr(S, "instances_from_maps", fake)
-        monkeypatch.setattr(S, "_one_cluster_growth", lambda small, target, x: 1.8)
-        items = list(S.iter_segment(_discs(), model=tiny, device="cpu", refine=True))
-        return [it[1] for it in items if it[0] == "diameter"], items[-1][1]
+        return _two_readings(tiny, monkeypatch, lobes, second, cluster=1.8)
 
     def one_cell(shape):
         out = np.zeros(shape, np.int32)
@@ -570,19 +578,7 @@ def test_a_part_is_read_as_the_whole_cell_only_if_the_network_finds_it_grown(tin
     part, _ = _cell_seen_too_large()
 
     def run(second):
-        calls = []
-
-        def fake(fg, dist, min_area):
-            calls.append(fg.shape)
-            if len(calls) == 2:  # the pass at the region's scale
-                return second(fg.shape)
-            return S._resize(part, fg.shape, order=0)
-
-        monkeypatch.setattr(S, "instances_from_maps", fake)
-        monkeypatch.setattr(S, "_one_cluster_growth", lambda small, target, x: None)
-        monkeypatch.setattr(S, "_one_body_growth", lambda small, target, x, shading=None, outside=None: 2.0)
-        items = list(S.iter_segment(_discs(), model=tiny, device="cpu", refine=True))
-        return [it[1] for it in items if it[0] == "diameter"], items[-1][1]
+        return _two_readings(tiny, monkeypatch, part, second, body=2.0)
 
     def centred(r):  # one disc of radius r (share of the side) around the lobe's place
         def make(shape):
