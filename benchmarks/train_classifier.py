@@ -411,8 +411,23 @@ def window_tensor(windows):
     return torch.from_numpy(np.ascontiguousarray(np.moveaxis(arr, -1, 1)))
 
 
+def crop_probe(w, rng, margins=(0.03, 0.5), n=4096):
+    """Pixels (n x 3 uint8) of the cached window ``w`` inside a square around its cell with a random margin
+    (a share of the cell's larger side, in ``margins``): what the normalisation sees on a crop of one
+    cell. None when too little is left."""
+    cm = w["cmask"] > 0.5
+    ys, xs = np.nonzero(cm)
+    if len(ys) == 0:
+        return None
+    pad = rng.uniform(*margins) * max(np.ptp(ys) + 1, np.ptp(xs) + 1)
+    y0, y1 = max(int(ys.min() - pad), 0), int(ys.max() + 1 + pad)
+    x0, x1 = max(int(xs.min() - pad), 0), int(xs.max() + 1 + pad)
+    px = w["win"][y0:y1, x0:x1][~w["outside"][y0:y1, x0:x1]]
+    return px[rng.integers(0, len(px), n)] if len(px) >= 100 else None
+
+
 def augment_batch(wt, windows, idx, rng, *, size, background, dilation, strength=1.0, stain=0.0, stain_share=1.0,
-                  blur=(0.2, 1.0), noise=(0.3, 0.04), norm="percentiles", wide_hue=0.0, grey=0.1):
+                  blur=(0.2, 1.0), noise=(0.3, 0.04), norm="percentiles", wide_hue=0.0, grey=0.1, crop=0.0):
     """Augmented inputs (B x 4 x size x size) for windows ``idx``: the geometric part on the batch in torch
     (any rotation, mirror, zoom +-15%, shift +-6%; sampled at 2x then 2x2-averaged, like the anti-aliased
     resize of inference), then per cell: stain/colour change, percentile normalisation from the changed
@@ -421,7 +436,8 @@ def augment_batch(wt, windows, idx, rng, *, size, background, dilation, strength
     ``stain``/``stain_share``: colour-deconvolution jitter (see colour_transform); ``blur``: (share of cells,
     largest Gaussian sigma in window pixels); ``noise``: (share of cells, largest noise sigma); ``norm``:
     "percentiles" or "od" (napari_wbc.core.classify.od_parameters, from the same probe); ``wide_hue``: share
-    of cells whose hue turns by any angle; ``grey``: chance (times ``strength``) a cell is seen in grey."""
+    of cells whose hue turns by any angle; ``grey``: chance (times ``strength``) a cell is seen in grey;
+    ``crop``: share of cells normalised as on a crop of one cell (:func:`crop_probe`), not the whole image."""
     import torch
     import torch.nn.functional as F
     from scipy import ndimage as ndi
@@ -447,7 +463,11 @@ def augment_batch(wt, windows, idx, rng, *, size, background, dilation, strength
     for b, i in enumerate(idx):
         f = colour_transform(rng, strength, stain=stain, stain_share=stain_share, wide_hue=wide_hue, grey=grey)
         rgb = f(np.moveaxis(x[b, :3], 0, -1).reshape(-1, 3)).reshape(size, size, 3)
-        probe = f(windows[i]["probe"].astype(np.float32) / 255.0)
+        probe = windows[i]["probe"]
+        if crop > 0 and rng.random() < crop:
+            cut = crop_probe(windows[i], rng)
+            probe = probe if cut is None else cut
+        probe = f(probe.astype(np.float32) / 255.0)
         if norm == "od":
             rgbn = C.od_normalise(rgb, *C.od_parameters(probe))
         else:
@@ -567,6 +587,9 @@ def main(argv=None):
     ap.add_argument("--wide-hue", type=float, default=0.0, help="share of cells whose hue turns by any angle")
     ap.add_argument("--grey", type=float, default=0.1,
                     help="chance (times --colour) that a cell is shown in grey, as a greyscale camera sees it")
+    ap.add_argument("--crop-probe", type=float, default=0.0,
+                    help="share of cells normalised as on a single-cell crop (percentiles of the pixels within a "
+                         "random 3-50 %% margin around the cell, not of the whole image)")
     ap.add_argument("--norm", choices=["percentiles", "od"], default="percentiles",
                     help="input normalisation: per-channel percentiles, or optical density (white balance on the "
                          "background, one exponent bringing the darkest stain to a reference)")
@@ -641,7 +664,7 @@ def main(argv=None):
                                            stain=args.stain_jitter, stain_share=args.stain_share,
                                            blur=(args.blur_share, args.blur_max),
                                            noise=(args.noise_share, args.noise_max), norm=args.norm,
-                                           wide_hue=args.wide_hue, grey=args.grey)).to(dev)
+                                           wide_hue=args.wide_hue, grey=args.grey, crop=args.crop_probe)).to(dev)
         y = torch.from_numpy(targets[idx]).to(dev)
         loss = F.cross_entropy(net(x), y, label_smoothing=0.1)
         opt.zero_grad()
@@ -706,7 +729,7 @@ def main(argv=None):
                             f"mirror, shift +-6%, mask outline dilate/erode 1-2 px, stain jitter {args.stain_jitter} on "
                             f"{args.stain_share} of cells, blur sigma 0.3-{args.blur_max} px on {args.blur_share}, "
                             f"noise up to {args.noise_max} on {args.noise_share}, any hue on {args.wide_hue}, grey "
-                            f"{args.grey} x strength",
+                            f"{args.grey} x strength, normalised as a single-cell crop on {args.crop_probe}",
             "basophil": f"only 2 training examples (Tecom 1, BCCD 1): drawn with share {args.basophil_share} "
                         "under full augmentation; basophil is a possible output but NOT validated (no "
                         "validation basophil exists)",
