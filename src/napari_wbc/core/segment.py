@@ -617,7 +617,7 @@ def _one_body_growth(small: np.ndarray, target: float, x: np.ndarray, shading: n
     # beside the cell (within one working diameter of its box) and in its region there must be more of
     # what is darkest in the cell (other lobes of its nucleus), not only paler red cells touching it (a
     # whole WBC in a crowded smear); looked at first without the region, which costs more
-    dark = x[..., 0].astype(np.float32) + x[..., 1] + x[..., 2]  # brightness: a colour cast moves it little
+    dark = np.minimum(np.minimum(x[..., 0], x[..., 1]), x[..., 2])
     t = np.percentile(dark[cell], 30)
     enough = DARK_OUTSIDE * int((dark[cell] <= t).sum())
     rows, cols = np.flatnonzero(cell.any(axis=1)), np.flatnonzero(cell.any(axis=0))
