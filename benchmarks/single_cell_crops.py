@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import robustness as R  # noqa: E402
 import wbc_data  # noqa: E402
 
 from napari_wbc.core.metrics import label_boxes, match_boxes, match_instances, summarise  # noqa: E402
@@ -44,12 +45,6 @@ def resized(rgb, factor):
     out = resize(rgb, (max(1, round(rgb.shape[0] * factor)), max(1, round(rgb.shape[1] * factor))),
                  order=1, anti_aliasing=factor < 1, preserve_range=True)
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
-
-
-def resized_labels(lab, shape):
-    from skimage.transform import resize
-
-    return resize(lab, shape, order=0, anti_aliasing=False, preserve_range=True).astype(np.int32)
 
 
 def bccd_crops(margin):
@@ -82,9 +77,20 @@ def tecom_crops(margin):
         yield rgb[y0:y1, x0:x1], lab[y0:y1, x0:x1], ((box[2] - box[0]) + (box[3] - box[1])) / 2
 
 
+def segment_estimated(img, model):
+    """segment() with the diameter estimated, and that first estimate (one run, not estimated again)."""
+    from napari_wbc.core.segment import iter_segment
+
+    first = None
+    for item in iter_segment(img, model=model, device="cpu"):
+        if item[0] == "diameter" and first is None:
+            first = float(item[1])
+        elif item[0] == "labels":
+            return item[1], first
+
+
 def run(margin, size, model):
     from napari_wbc import segment
-    from napari_wbc.core.scale import estimate_diameter
 
     out = {}
     res_auto, res_known, ratios = [], [], []
@@ -92,17 +98,19 @@ def run(margin, size, model):
         f = 1.0 if size is None else size / d
         img = resized(crop, f)
         bx = [tuple(v * f for v in b) for b in boxes]
-        ratios.append(estimate_diameter(img) / (d * f))
-        res_auto.append(match_boxes(bx, label_boxes(segment(img, model=model, device="cpu"))))
+        labels, est = segment_estimated(img, model)
+        ratios.append(est / (d * f))
+        res_auto.append(match_boxes(bx, label_boxes(labels)))
         res_known.append(match_boxes(bx, label_boxes(segment(img, model=model, device="cpu", diameter=d * f))))
     out["BCCD"] = (summarise(res_auto), summarise(res_known), np.percentile(ratios, [10, 50, 90]))
     res_auto, res_known, ratios = [], [], []
     for crop, lab, d in tecom_crops(margin):
         f = 1.0 if size is None else size / d
         img = resized(crop, f)
-        lab = resized_labels(lab, img.shape[:2])
-        ratios.append(estimate_diameter(img) / (d * f))
-        res_auto.append(match_instances(lab, segment(img, model=model, device="cpu")))
+        lab = R._scale_labels(lab, img.shape[:2])
+        labels, est = segment_estimated(img, model)
+        ratios.append(est / (d * f))
+        res_auto.append(match_instances(lab, labels))
         res_known.append(match_instances(lab, segment(img, model=model, device="cpu", diameter=d * f)))
     out["Tecom"] = (summarise(res_auto), summarise(res_known), np.percentile(ratios, [10, 50, 90]))
     return out
@@ -113,8 +121,6 @@ def run_types(margin, model, classifier):
     Tecom crops, 130 held-out BCCD cells): segment(), the cell matching the true one (mask or box IoU >=
     0.5), classify(); a cell without a match counts as wrong. Balanced accuracy over the four common
     classes, and the number missed."""
-    import robustness as R
-
     from napari_wbc import classify, segment
 
     common = ["neutrophil", "lymphocyte", "monocyte", "eosinophil"]

@@ -721,7 +721,7 @@ def iter_segment(
         s = target / d
         h, w = max(int(round(H * s)), 8), max(int(round(W * s)), 8)
         x = _resize_image(rgb, (h, w))  # normalised window by window: uint8 stays uint8 at this size
-        seen = x if h * w <= SEEN_KEPT else None  # for the checks below (as it is), not resized again
+        seen = x if cluster_check and h * w <= SEEN_KEPT else None  # for the checks below (as it is)
         if outside is not None:  # shown as background, as tiles see beyond the image's edge: a black
             # frame or round field of view in the network's view lost most cells (F1 0.00-0.25 on BCCD)
             x = x if x.flags.writeable and x is not rgb and x is not seen else x.copy()
