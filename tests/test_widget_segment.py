@@ -83,9 +83,20 @@ def test_segment_adds_labels_layer(qtbot, seg, tiny_segmenter):
     assert meta["image_layer"] == "smear"
     assert meta["model"] == str(tiny_segmenter)
     assert meta["diameter"] == 16
+    assert widget.status.text().endswith("(WBC diameter 16 px, as set)")  # the scale used, to be checked
     assert widget.buttons.run.isEnabled()
     assert len(ids) and lab.selected_label == ids.max() + 1  # painting a missed cell makes a new one
     assert lab.contour == 1  # outlines (diameter 16 px): the cells' morphology stays visible
+
+
+def test_the_status_says_the_estimated_diameter_it_used(qtbot, seg):
+    viewer, widget, _ = seg
+    widget.set_diameter(None)
+    run(qtbot, widget)
+    (lab,) = wbc_labels(viewer)
+    used = lab.metadata["napari_wbc"]["diameter"]
+    assert used is not None and used != 16
+    assert widget.status.text().endswith(f"(WBC diameter {used:.0f} px, estimated)")
 
 
 def test_painting_after_segmenting_adds_a_new_cell(qtbot, seg):

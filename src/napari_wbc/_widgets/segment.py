@@ -199,7 +199,7 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
         diameter = None if self.auto_diameter.isChecked() else float(self.diameter.value())
         self._cancelled = False
         self._job = {"image": layer.name, "transform": plane_transform(layer), "model": str(model),
-                     "layer": weakref.ref(layer), "image_id": layer_id(layer)}
+                     "layer": weakref.ref(layer), "image_id": layer_id(layer), "estimated": diameter is None}
         self.buttons.set_busy(True)
         self.progress.setRange(0, 0)
         self.progress.setFormat("starting...")
@@ -284,7 +284,10 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
             return
         n = int(len(layer.features))
         # when segmented: corrections change the count after this (Classify shows the current one)
-        self.status.setText(f"segmented: {n} WBC{'s' if n != 1 else ''} found in {job['image']} -> {layer.name!r}")
+        # the scale it was read at, so that a wrong estimate (a thick smear, say) can be seen and set by hand
+        used = "" if diameter is None else (
+            f" (WBC diameter {float(diameter):.0f} px, {'estimated' if job.get('estimated') else 'as set'})")
+        self.status.setText(f"segmented: {n} WBC{'s' if n != 1 else ''} found in {job['image']} -> {layer.name!r}{used}")
         show_info(f"Segment WBCs: {n} white blood cell{'s' if n != 1 else ''} found in {job['image']!r}")
 
     def _on_error(self, exc) -> None:
