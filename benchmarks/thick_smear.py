@@ -10,7 +10,7 @@ multiply). The WBCs stay where they were, alone, and the red cells about double 
 overlapping. Each condition is scored like ``robustness.py`` on the held-out images with red cells
 (SigTuple validation patches + the validation smear: matched-cell Dice and F1; BCCD odd images: WBC
 detection F1 at box IoU >= 0.5), with the diameter estimated (as a user runs it) and known, and the
-red-cell scale estimate's error: ``estimate_diameter`` over the true WBC diameter (median and 90th
+red-cell scale estimate's error: the first estimate segment() makes over the true WBC diameter (median and 90th
 percentile over images; the true one from the masks or boxes). Tecom's crops are left out: one cell
 fills them, with hardly any red cells to layer.
 """
@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import robustness as R  # noqa: E402
 import segmentation as B  # noqa: E402
 import wbc_data  # noqa: E402
+from single_cell_crops import segment_estimated  # noqa: E402
 
 from napari_wbc.core.metrics import label_boxes, match_boxes, match_instances, summarise  # noqa: E402
 
@@ -57,7 +58,6 @@ def box_mask(shape, boxes) -> np.ndarray:
 
 def evaluate(layers: int, model, sig, bccd, seed: int = 0) -> dict:
     from napari_wbc import segment
-    from napari_wbc.core.scale import estimate_diameter
 
     rng = np.random.default_rng(seed)
     out = {}
@@ -65,16 +65,18 @@ def evaluate(layers: int, model, sig, bccd, seed: int = 0) -> dict:
     for _name, rgb, lab in sig:
         img = layered(rgb, lab > 0, layers, rng) if layers else rgb
         d = B.known_diameter(lab)
-        ratio.append(estimate_diameter(img) / d)
-        res_auto.append(match_instances(lab, segment(img, model=model, device="cpu")))
+        auto, estimate = segment_estimated(img, model)
+        ratio.append(estimate / d)
+        res_auto.append(match_instances(lab, auto))
         res_known.append(match_instances(lab, segment(img, model=model, device="cpu", diameter=d)))
     out["SigTuple"] = (summarise(res_auto), summarise(res_known), np.array(ratio))
     res_auto, res_known, ratio = [], [], []
     for rgb, boxes in bccd:
         img = layered(rgb, box_mask(rgb.shape[:2], boxes), layers, rng) if layers else rgb
         d = wbc_data.box_diameter(boxes)
-        ratio.append(estimate_diameter(img) / d)
-        res_auto.append(match_boxes(boxes, label_boxes(segment(img, model=model, device="cpu"))))
+        auto, estimate = segment_estimated(img, model)
+        ratio.append(estimate / d)
+        res_auto.append(match_boxes(boxes, label_boxes(auto)))
         res_known.append(match_boxes(boxes, label_boxes(segment(img, model=model, device="cpu", diameter=d))))
     out["BCCD"] = (summarise(res_auto), summarise(res_known), np.array(ratio))
     return out
