@@ -10,9 +10,9 @@ multiply). The WBCs stay where they were, alone, and the red cells about double 
 overlapping. Each condition is scored like ``robustness.py`` on the held-out images with red cells
 (SigTuple validation patches + the validation smear: matched-cell Dice and F1; BCCD odd images: WBC
 detection F1 at box IoU >= 0.5), with the diameter estimated (as a user runs it) and known, and the
-red-cell scale estimate's error: the first estimate segment() makes over the true WBC diameter (median and 90th
-percentile over images; the true one from the masks or boxes). Tecom's crops are left out: one cell
-fills them, with hardly any red cells to layer.
+red-cell scale estimate's error: segment()'s first estimate over the true WBC diameter (median and
+90th percentile over images; the true one from the masks or boxes). Tecom's crops are left out: one
+cell fills them, with hardly any red cells to layer.
 """
 from __future__ import annotations
 
