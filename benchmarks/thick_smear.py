@@ -98,12 +98,9 @@ def main(argv=None):
     a = ap.parse_args(argv)
     import torch
 
-    from napari_wbc.core.io import read_image, to_rgb
-
     torch.set_num_threads(a.threads)
     sig = B.val_sets()["SigTuple"]
-    bccd = [(to_rgb(read_image(img)), wbc_data.wbc_boxes(xml)) for img, xml, sp in wbc_data.bccd()
-            if sp == "val" and wbc_data.wbc_boxes(xml)]
+    bccd = [(rgb, boxes) for _path, rgb, boxes in wbc_data.bccd_with_boxes("val") if boxes]
     head = (f"Command: `python benchmarks/thick_smear.py{' --model ' + a.model if a.model else ''} --threads {a.threads}`  \n"
             f"torch {torch.__version__}, {a.threads} CPU thread(s), {time.strftime('%Y-%m-%d')}\n\n"
             "| red cells | SigTuple val Dice / F1, diameter auto | known | estimate / true WBC diameter, median / 90th pct "
