@@ -105,6 +105,9 @@ def main(argv=None):
                     help="share of crops turned to grey, as a greyscale camera sees them (0.1 in every shipped model)")
     ap.add_argument("--bccd-windows", type=int, default=0,
                     help="add one in N red-cell-only 240 px windows of the training BCCD images as samples (0: none)")
+    ap.add_argument("--overlap-share", type=float, default=0.0,
+                    help="share of training crops laid under one or two more layers of red cells from other "
+                         "training images (a thick smear; needs --empty-share for the red-cell fields)")
     ap.add_argument("--no-bccd", action="store_true", help="do not use BCCD weak negatives")
     ap.add_argument("--exclude", nargs="*", default=[], choices=["tecom", "sigtuple_patches", "sigtuple_smears"],
                     help="leave a data set out (for the fine-tuning benchmark's unseen domain)")
@@ -137,7 +140,7 @@ def main(argv=None):
         net, card, train_all, val_sel, steps=a.steps, batch_size=a.batch, lr=a.lr,
         eval_every=a.eval_every, device=a.device, seed=a.seed, crop=a.crop, wide_hue=a.wide_hue, stain=a.stain_jitter,
         stain_share=a.stain_share, stain_weak=not a.no_stain_on_weak, field_norm=a.field_norm,
-        empty_share=a.empty_share, small_field=a.small_field, ema=a.ema, grey=a.grey_share, log=lambda s: print(s, flush=True),
+        empty_share=a.empty_share, small_field=a.small_field, ema=a.ema, grey=a.grey_share, overlap=a.overlap_share, log=lambda s: print(s, flush=True),
     )
     if best is not None:
         net.load_state_dict(best)

@@ -335,6 +335,54 @@ def test_small_field_crops_show_a_small_image_normalised_on_itself():
     assert x[:, ~out].min() < 0.1  # stretched on the small image itself: the cell reaches the bottom
 
 
+def test_red_cell_layers_darken_a_crop_but_never_over_the_layer_images_wbcs():
+    from napari_wbc.core.train import make_batch, make_sample, random_crop, red_cell_layer, with_empty_points
+
+    # the layer image: a bright background, dark "red cells" (unlabelled) and one dark labelled WBC
+    img = np.full((120, 120, 3), 220, np.uint8)
+    lab = np.zeros((120, 120), np.int32)
+    lab[10:30, 10:30] = 1
+    img[lab == 1] = 30
+    yy, xx = np.mgrid[:120, :120]
+    for cy, cx in ((70, 40), (90, 90), (60, 100), (100, 30)):
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < 36] = 120
+    layer = with_empty_points(make_sample(img, lab, diameter=20))
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        t = red_cell_layer(layer, 1.0, 120, rng)  # the whole image, turned and mirrored at random
+        assert t.shape == (120, 120, 3) and t.min() >= 0 and t.max() <= 1
+        assert 0.3 < t.min() < 0.7  # a red cell lets through about 120 / 220 of the light
+        # the WBC (30 / 220) is never laid over anything: it became background
+        assert (t > 0.5).all()
+
+    # a layer with no red cells lets everything through; with red cells the crop's input darkens, its
+    # targets stay (same labels, so the same empty points and the same random draws for both layers)
+    blank = with_empty_points(make_sample(np.full((120, 120, 3), 220, np.uint8), lab, diameter=20))
+    assert np.array_equal(blank.empty, layer.empty)
+    assert (red_cell_layer(blank, 1.0, 120, np.random.default_rng(0)) == 1).all()
+    cell = np.full((96, 96, 3), 200, np.uint8)
+    clab = np.zeros((96, 96), np.int32)
+    clab[38:58, 38:58] = 1
+    cell[clab == 1] = 60
+    s = make_sample(cell, clab, diameter=20)
+
+    def crop(layers, seed):
+        return random_crop(s, np.random.default_rng(seed), crop=48, target=20, jitter=0.0, colour=0.0, layers=layers)
+
+    darker = 0
+    for seed in range(8):
+        clear, under = crop((blank, blank), seed), crop((layer, layer), seed)
+        assert np.array_equal(clear[1], under[1]) and np.array_equal(clear[2], under[2])
+        darker += under[0].mean() < clear[0].mean() - 0.01
+    assert darker >= 6  # (a crop may fall where the layers' fields hold no red cell)
+    # in a batch: overlap 0 draws nothing more from the generator (the shipped recipe's crops stay as they were)
+    a = make_batch([s, layer], np.random.default_rng(4), 3, crop=32, target=20)
+    b = make_batch([s, layer], np.random.default_rng(4), 3, crop=32, target=20, overlap=0.0)
+    assert all(np.array_equal(u.numpy(), v.numpy()) for u, v in zip(a, b))
+    c = make_batch([s, layer], np.random.default_rng(4), 3, crop=32, target=20, overlap=1.0)
+    assert c[0].shape == a[0].shape and not np.array_equal(c[0].numpy(), a[0].numpy())
+
+
 def test_train_segmenter_with_ema_keeps_the_averaged_weights(tiny, monkeypatch):
     import torch
     from safetensors.torch import load_file

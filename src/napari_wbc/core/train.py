@@ -234,6 +234,28 @@ def _crop_rescaled(arr, cy, cx, src, out, order, cval):
     return resize(win, (out, out) + arr.shape[2:], order=order, preserve_range=True, anti_aliasing=(order > 0 and s > 1.5 * out), mode="edge").astype(arr.dtype)
 
 
+def red_cell_layer(layer: Sample, scale: float, crop: int, rng) -> np.ndarray:
+    """Light let through one more layer of red cells (CxCx3 in 0..1): a field of ``layer`` without
+    WBCs (one of its ``empty`` points, its cells and ignored parts turned to its background), cut at
+    ``scale`` (crop px per source px, so its red cells match a crop made at that scale), turned and
+    mirrored at random, and divided by its background colour (Beer-Lambert: a pixel's light is
+    multiplied by what each layer lets through). A thick smear, red cells lying on each other."""
+    from scipy import ndimage as ndi
+
+    src = crop / scale
+    ly, lx = layer.empty[rng.integers(len(layer.empty))]
+    rgb = _crop_rescaled(layer.rgb, ly, lx, src, crop, 1, -1.0)
+    bg = np.maximum(np.percentile(layer.probe, 95, axis=0), 1e-3).astype(np.float32)
+    hide = _crop_rescaled(layer.labels, ly, lx, src, crop, 0, 0) > 0
+    if layer.weight is not None:
+        hide |= _crop_rescaled(layer.weight, ly, lx, src, crop, 0, 0.0) <= 0
+    hide |= rgb.min(-1) < 0  # beyond the layer image's edge (and its blend with the edge): nothing there
+    rgb[ndi.binary_dilation(hide, iterations=2)] = bg
+    through = np.clip(rgb / bg, 0.0, 1.0)
+    through = np.rot90(through, rng.integers(4), axes=(0, 1))
+    return np.ascontiguousarray(through[:, ::-1] if rng.random() < 0.5 else through)
+
+
 def distance_target(labels: np.ndarray) -> np.ndarray:
     """Per-cell Euclidean distance to the cell edge, divided by that cell's maximum (0..1)."""
     from scipy import ndimage as ndi
@@ -252,7 +274,8 @@ def distance_target(labels: np.ndarray) -> np.ndarray:
 
 def random_crop(sample: Sample, rng, *, crop: int = 96, target: float = TARGET_DIAMETER, jitter: float = 0.3, colour: float = 1.0,
                 wide_hue: float = 0.0, stain: float = 0.0, stain_share: float = 1.0, stain_weak: bool = True,
-                field_norm: float = 0.0, empty_share: float = 0.0, small_field: float = 0.0, grey: float = 0.1):
+                field_norm: float = 0.0, empty_share: float = 0.0, small_field: float = 0.0, grey: float = 0.1,
+                layers: tuple = ()):
     """One augmented training example: (x 3xCxC float32, fg CxC, dist CxC, weight CxC).
 
     ``stain_weak=False``: no stain jitter on weakly labelled samples (those with a ``weight`` map).
@@ -264,6 +287,8 @@ def random_crop(sample: Sample, rng, *, crop: int = 96, target: float = TARGET_D
     only a field 0.35-1 crop wide holds the image, normalised on itself; around it the crop is
     padded as segment() pads a small image. With ``empty_share``, such a field may hold red cells only.
     ``grey``: share of crops turned to grey (:func:`colour_transform`).
+    ``layers``: samples (with ``empty`` points) whose red cells are laid over this crop
+    (:func:`red_cell_layer`, one each, at this crop's scale): a thick smear.
     """
     from scipy import ndimage as ndi
 
@@ -286,6 +311,12 @@ def random_crop(sample: Sample, rng, *, crop: int = 96, target: float = TARGET_D
     f = colour_transform(rng, colour, wide_hue, stain, stain_share, grey)
     rgb = _crop_rescaled(sample.rgb, cy, cx, src, crop, 1, -1.0)
     outside = rgb[..., 0] < -0.5
+    through = None
+    for layer in layers:
+        t = red_cell_layer(layer, scale * sample.diameter / layer.diameter, crop, rng)  # red cells alike in size
+        through = t if through is None else through * t
+    if through is not None:
+        rgb = np.where(outside[..., None], rgb, np.clip(rgb, 0, 1) * through)
     x = f(np.clip(rgb, 0, 1).reshape(-1, 3)).reshape(rgb.shape)
     pixels = None
     small = small_field_window(sample.rgb, cy, cx, src, crop, rng) if small_field > 0 and rng.random() < small_field else None
@@ -296,7 +327,10 @@ def random_crop(sample: Sample, rng, *, crop: int = 96, target: float = TARGET_D
         pixels = field_probe(sample.rgb, cy, cx, src * math.exp(rng.uniform(0.0, math.log(2.0))), rng)
     elif field_norm > 0 and rng.random() < field_norm:
         pixels = field_probe(sample.rgb, cy, cx, src * math.exp(rng.uniform(math.log(0.75), math.log(4.0))), rng)
-    probe = f(sample.probe if pixels is None else pixels)
+    pixels = sample.probe if pixels is None else pixels
+    if through is not None:  # the field it is normalised on lies under the same layers
+        pixels = pixels * through.reshape(-1, 3)[rng.integers(0, crop * crop, len(pixels))]
+    probe = f(pixels)
     lo, hi = np.percentile(probe, [0.5, 99.5], axis=0)
     x = normalise(x, np.stack([lo, np.maximum(hi, lo + 1e-3)]))
     x[outside] = 1.0
@@ -322,10 +356,19 @@ def random_crop(sample: Sample, rng, *, crop: int = 96, target: float = TARGET_D
     return np.moveaxis(x, -1, 0).astype(np.float32), (lab > 0).astype(np.float32), distance_target(lab), wgt
 
 
-def make_batch(samples, rng, n, **kw):
+def make_batch(samples, rng, n, *, overlap: float = 0.0, **kw):
+    """``n`` training crops of random samples; ``overlap``: share of crops laid under one or two more
+    layers of red cells from other samples (those with ``empty`` points), as in a thick smear."""
     import torch
 
-    items = [random_crop(samples[rng.integers(len(samples))], rng, **kw) for _ in range(n)]
+    sources = [s for s in samples if s.empty is not None and len(s.empty)] if overlap > 0 else []
+    items = []
+    for _ in range(n):
+        sample = samples[rng.integers(len(samples))]
+        layers = ()
+        if sources and rng.random() < overlap:
+            layers = tuple(sources[rng.integers(len(sources))] for _ in range(rng.integers(1, 3)))
+        items.append(random_crop(sample, rng, layers=layers, **kw))
     return [torch.from_numpy(np.stack(z)) for z in zip(*items)]
 
 
@@ -394,6 +437,7 @@ def train_segmenter(
     small_field: float = 0.0,
     ema: float = 0.0,
     grey: float = 0.1,
+    overlap: float = 0.0,
     progress=None,
     should_stop=None,
     baseline: dict | None = None,
@@ -407,6 +451,7 @@ def train_segmenter(
     ends early (the caller decides what that means).
     ``ema``: when > 0, evaluate and keep an exponential moving average of the weights (and batch-norm
     statistics) with this decay per step instead of the raw weights: less dependent on the last steps' batches.
+    ``overlap``: share of training crops under more layers of red cells (:func:`make_batch`).
     """
     import copy
 
@@ -454,7 +499,7 @@ def train_segmenter(
         x, fg, dist, wgt = (t.to(dev) for t in make_batch(train, rng, batch_size, crop=crop, target=target, wide_hue=wide_hue, stain=stain,
                                                              stain_share=stain_share, stain_weak=stain_weak,
                                                              field_norm=field_norm, empty_share=empty_share,
-                                                             small_field=small_field, grey=grey))
+                                                             small_field=small_field, grey=grey, overlap=overlap))
         with forward_pass():
             out = net(x)
             loss = seg_loss(out, fg, dist, wgt)
