@@ -335,6 +335,26 @@ def test_small_field_crops_show_a_small_image_normalised_on_itself():
     assert x[:, ~out].min() < 0.1  # stretched on the small image itself: the cell reaches the bottom
 
 
+def test_a_crop_past_its_images_edge_shows_bright_padding_not_a_dark_line():
+    from scipy import ndimage as ndi
+
+    from napari_wbc.core.train import beyond_edge, make_sample, random_crop
+
+    img = np.full((60, 60, 3), 200, np.uint8)
+    lab = np.zeros((60, 60), np.int32)
+    lab[5:25, 5:25] = 1  # a dark cell in the corner: crops around it run past the image's edge
+    img[lab == 1] = 40
+    s = make_sample(img, lab, diameter=23)
+    for seed in range(10):  # 23 px cells to 20: the crop is resized, so its edge blends with the fill
+        x, fg, _, wgt = random_crop(s, np.random.default_rng(seed), crop=48, target=20, jitter=0.0, colour=0.0)
+        assert (wgt == 0).any()  # the crop runs past the image
+        field = (wgt > 0) & ~ndi.binary_dilation(fg > 0, iterations=4)  # image, away from the cell (and blur)
+        assert x[:, field].min() > 0.6, seed  # background, up to the edge: no dark line
+    # the mask covers the fill and every pixel the resize blended with it
+    out = beyond_edge((60, 60), 5.0, 5.0, 55.2, 48)
+    assert out[0, 0] and not out[-1, -1] and out.sum() > (48 * 24.8 / 55.2) ** 2
+
+
 def test_red_cell_layers_darken_a_crop_but_never_over_the_layer_images_wbcs():
     from napari_wbc.core.train import make_batch, make_sample, random_crop, red_cell_layer, with_empty_points
 

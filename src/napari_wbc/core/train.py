@@ -234,6 +234,14 @@ def _crop_rescaled(arr, cy, cx, src, out, order, cval):
     return resize(win, (out, out) + arr.shape[2:], order=order, preserve_range=True, anti_aliasing=(order > 0 and s > 1.5 * out), mode="edge").astype(arr.dtype)
 
 
+def beyond_edge(shape, cy, cx, src, out) -> np.ndarray:
+    """Where a crop of an image of ``shape`` made by :func:`_crop_rescaled` (linear) holds anything from
+    beyond the image's edge: the fill and the pixels the resize blended with it (left in, they made a dark
+    line where a crop ran past its image; segment() shows beyond an image's edge as bright background)."""
+    inside = _crop_rescaled(np.broadcast_to(np.float32(1.0), tuple(shape)), cy, cx, src, out, 1, 0.0)
+    return inside < 0.999
+
+
 def red_cell_layer(layer: Sample, scale: float, crop: int, rng) -> np.ndarray:
     """Light let through one more layer of red cells (CxCx3 in 0..1): a field of ``layer`` without
     WBCs (one of its ``empty`` points, its cells and ignored parts turned to its background), cut at
@@ -249,7 +257,7 @@ def red_cell_layer(layer: Sample, scale: float, crop: int, rng) -> np.ndarray:
     hide = _crop_rescaled(layer.labels, ly, lx, src, crop, 0, 0) > 0
     if layer.weight is not None:
         hide |= _crop_rescaled(layer.weight, ly, lx, src, crop, 0, 0.0) <= 0
-    hide |= rgb.min(-1) < 0  # beyond the layer image's edge (and its blend with the edge): nothing there
+    hide |= beyond_edge(layer.rgb.shape[:2], ly, lx, src, crop)  # beyond the layer image's edge: nothing there
     rgb[ndi.binary_dilation(hide, iterations=2)] = bg
     through = np.clip(rgb / bg, 0.0, 1.0)
     through = np.rot90(through, rng.integers(4), axes=(0, 1))
@@ -310,7 +318,7 @@ def random_crop(sample: Sample, rng, *, crop: int = 96, target: float = TARGET_D
         stain = 0.0
     f = colour_transform(rng, colour, wide_hue, stain, stain_share, grey)
     rgb = _crop_rescaled(sample.rgb, cy, cx, src, crop, 1, -1.0)
-    outside = rgb[..., 0] < -0.5
+    outside = beyond_edge(sample.rgb.shape[:2], cy, cx, src, crop)  # (shown bright below, as segment() pads)
     through = None
     for layer in layers:
         t = red_cell_layer(layer, scale * sample.diameter / layer.diameter, crop, rng)  # red cells alike in size
