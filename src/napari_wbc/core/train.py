@@ -318,7 +318,7 @@ def random_crop(sample: Sample, rng, *, crop: int = 96, target: float = TARGET_D
         stain = 0.0
     f = colour_transform(rng, colour, wide_hue, stain, stain_share, grey)
     rgb = _crop_rescaled(sample.rgb, cy, cx, src, crop, 1, -1.0)
-    outside = beyond_edge(sample.rgb.shape[:2], cy, cx, src, crop)  # (shown bright below, as segment() pads)
+    outside = beyond_edge((h, w), cy, cx, src, crop)  # (shown bright below, as segment() pads)
     through = None
     for layer in layers:
         t = red_cell_layer(layer, scale * sample.diameter / layer.diameter, crop, rng)  # red cells alike in size
