@@ -1,0 +1,106 @@
+"""Fingerprint the segmenter's training stream: does a code change alter what the shipped recipe trains on?
+
+    python benchmarks/training_stream.py --out /tmp/stream_now.json
+    PYTHONPATH=<old checkout>/src python benchmarks/training_stream.py --out /tmp/stream_old.json --compare /tmp/stream_now.json
+
+Prepares the training samples as ``train_segmenter.py`` does (SigTuple and Tecom training images, BCCD
+weak negatives, rescaled to the network's scale, red-cell points), then draws ``--batches`` batches with
+the shipped recipe's crop options and seed, and records a SHA-1 of every sample and of chosen batches.
+Equal fingerprints mean the same crops reach the network (the optimiser then gives the same weights on the
+same torch); the first differing batch says where a change starts to matter. A few minutes on one thread.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_segmenter as TS  # noqa: E402
+
+from napari_wbc.core import train as T  # noqa: E402
+
+# the shipped recipe's crop options (models/wbc_unet.json "command"); the seed and batch are the script's
+RECIPE = {"crop": 96, "stain": 0.3, "stain_share": 0.5, "field_norm": 0.3, "empty_share": 0.15, "small_field": 0.3}
+CHECKPOINTS = (1, 2, 5, 10, 50, 100, 250, 500, 1000, 2500)
+
+
+def _sha(a) -> str:
+    a = np.ascontiguousarray(a)
+    return hashlib.sha1(a.tobytes() + f"{a.dtype}{a.shape}".encode()).hexdigest()[:16]
+
+
+def sample_print(s) -> dict:
+    """One hash per field of a prepared training sample (arrays by their bytes, the rest by value)."""
+    out = {}
+    for f in dataclasses.fields(s):
+        v = getattr(s, f.name)
+        out[f.name] = _sha(v) if isinstance(v, np.ndarray) else repr(v)
+    return out
+
+
+def fingerprint(batches: int, batch: int = 16, seed: int = 0, log=print) -> dict:
+    train, bccd = TS.load("train", []), TS.load_bccd_weak()
+    samples = [T.with_empty_points(T.rescaled(s, T.TARGET_DIAMETER)) for s in train + bccd]
+    rng = np.random.default_rng(seed)
+    res = {"recipe": RECIPE, "batch": batch, "seed": seed, "samples": [sample_print(s) for s in samples],
+           "batches": {}}
+    for i in range(1, batches + 1):
+        b = T.make_batch(samples, rng, batch, **RECIPE)
+        if i in CHECKPOINTS or i == batches:
+            res["batches"][str(i)] = hashlib.sha1(b"".join(t.numpy().tobytes() for t in b)).hexdigest()[:16]
+            log(f"batch {i}: {res['batches'][str(i)]}")
+    return res
+
+
+def compare(a: dict, b: dict) -> list[str]:
+    """Where two fingerprints differ, in words (empty: the same stream)."""
+    diffs = []
+    if len(a["samples"]) != len(b["samples"]):
+        diffs.append(f"{len(a['samples'])} against {len(b['samples'])} training samples")
+    for i, (x, y) in enumerate(zip(a["samples"], b["samples"])):
+        keys = sorted(k for k in set(x) | set(y) if x.get(k) != y.get(k))
+        if keys:
+            diffs.append(f"sample {i} differs in {', '.join(keys)}")
+    for k in sorted(set(a["batches"]) & set(b["batches"]), key=int):
+        if a["batches"][k] != b["batches"][k]:
+            diffs.append(f"batch {k} differs (and every batch after it)")
+            break
+    return diffs
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", type=int, default=500)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", required=True, help="JSON file for the fingerprint (not replaced if it exists)")
+    ap.add_argument("--compare", help="an earlier fingerprint (JSON) to compare with")
+    a = ap.parse_args(argv)
+    out = Path(a.out)
+    if out.exists():
+        raise SystemExit(f"--out: {out} exists; pick a new name")
+    if a.compare and not Path(a.compare).is_file():
+        raise SystemExit(f"--compare: no fingerprint file at {a.compare}")
+    import torch
+
+    torch.set_num_threads(a.threads)
+    res = fingerprint(a.batches)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(res, indent=0))
+    os.replace(tmp, out)
+    print(f"saved {out}")
+    if a.compare:
+        diffs = compare(json.loads(Path(a.compare).read_text()), res)
+        print("same stream" if not diffs else "\n".join(diffs[:20]))
+        return 1 if diffs else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
