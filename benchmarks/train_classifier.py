@@ -545,6 +545,30 @@ def evaluate(windows, net, card, device="cpu") -> dict:
     return report(windows, predict(windows, net, card, device))
 
 
+def evaluate_file(model, val, seg, out, overwrite=False) -> dict:
+    """Score the classifier file ``model`` on the validation windows; write the figures as JSON to ``out``."""
+    from napari_wbc.core.models import load_model
+
+    if not Path(model).is_file():
+        raise SystemExit(f"--evaluate: no classifier file at {model}")
+    out = Path(out)
+    if out.suffix != ".json":
+        raise SystemExit(f"--out: with --evaluate, expected a .json file for the figures, got {out}")
+    if out.exists() and not overwrite:
+        raise SystemExit(f"--out: {out} exists (pass --overwrite to replace it)")
+    net, card = load_model(model, kind="classifier", device="cpu")
+    res = evaluate(val, net, card, "cpu")
+    for k, v in res.items():
+        print(f"val {k}: n={v['n']} acc {v['accuracy']} bal.acc {v['balanced_accuracy']} recall {v['recall']}")
+    doc = {"model": str(model), "segmenter_for_masks": _seg_record(seg), "validation": res,
+           "command": "python benchmarks/train_classifier.py " + " ".join(sys.argv[1:])}
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, out)
+    print(f"saved {out}")
+    return doc
+
+
 # ------------------------------------------------------------------ training
 def sample_weights(train, basophil_share):
     """Equal weight per common class; within a class equal weight per source set and per source cell."""
@@ -601,6 +625,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--evaluate", metavar="MODEL", default=None,
+                    help="train nothing: score this classifier file on the validation split, with the cell masks "
+                         "of --seg (to compare classifiers on the same masks), and write the figures as JSON to --out")
     args = ap.parse_args(argv)
 
     import torch
@@ -630,6 +657,8 @@ def main(argv=None):
     print("train", sorted(Counter((w["source"], w["cls"]) for w in train).items()))
     print("val", sorted(Counter((w["source"], w["cls"]) for w in val).items()))
     print("mask methods", sorted(Counter((w["source"], w["mask_method"]) for w in windows).items()), flush=True)
+    if args.evaluate:
+        return evaluate_file(args.evaluate, val, seg, args.out, overwrite=args.overwrite)
 
     arch = {"name": "SmallCNN", "in_channels": 4, "num_classes": len(C.CLASSES), "width": args.width, "dropout": 0.3}
     card = {"kind": "classifier", "arch": arch, "classes": C.CLASSES, "input_size": args.input_size,
