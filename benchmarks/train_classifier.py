@@ -51,6 +51,20 @@ WIN_MARGIN = 1.4  # cached window = 1.4 x the inference window (room for zoom-ou
 CACHE_PX = 2  # cached windows hold 2 px per input pixel
 
 
+def _write_cache(f: Path, write) -> None:
+    """Write a cache (or figures) file whole or not at all (``write(binary file)`` on a temporary name, then a rename):
+    a run stopped mid-write, or two runs building the same cache side by side, never leave half a file
+    that a later run would read."""
+    f.parent.mkdir(parents=True, exist_ok=True)
+    tmp = f.with_name(f".{f.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+        os.replace(tmp, f)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 # ------------------------------------------------------------------ wbc_crops -> BCCD source
 def _sift(grey):
     from skimage.feature import SIFT
@@ -102,7 +116,7 @@ def crop_sources(log=print) -> dict:
                 descs.append(d)
                 own.append(np.full(len(d), i))
         pool, owner = np.concatenate(descs), np.concatenate(own)
-        np.savez(bf, pool=pool, owner=owner, names=np.array(names))
+        _write_cache(bf, lambda fh: np.savez(fh, pool=pool, owner=owner, names=np.array(names)))
     P = torch.from_numpy(pool)
     P = P / P.norm(dim=1, keepdim=True).clamp(min=1e-6)
     O = torch.from_numpy(owner)
@@ -121,7 +135,7 @@ def crop_sources(log=print) -> dict:
         votes = torch.bincount(O[top.indices[ok, 0]], minlength=len(names))
         v, i = votes.topk(2)
         out[k] = [names[int(i[0])], int(v[0]), int(v[1])]
-    out_f.write_text(json.dumps(out))
+    _write_cache(out_f, lambda fh: fh.write(json.dumps(out).encode()))
     return out
 
 
@@ -175,7 +189,7 @@ def unmatched_groups(matches, log=print) -> dict:
             for j in torch.nonzero(votes >= 12).ravel().tolist():
                 parent[find(ck[i])] = find(ck[j])
     out = {k: find(k) for k in keys}
-    f.write_text(json.dumps(out))
+    _write_cache(f, lambda fh: fh.write(json.dumps(out).encode()))
     log(f"  {len(set(out.values()))} groups")
     return out
 
@@ -320,7 +334,7 @@ def cell_mask(rec, rgb, seg, log=print):
                 return None, "none"
             mask, method = ndi.binary_fill_holes(ndi.binary_closing(m, iterations=4)), "blue blob"
     f.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(f, mask=mask, method=method)
+    _write_cache(f, lambda fh: np.savez_compressed(fh, mask=mask, method=method))
     return mask, method
 
 
@@ -362,8 +376,7 @@ def build_windows(recs, seg, *, size, context, log=print):
         with open(f, "rb") as fh:
             return pickle.load(fh)
     out = _build_windows(recs, seg, size=size, context=context, log=log)
-    with open(f, "wb") as fh:
-        pickle.dump(out, fh, protocol=pickle.HIGHEST_PROTOCOL)
+    _write_cache(f, lambda fh: pickle.dump(out, fh, protocol=pickle.HIGHEST_PROTOCOL))
     return out
 
 
@@ -562,9 +575,7 @@ def evaluate_file(model, val, seg, out, overwrite=False) -> dict:
         print(f"val {k}: n={v['n']} acc {v['accuracy']} bal.acc {v['balanced_accuracy']} recall {v['recall']}")
     doc = {"model": str(model), "segmenter_for_masks": _seg_record(seg), "validation": res,
            "command": "python benchmarks/train_classifier.py " + " ".join(sys.argv[1:])}
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, out)
+    _write_cache(out, lambda fh: fh.write(json.dumps(doc, indent=1).encode()))
     print(f"saved {out}")
     return doc
 

@@ -70,7 +70,7 @@ def compare(a: dict, b: dict) -> list[str]:
             diffs.append(f"sample {i} differs in {', '.join(keys)}")
     for k in sorted(set(a["batches"]) & set(b["batches"]), key=int):
         if a["batches"][k] != b["batches"][k]:
-            diffs.append(f"batch {k} differs (and every batch after it)")
+            diffs.append(f"batch {k} is the first checked batch that differs")
             break
     return diffs
 
