@@ -154,8 +154,7 @@ def main(argv=None):
 
     torch.set_num_threads(a.threads)
     names = a.only or (SIZE_KEPT if a.types else list(CONDITIONS))
-    head = (f"Command: `python benchmarks/field_marks.py{' --types' if a.types else ''}"
-            f"{' --model ' + a.model if a.model else ''} --threads {a.threads}`  \n"
+    head = (f"Command: `{wbc_data.command_line(__file__, argv)}`  \n"
             f"torch {torch.__version__}, {a.threads} CPU thread(s), {time.strftime('%Y-%m-%d')}; diameter=None throughout\n\n")
     if a.types:
         items = R.typing_items()

@@ -294,8 +294,7 @@ def main(argv=None):
 
     torch.set_num_threads(a.threads)
     names = a.only or list(CONDITIONS)
-    cmd = (f"Command: `python benchmarks/robustness.py{' --types' if a.types else ''}{' --model ' + a.model if a.model else ''}"
-           f"{' --only ' + ' '.join(repr(n) for n in a.only) if a.only else ''} --threads {a.threads}`  \n"
+    cmd = (f"Command: `{wbc_data.command_line(__file__, argv)}`  \n"
            f"torch {torch.__version__}, {a.threads} CPU thread(s), {time.strftime('%Y-%m-%d')}; diameter=None throughout\n\n")
     if a.types:
         items = typing_items()

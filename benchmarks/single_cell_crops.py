@@ -163,7 +163,7 @@ def main(argv=None):
 
     torch.set_num_threads(a.threads)
     if a.types:
-        lines = [f"Command: `python benchmarks/single_cell_crops.py --types --threads {a.threads}`  ", "",
+        lines = [f"Command: `{wbc_data.command_line(__file__, argv)}`  ", "",
                  "| margin | balanced accuracy (cells, missed) |", "|---|---|"]
         print("\n".join(lines), flush=True)
         for m in a.margins:
@@ -173,8 +173,7 @@ def main(argv=None):
         if a.out:
             Path(a.out).write_text("\n".join(lines) + "\n")
         return
-    lines = [f"Command: `python benchmarks/single_cell_crops.py{' --model ' + a.model if a.model else ''} "
-             f"--threads {a.threads}`  ",
+    lines = [f"Command: `{wbc_data.command_line(__file__, argv)}`  ",
              f"torch {torch.__version__}, {a.threads} CPU thread(s), {time.strftime('%Y-%m-%d')}", "",
              "| set | margin | WBC size | F1 auto (TP/FP/FN) | F1 diameter known (TP/FP/FN) | Dice auto / known "
              "| estimate / true diameter, median (10-90 %) |",

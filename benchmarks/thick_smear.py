@@ -101,7 +101,7 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     sig = B.val_sets()["SigTuple"]
     bccd = [(rgb, boxes) for _path, rgb, boxes in wbc_data.bccd_with_boxes("val") if boxes]
-    head = (f"Command: `python benchmarks/thick_smear.py{' --model ' + a.model if a.model else ''} --threads {a.threads}`  \n"
+    head = (f"Command: `{wbc_data.command_line(__file__, argv)}`  \n"
             f"torch {torch.__version__}, {a.threads} CPU thread(s), {time.strftime('%Y-%m-%d')}\n\n"
             "| red cells | SigTuple val Dice / F1, diameter auto | known | estimate / true WBC diameter, median / 90th pct "
             "| BCCD odd F1 (TP/FP/FN), auto | known | estimate / true, median / 90th pct |\n|---|---|---|---|---|---|---|")

@@ -11,6 +11,7 @@ The data folder is ``$NAPARI_WBC_DATA`` or ``../shared/data`` beside the repo.
 from __future__ import annotations
 
 import os
+import sys
 import re
 from pathlib import Path
 
@@ -85,3 +86,12 @@ def clear_windows(shape, boxes, win: int = 240, margin: float = 0.15):
         m = int(margin * max(y1 - y0, x1 - x0))
         occ[max(0, int(y0) - m) : int(y1) + m, max(0, int(x0) - m) : int(x1) + m] = True
     return [(y, x) for y in (0, h - win) for x in (0, (w - win) // 2, w - win) if not occ[y : y + win, x : x + win].any()]
+
+
+def command_line(script, argv=None) -> str:
+    """``python benchmarks/<script> <the arguments as given>`` for a table's header: every option that
+    made the figures (a classifier, margins, an output), not a hand-picked few."""
+    import shlex
+
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join(["python", f"benchmarks/{Path(script).name}", *(shlex.quote(str(x)) for x in args)])
