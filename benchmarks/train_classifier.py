@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import wbc_data  # noqa: E402
 
 from napari_wbc.core import classify as C  # noqa: E402
-from napari_wbc.core.io import read_image, to_rgb  # noqa: E402
+from napari_wbc.core.io import atomic_write, read_image, to_rgb  # noqa: E402
 
 CACHE = Path(os.environ.get("NAPARI_WBC_CLS_CACHE", "/tmp/cls_cache"))
 COMMON = ["neutrophil", "lymphocyte", "monocyte", "eosinophil"]
@@ -54,15 +54,12 @@ CACHE_PX = 2  # cached windows hold 2 px per input pixel
 def _write_cache(f: Path, write) -> None:
     """Write a cache (or figures) file whole or not at all (``write(binary file)`` on a temporary name, then a rename):
     a run stopped mid-write, or two runs building the same cache side by side, never leave half a file
-    that a later run would read."""
-    f.parent.mkdir(parents=True, exist_ok=True)
-    tmp = f.with_name(f".{f.name}.{os.getpid()}.tmp")
-    try:
+    that a later run would read (:func:`napari_wbc.core.io.atomic_write`)."""
+    def to(tmp):
         with open(tmp, "wb") as fh:
             write(fh)
-        os.replace(tmp, f)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(f, to)
 
 
 # ------------------------------------------------------------------ wbc_crops -> BCCD source

@@ -15,7 +15,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_segmenter as TS  # noqa: E402
 
 from napari_wbc.core import train as T  # noqa: E402
+from napari_wbc.core.io import atomic_write  # noqa: E402
 
 # the shipped recipe's crop options (models/wbc_unet.json "command"); the seed and batch are the script's
 RECIPE = {"crop": 96, "stain": 0.3, "stain_share": 0.5, "field_norm": 0.3, "empty_share": 0.15, "small_field": 0.3}
@@ -91,9 +91,7 @@ def main(argv=None):
 
     torch.set_num_threads(a.threads)
     res = fingerprint(a.batches)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(res, indent=0))
-    os.replace(tmp, out)
+    atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(res, indent=0)))
     print(f"saved {out}")
     if a.compare:
         diffs = compare(json.loads(Path(a.compare).read_text()), res)
