@@ -74,6 +74,17 @@ def load_bccd_windows(every: int, win: int = 240):
     return out
 
 
+def crop_options(args: dict) -> dict:
+    """The training crops' options (``core.train.make_batch`` / ``random_crop`` keywords) from this script's
+    arguments as a dict (``vars(args)``, or a card's ``training.args``; options a card predates take their
+    default: every shipped model before the option trained as its default)."""
+    g = lambda k, d: args.get(k, d)  # noqa: E731
+    return {"crop": g("crop", 96), "wide_hue": g("wide_hue", 0.0), "stain": g("stain_jitter", 0.0),
+            "stain_share": g("stain_share", 1.0), "stain_weak": not g("no_stain_on_weak", False),
+            "field_norm": g("field_norm", 0.0), "empty_share": g("empty_share", 0.0),
+            "small_field": g("small_field", 0.0), "grey": g("grey_share", 0.1), "overlap": g("overlap_share", 0.0)}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=4000)
@@ -138,9 +149,8 @@ def main(argv=None):
     net = build_network(T.SEGMENTER_ARCH)
     best, hist = T.train_segmenter(
         net, card, train_all, val_sel, steps=a.steps, batch_size=a.batch, lr=a.lr,
-        eval_every=a.eval_every, device=a.device, seed=a.seed, crop=a.crop, wide_hue=a.wide_hue, stain=a.stain_jitter,
-        stain_share=a.stain_share, stain_weak=not a.no_stain_on_weak, field_norm=a.field_norm,
-        empty_share=a.empty_share, small_field=a.small_field, ema=a.ema, grey=a.grey_share, overlap=a.overlap_share, log=lambda s: print(s, flush=True),
+        eval_every=a.eval_every, device=a.device, seed=a.seed, ema=a.ema, log=lambda s: print(s, flush=True),
+        **crop_options(vars(a)),
     )
     if best is not None:
         net.load_state_dict(best)

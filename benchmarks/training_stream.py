@@ -1,13 +1,14 @@
-"""Fingerprint the segmenter's training stream: does a code change alter what the shipped recipe trains on?
+"""Fingerprint the segmenter's training stream: does a code change alter what a recipe trains on?
 
     python benchmarks/training_stream.py --out /tmp/stream_now.json
     PYTHONPATH=<old checkout>/src python benchmarks/training_stream.py --out /tmp/stream_old.json --compare /tmp/stream_now.json
 
-Prepares the training samples as ``train_segmenter.py`` does (SigTuple and Tecom training images, BCCD
-weak negatives, rescaled to the network's scale, red-cell points), then draws ``--batches`` batches with
-the shipped recipe's crop options and seed, and records a SHA-1 of every sample and of chosen batches.
-Equal fingerprints mean the same crops reach the network (the optimiser then gives the same weights on the
-same torch); the first differing batch says where a change starts to matter. A few minutes on one thread.
+Reads the recipe from a segmenter's card (``--card``, default the shipped one: its ``training.args``),
+prepares the training samples as ``train_segmenter.py`` does (its data, rescaled to the network's scale,
+red-cell points when the recipe draws red-cell fields), then draws ``--batches`` batches with the recipe's
+crop options, batch size and seed, and records a SHA-1 of every sample and of chosen batches. Equal
+fingerprints mean the same crops reach the network (the optimiser then gives the same weights on the same
+torch); the first differing batch says where a change starts to matter. A few minutes on one thread.
 """
 from __future__ import annotations
 
@@ -26,8 +27,7 @@ import train_segmenter as TS  # noqa: E402
 from napari_wbc.core import train as T  # noqa: E402
 from napari_wbc.core.io import atomic_write  # noqa: E402
 
-# the shipped recipe's crop options (models/wbc_unet.json "command"); the seed and batch are the script's
-RECIPE = {"crop": 96, "stain": 0.3, "stain_share": 0.5, "field_norm": 0.3, "empty_share": 0.15, "small_field": 0.3}
+SHIPPED_CARD = Path(__file__).resolve().parents[1] / "src/napari_wbc/models/wbc_unet.json"
 CHECKPOINTS = (1, 2, 5, 10, 50, 100, 250, 500, 1000, 2500)
 
 
@@ -45,14 +45,44 @@ def sample_print(s) -> dict:
     return out
 
 
-def fingerprint(batches: int, batch: int = 16, seed: int = 0, log=print) -> dict:
-    train, bccd = TS.load("train", []), TS.load_bccd_weak()
-    samples = [T.with_empty_points(T.rescaled(s, T.TARGET_DIAMETER)) for s in train + bccd]
-    rng = np.random.default_rng(seed)
-    res = {"recipe": RECIPE, "batch": batch, "seed": seed, "samples": [sample_print(s) for s in samples],
-           "batches": {}}
+def recipe(card: dict) -> dict:
+    """(crop options, batch size, seed, target diameter, data options) of the card's training run."""
+    args = card.get("training", {}).get("args")
+    if not isinstance(args, dict):
+        raise SystemExit("--card: the card has no training.args (not made by benchmarks/train_segmenter.py)")
+    return {"crop": TS.crop_options(args), "batch": int(args.get("batch", 16)), "seed": int(args.get("seed", 0)),
+            "target": float(card.get("target_diameter", T.TARGET_DIAMETER)),
+            "data": {"exclude": list(args.get("exclude") or []), "no_bccd": bool(args.get("no_bccd", False)),
+                     "bccd_windows": int(args.get("bccd_windows") or 0)}}
+
+
+def supported(options: dict) -> dict:
+    """The crop options the code on the path takes (an older checkout predates some): those it lacks must
+    be at their default, as every run before the option trained; otherwise SystemExit naming them."""
+    import inspect
+
+    taken = set(inspect.signature(T.random_crop).parameters) | set(inspect.signature(T.make_batch).parameters)
+    defaults = TS.crop_options({})
+    missing = [k for k in options if k not in taken and options[k] != defaults[k]]
+    if missing:
+        raise SystemExit(f"the code on the path predates the recipe's option(s) {missing}: it cannot make this stream")
+    return {k: v for k, v in options.items() if k in taken}
+
+
+def fingerprint(rec: dict, batches: int, log=print) -> dict:
+    d = rec["data"]
+    train = TS.load("train", d["exclude"])
+    bccd = [] if d["no_bccd"] else TS.load_bccd_weak()
+    if d["bccd_windows"]:
+        bccd += TS.load_bccd_windows(d["bccd_windows"])
+    opts = supported(rec["crop"])
+    samples = [T.rescaled(s, rec["target"]) for s in train + bccd]
+    if opts.get("empty_share", 0) > 0:
+        samples = [T.with_empty_points(s) for s in samples]
+    rng = np.random.default_rng(rec["seed"])
+    res = {"recipe": rec, "samples": [sample_print(s) for s in samples], "batches": {}}
     for i in range(1, batches + 1):
-        b = T.make_batch(samples, rng, batch, **RECIPE)
+        b = T.make_batch(samples, rng, rec["batch"], target=rec["target"], **opts)
         if i in CHECKPOINTS or i == batches:
             res["batches"][str(i)] = hashlib.sha1(b"".join(t.numpy().tobytes() for t in b)).hexdigest()[:16]
             log(f"batch {i}: {res['batches'][str(i)]}")
@@ -78,6 +108,7 @@ def compare(a: dict, b: dict) -> list[str]:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, default=500)
+    ap.add_argument("--card", default=str(SHIPPED_CARD), help="segmenter card whose recipe to follow (default: shipped)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", required=True, help="JSON file for the fingerprint (not replaced if it exists)")
     ap.add_argument("--compare", help="an earlier fingerprint (JSON) to compare with")
@@ -85,12 +116,14 @@ def main(argv=None):
     out = Path(a.out)
     if out.exists():
         raise SystemExit(f"--out: {out} exists; pick a new name")
+    if not Path(a.card).is_file():
+        raise SystemExit(f"--card: no card at {a.card}")
     if a.compare and not Path(a.compare).is_file():
         raise SystemExit(f"--compare: no fingerprint file at {a.compare}")
     import torch
 
     torch.set_num_threads(a.threads)
-    res = fingerprint(a.batches)
+    res = fingerprint(recipe(json.loads(Path(a.card).read_text())), a.batches)
     atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(res, indent=0)))
     print(f"saved {out}")
     if a.compare:
