@@ -68,7 +68,7 @@ def main(argv=None):
         rows.append((n, wall, improved, f_auto, f_known))
         print(n, wall, improved, f_auto, f_known, flush=True)
     lines = [
-        f"Command: `python benchmarks/finetune.py {' '.join(argv or sys.argv[1:])}`  ",
+        f"Command: `{wbc_data.command_line(__file__, argv)}`  ",
         f"Base: {a.base} (trained without Tecom). Fine-tuning data: the first N Tecom train crops "
         f"(1 WBC each). Evaluation: all {len(val)} Tecom validation crops. CPU: torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}.",

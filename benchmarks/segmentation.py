@@ -182,7 +182,7 @@ def main(argv=None):
     if a.threads:
         torch.set_num_threads(a.threads)
     dev = "cpu"
-    lines = [f"Command: `python benchmarks/segmentation.py {' '.join(argv or sys.argv[1:])}`  ",
+    lines = [f"Command: `{wbc_data.command_line(__file__, argv)}`  ",
              f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, date {time.strftime('%Y-%m-%d')}", ""]
     if a.no_quality:
         a.skip_classic = True

@@ -555,7 +555,7 @@ def evaluate(windows, net, card, device="cpu") -> dict:
     return report(windows, predict(windows, net, card, device))
 
 
-def evaluate_file(model, val, seg, out, overwrite=False) -> dict:
+def evaluate_file(model, val, seg, out, command, overwrite=False) -> dict:
     """Score the classifier file ``model`` on the validation windows; write the figures as JSON to ``out``."""
     from napari_wbc.core.models import load_model
 
@@ -570,8 +570,7 @@ def evaluate_file(model, val, seg, out, overwrite=False) -> dict:
     res = evaluate(val, net, card, "cpu")
     for k, v in res.items():
         print(f"val {k}: n={v['n']} acc {v['accuracy']} bal.acc {v['balanced_accuracy']} recall {v['recall']}")
-    doc = {"model": str(model), "segmenter_for_masks": _seg_record(seg), "validation": res,
-           "command": "python benchmarks/train_classifier.py " + " ".join(sys.argv[1:])}
+    doc = {"model": str(model), "segmenter_for_masks": _seg_record(seg), "validation": res, "command": command}
     _write_cache(out, lambda fh: fh.write(json.dumps(doc, indent=1).encode()))
     print(f"saved {out}")
     return doc
@@ -666,7 +665,7 @@ def main(argv=None):
     print("val", sorted(Counter((w["source"], w["cls"]) for w in val).items()))
     print("mask methods", sorted(Counter((w["source"], w["mask_method"]) for w in windows).items()), flush=True)
     if args.evaluate:
-        return evaluate_file(args.evaluate, val, seg, args.out, overwrite=args.overwrite)
+        return evaluate_file(args.evaluate, val, seg, args.out, wbc_data.command_line(__file__, argv), overwrite=args.overwrite)
 
     arch = {"name": "SmallCNN", "in_channels": 4, "num_classes": len(C.CLASSES), "width": args.width, "dropout": 0.3}
     card = {"kind": "classifier", "arch": arch, "classes": C.CLASSES, "input_size": args.input_size,
@@ -779,7 +778,7 @@ def main(argv=None):
                                                  for k, v in last_res.items()} if last_res else None),
         "train_fit": {"tecom+bccd": tr_res["tecom+bccd"]},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python benchmarks/train_classifier.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": wbc_data.command_line(__file__, argv),
     })
     print(f"eval {time.time() - t1:.0f}s", flush=True)
     path = save_model(net.cpu(), card, args.out, overwrite=args.overwrite)

@@ -74,18 +74,34 @@ def load_bccd_windows(every: int, win: int = 240):
     return out
 
 
+def with_defaults(args: dict) -> dict:
+    """This script's arguments as a dict, those missing from ``args`` (a card older than an option) at their
+    defaults: every model trained before an option trained as its default."""
+    return {**vars(parser().parse_args([])), **args}
+
+
+def training_data(args: dict) -> tuple[list, list]:
+    """(annotated training samples, BCCD weak negatives) as the arguments ask (a dict as in
+    :func:`crop_options`)."""
+    a = with_defaults(args)
+    train = load("train", a["exclude"] or [])
+    bccd = [] if a["no_bccd"] else load_bccd_weak()
+    if a["bccd_windows"]:
+        bccd += load_bccd_windows(a["bccd_windows"])
+    return train, bccd
+
+
 def crop_options(args: dict) -> dict:
     """The training crops' options (``core.train.make_batch`` / ``random_crop`` keywords) from this script's
-    arguments as a dict (``vars(args)``, or a card's ``training.args``; options a card predates take their
-    default: every shipped model before the option trained as its default)."""
-    g = lambda k, d: args.get(k, d)  # noqa: E731
-    return {"crop": g("crop", 96), "wide_hue": g("wide_hue", 0.0), "stain": g("stain_jitter", 0.0),
-            "stain_share": g("stain_share", 1.0), "stain_weak": not g("no_stain_on_weak", False),
-            "field_norm": g("field_norm", 0.0), "empty_share": g("empty_share", 0.0),
-            "small_field": g("small_field", 0.0), "grey": g("grey_share", 0.1), "overlap": g("overlap_share", 0.0)}
+    arguments as a dict (``vars(args)``, or a card's ``training.args``; see :func:`with_defaults`)."""
+    a = with_defaults(args)
+    return {"crop": a["crop"], "wide_hue": a["wide_hue"], "stain": a["stain_jitter"], "stain_share": a["stain_share"],
+            "stain_weak": not a["no_stain_on_weak"], "field_norm": a["field_norm"], "empty_share": a["empty_share"],
+            "small_field": a["small_field"], "grey": a["grey_share"], "overlap": a["overlap_share"]}
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
+    """The command line of this script (also the defaults of a card's ``training.args``)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--batch", type=int, default=16)
@@ -123,16 +139,18 @@ def main(argv=None):
     ap.add_argument("--exclude", nargs="*", default=[], choices=["tecom", "sigtuple_patches", "sigtuple_smears"],
                     help="leave a data set out (for the fine-tuning benchmark's unseen domain)")
     ap.add_argument("--out", default="src/napari_wbc/models/wbc_unet.safetensors")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    a = parser().parse_args(argv)
     import torch
 
     if a.threads:
         torch.set_num_threads(a.threads)
     t0 = time.time()
-    train, val = load("train", a.exclude), load("val", a.exclude)
-    bccd = [] if a.no_bccd else load_bccd_weak()
-    if a.bccd_windows:
-        bccd += load_bccd_windows(a.bccd_windows)
+    train, bccd = training_data(vars(a))
+    val = load("val", a.exclude)
     # every sample (BCCD weak negatives included) is drawn with the same chance
     train_all = train + bccd
     print(f"train {len(train)} + bccd weak {len(bccd)}, val {len(val)} (loaded in {time.time()-t0:.0f}s)", flush=True)

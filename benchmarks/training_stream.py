@@ -46,14 +46,13 @@ def sample_print(s) -> dict:
 
 
 def recipe(card: dict) -> dict:
-    """(crop options, batch size, seed, target diameter, data options) of the card's training run."""
+    """(crop options, batch size, seed, target diameter, all arguments) of the card's training run."""
     args = card.get("training", {}).get("args")
     if not isinstance(args, dict):
         raise SystemExit("--card: the card has no training.args (not made by benchmarks/train_segmenter.py)")
-    return {"crop": TS.crop_options(args), "batch": int(args.get("batch", 16)), "seed": int(args.get("seed", 0)),
-            "target": float(card.get("target_diameter", T.TARGET_DIAMETER)),
-            "data": {"exclude": list(args.get("exclude") or []), "no_bccd": bool(args.get("no_bccd", False)),
-                     "bccd_windows": int(args.get("bccd_windows") or 0)}}
+    a = TS.with_defaults(args)
+    return {"crop": TS.crop_options(a), "batch": int(a["batch"]), "seed": int(a["seed"]),
+            "target": float(card.get("target_diameter", T.TARGET_DIAMETER)), "args": a}
 
 
 def supported(options: dict) -> dict:
@@ -62,23 +61,26 @@ def supported(options: dict) -> dict:
     import inspect
 
     taken = set(inspect.signature(T.random_crop).parameters) | set(inspect.signature(T.make_batch).parameters)
-    defaults = TS.crop_options({})
+    defaults = TS.crop_options({})  # (every option at its default)
     missing = [k for k in options if k not in taken and options[k] != defaults[k]]
     if missing:
         raise SystemExit(f"the code on the path predates the recipe's option(s) {missing}: it cannot make this stream")
     return {k: v for k, v in options.items() if k in taken}
 
 
+def prepare(sample, target: float, empty_share: float):
+    """The sample as the code on the path prepares it for training (``core.train.prepare_sample``; in
+    checkouts before that function, the same two steps it takes)."""
+    if hasattr(T, "prepare_sample"):
+        return T.prepare_sample(sample, target, empty_share)
+    s = T.rescaled(sample, target)
+    return T.with_empty_points(s) if empty_share > 0 else s
+
+
 def fingerprint(rec: dict, batches: int, log=print) -> dict:
-    d = rec["data"]
-    train = TS.load("train", d["exclude"])
-    bccd = [] if d["no_bccd"] else TS.load_bccd_weak()
-    if d["bccd_windows"]:
-        bccd += TS.load_bccd_windows(d["bccd_windows"])
+    train, bccd = TS.training_data(rec["args"])
     opts = supported(rec["crop"])
-    samples = [T.rescaled(s, rec["target"]) for s in train + bccd]
-    if opts.get("empty_share", 0) > 0:
-        samples = [T.with_empty_points(s) for s in samples]
+    samples = [prepare(s, rec["target"], opts.get("empty_share", 0.0)) for s in train + bccd]
     rng = np.random.default_rng(rec["seed"])
     res = {"recipe": rec, "samples": [sample_print(s) for s in samples], "batches": {}}
     for i in range(1, batches + 1):

@@ -11,8 +11,8 @@ The data folder is ``$NAPARI_WBC_DATA`` or ``../shared/data`` beside the repo.
 from __future__ import annotations
 
 import os
-import sys
 import re
+import sys
 from pathlib import Path
 
 import numpy as np

@@ -242,6 +242,13 @@ def beyond_edge(shape, cy, cx, src, out) -> np.ndarray:
     return inside < 0.999
 
 
+def prepare_sample(sample: Sample, target: float, empty_share: float = 0.0) -> Sample:
+    """A training sample as :func:`train_segmenter` draws crops from it: at the network's scale
+    (:func:`rescaled`), with red-cell-only points (:func:`with_empty_points`) when crops are centred there."""
+    s = rescaled(sample, target)
+    return with_empty_points(s) if empty_share > 0 else s
+
+
 def red_cell_layer(layer: Sample, scale: float, crop: int, rng) -> np.ndarray:
     """Light let through one more layer of red cells (CxCx3 in 0..1): a field of ``layer`` without
     WBCs (one of its ``empty`` points, its cells and ignored parts turned to its background), cut at
@@ -477,7 +484,7 @@ def train_segmenter(
     for s in train:  # tens of seconds each on a big smear: a cancel is honoured between them
         if should_stop is not None and should_stop():
             return None, []
-        prepared.append(with_empty_points(rescaled(s, target)) if empty_share > 0 else rescaled(s, target))
+        prepared.append(prepare_sample(s, target, empty_share))
     train = prepared
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     averaged = None
