@@ -55,8 +55,8 @@ def _positive_int(text: str) -> int:
 
 # ------------------------------------------------------------------ parser
 CLASSIFIER_HELP = ("classifier .safetensors, or a shipped classifier's name, e.g. wbc_classifier_stain_robust "
-                   "for stains unlike ours (default: the classifier fine-tuned with --model, if any, else the "
-                   "shipped wbc_classifier)")
+                   "(better on some stains unlike ours, worse on others: docs/models.md) (default: the "
+                   "classifier fine-tuned with --model, if any, else the shipped wbc_classifier)")
 
 
 def build_parser() -> argparse.ArgumentParser:
