@@ -81,6 +81,24 @@ def _augment(x, rng):
     return x
 
 
+# Fine-tuning on a lab's corrections also pulls the network toward its base's own calls on the same
+# cells (learning without forgetting): the corrected cells are mostly of one or two types, and without
+# this the network learned "everything is one of those" (docs/benchmarks.md, "Corrections from an unseen lab").
+DISTILL_WEIGHT = 1.0
+DISTILL_TEMPERATURE = 2.0
+
+
+def distillation_loss(student_logits, teacher_logits, temperature: float = DISTILL_TEMPERATURE):
+    """KL(teacher || student) of the class probabilities softened by ``temperature``, times its square
+    (so its gradients keep their scale whatever the temperature): 0 when the two agree."""
+    import torch
+
+    t = float(temperature)
+    target = torch.softmax(teacher_logits.detach().float() / t, 1)
+    log_p = torch.log_softmax(student_logits.float() / t, 1)
+    return torch.nn.functional.kl_div(log_p, target, reduction="batchmean") * t * t
+
+
 def _card_classes(card: dict) -> list[str]:
     from .classify import CLASSES
 
@@ -156,6 +174,11 @@ def finetune_classifier(images, labels, cell_types, *, base=None, output, device
     wts /= wts.sum()
     t0 = time.time()
     history = []
+    teacher = None
+    if DISTILL_WEIGHT > 0:  # the base as it is, frozen
+        import copy
+
+        teacher = copy.deepcopy(net).eval().requires_grad_(False)
     for ep in range(1, epochs + 1):
         net.train()
         for _ in range(steps):
@@ -164,7 +187,12 @@ def finetune_classifier(images, labels, cell_types, *, base=None, output, device
             b = rng.choice(tr_idx, size=min(16, len(tr_idx) * 2), p=wts)
             xb = torch.from_numpy(np.stack([_augment(x[i], rng) for i in b])).to(dev)
             with forward_pass():
-                loss = torch.nn.functional.cross_entropy(net(xb), torch.from_numpy(y[b]).to(dev))
+                logits = net(xb)
+                loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(y[b]).to(dev))
+                if teacher is not None:
+                    with torch.no_grad():
+                        taught = teacher(xb)
+                    loss = loss + DISTILL_WEIGHT * distillation_loss(logits, taught)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -191,6 +219,7 @@ def finetune_classifier(images, labels, cell_types, *, base=None, output, device
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "finetune": {"base": str(base_path), "base_sha256": weights_sha256(base_path, card),
                      "data_sha256": data_sha256([*images, *labels]), "seed": seed, "learning_rate": 3e-4,
+                     "distillation": {"weight": DISTILL_WEIGHT, "temperature": DISTILL_TEMPERATURE},
                      "cell_types": [{str(k): v for k, v in t.items()} for t in cell_types],
                      "n_cells": int(len(y)), "n_holdout": int(len(val_idx)),
                      "n_other": sum(t == OTHER for types in cell_types if types for t in types.values()),
