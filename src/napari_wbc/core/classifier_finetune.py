@@ -192,7 +192,7 @@ def finetune_classifier(images, labels, cell_types, *, base=None, output, device
                 if teacher is not None:
                     with torch.no_grad():
                         taught = teacher(xb)
-                    loss = loss + DISTILL_WEIGHT * distillation_loss(logits, taught)
+                    loss = loss + DISTILL_WEIGHT * distillation_loss(logits, taught, DISTILL_TEMPERATURE)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
