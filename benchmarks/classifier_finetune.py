@@ -23,7 +23,6 @@ of the count.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import tempfile
 import time
@@ -43,10 +42,7 @@ def tecom_cells(model):
     expert mask a segmented cell covers; the segmentation's other cells are dropped."""
     from napari_wbc import segment
 
-    types = {}
-    with open(wbc_data.DATA / "tecom/classes.csv", newline="") as f:
-        for row in csv.DictReader(f):
-            types[row["image"]] = row["class"]
+    types = wbc_data.tecom_types()
     cells, missed = [], []
     for img, mask, _ in wbc_data.tecom():
         rgb, expert = wbc_data.load_image_mask(img, mask)

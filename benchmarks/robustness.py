@@ -181,8 +181,7 @@ def typing_items():
 
     from napari_wbc.core.io import read_image, to_rgb
 
-    with open(wbc_data.DATA / "tecom/classes.csv") as f:
-        tcls = {r["image"]: r["class"] for r in csv.DictReader(f)}
+    tcls = wbc_data.tecom_types()
     items = []
     for img, mask, sp in wbc_data.tecom():
         if sp == "val":

@@ -99,11 +99,13 @@ def main(argv=None):
         rgb = to_rgb(read_image(folder / name))
         labels = segment(rgb, model=a.model, device="cpu")
         if a.sheets:
-            for r in regionprops(labels):
+            regions = regionprops(labels)
+            m = max((int(max(r.bbox[2] - r.bbox[0], r.bbox[3] - r.bbox[1]) * 0.8) for r in regions), default=0)
+            pad = np.pad(rgb, ((m, m), (m, m), (0, 0)), constant_values=255)  # once per image
+            for r in regions:
                 cy, cx = (int(v) for v in r.centroid)
                 s = int(max(r.bbox[2] - r.bbox[0], r.bbox[3] - r.bbox[1]) * 0.8)
-                pad = np.pad(rgb, ((s, s), (s, s), (0, 0)), constant_values=255)
-                crops.append((f"{name[:10]} y{cy} x{cx}", pad[cy : cy + 2 * s, cx : cx + 2 * s]))
+                crops.append((f"{name[:10]} y{cy} x{cx}", pad[m + cy - s : m + cy + s, m + cx - s : m + cx + s]))
         found = {}
         for y, x, t in reading[name]:
             lab = label_at(labels, y, x)

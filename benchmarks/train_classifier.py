@@ -204,8 +204,7 @@ def bccd_table():
 def records(log=print) -> list[dict]:
     """Every usable labelled cell: source, name, class, split, group (one source cell), how to mask it."""
     recs = []
-    with open(wbc_data.DATA / "tecom/classes.csv") as f:
-        tcls = {r["image"]: r["class"] for r in csv.DictReader(f)}
+    tcls = wbc_data.tecom_types()
     for img, mask, split in wbc_data.tecom():
         recs.append({"source": "tecom", "name": img.name, "path": str(img), "mask": str(mask), "cls": tcls[img.name],
                      "split": split, "group": f"tecom/{img.name}"})

@@ -43,6 +43,14 @@ def tecom():
         yield f, DATA / "tecom/masks" / f.name, ("val" if int(f.stem) % 5 == 0 else "train")
 
 
+def tecom_types() -> dict[str, str]:
+    """Tecom's expert type of each crop, by file name (``classes.csv``)."""
+    import csv
+
+    with open(DATA / "tecom/classes.csv", newline="") as f:
+        return {r["image"]: r["class"] for r in csv.DictReader(f)}
+
+
 def bccd():
     for f in sorted((DATA / "bccd/images").glob("*.jpg")):
         n = int(re.findall(r"\d+", f.stem)[0])
