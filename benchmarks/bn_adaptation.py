@@ -1,0 +1,136 @@
+"""Test-time adaptation of the classifier's batch norms to a lab's cells (AdaBN): a measurement.
+
+The classifier's BatchNorm statistics (running mean and variance) come from its training cells. AdaBN
+re-estimates them on the cells to be typed, with no types needed and the weights unchanged, so that a
+new lab's stain is brought to the statistics the network learned on. ``--depth d`` re-estimates only the
+batch norms of the first ``d`` convolution blocks of the SmallCNN (4 = all of them).
+
+Two questions, two sets (cell masks from ``--seg``, as ``train_classifier.py``):
+
+- ``--sets unseen``: classifiers trained *without* Tecom (``train_classifier.py --hold-out-source tecom``),
+  adapted on all 299 Tecom cells together and scored on them (an unseen lab);
+- ``--sets indomain``: classifiers trained with every source, adapted on the Tecom validation cells (60)
+  and on the BCCD validation cells (130), each set on its own, and scored there (a lab we trained on:
+  does adapting hurt?).
+
+    python benchmarks/bn_adaptation.py --sets unseen NO_TECOM.safetensors [...] --depths 1 2 3 4
+    python benchmarks/bn_adaptation.py --sets indomain wbc_classifier --depths 1 2 3 4
+
+Not a feature of napari-wbc: see docs/benchmarks.md ("Adapting batch norms to an unseen lab") for why.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_classifier as TC  # noqa: E402
+import wbc_data  # noqa: E402
+
+
+def cell_inputs(windows, net, card):
+    """The network inputs ``classify()`` makes for each window's cell (N x 4 x S x S), and its probabilities."""
+    import torch
+    from torch import nn
+
+    class Recorder(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.seen = inner, []
+
+        def forward(self, x):
+            self.seen.append(x.detach().clone())
+            return self.inner(x)
+
+    rec = Recorder(net)
+    probs = TC.predict(windows, rec, card)
+    return torch.cat(rec.seen), probs
+
+
+def batch_norms(net, depth: int):
+    """The BatchNorm layers of the first ``depth`` convolution blocks of each SmallCNN in ``net``."""
+    from torch import nn
+
+    out = []
+    for member in getattr(net, "members", [net]):
+        blocks = [m for m in member.features if isinstance(m, nn.Sequential)]
+        for block in blocks[:depth]:
+            out += [m for m in block if isinstance(m, nn.BatchNorm2d)]
+    return out
+
+
+def adapted(net, x, depth: int, batch: int = 64, seed: int = 0):
+    """A copy of ``net`` whose first ``depth`` blocks' batch norms hold the statistics of ``x`` (cumulative
+    average over batches of ``batch`` cells in a fixed random order; the rest of the network as trained)."""
+    import torch
+
+    a = copy.deepcopy(net).eval()
+    for bn in batch_norms(a, depth):
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average
+        bn.train()
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            a(x[order[i:i + batch]])
+    return a.eval()
+
+
+def scores(windows, probs) -> dict:
+    from napari_wbc.core import classify as C
+
+    return TC.metrics([w["cls"] for w in windows], [C.CLASSES[i] for i in np.asarray(probs).argmax(1)])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("classifiers", nargs="+", help="classifier files or shipped names")
+    ap.add_argument("--sets", choices=["unseen", "indomain"], required=True)
+    ap.add_argument("--depths", type=int, nargs="+", default=[1, 2, 3, 4])
+    ap.add_argument("--seg", default=str(Path(__file__).resolve().parents[1] / "src/napari_wbc/models/wbc_unet.safetensors"))
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None, help="markdown table to write")
+    a = ap.parse_args(argv)
+
+    import torch
+
+    from napari_wbc.core.models import load_model
+
+    torch.set_num_threads(a.threads)
+    windows = TC.build_windows(TC.records(), a.seg, size=96, context=1.5)
+    if a.sets == "unseen":
+        sets = {"Tecom, all (unseen)": [w for w in windows if w["source"] == "tecom"]}
+    else:
+        sets = {s: [w for w in windows if w["source"] == s.split()[0].lower() and w["split"] == "val"]
+                for s in ("Tecom val", "BCCD val")}
+    lines = [f"Command: `{wbc_data.command_line(__file__, argv)}`  ", "",
+             "| classifier | cells | adapted blocks | balanced accuracy | neutrophil | lymphocyte | monocyte | eosinophil |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name in a.classifiers:
+        net, card = load_model(name, "classifier", "cpu")
+        net = copy.deepcopy(net).float().eval()
+        if card.get("input_size") != 96 or card.get("context") != 1.5:
+            raise SystemExit(f"{name}: this measurement cuts 96 px windows at context 1.5; the card says otherwise")
+        for set_name, ws in sets.items():
+            x, probs = cell_inputs(ws, net, card)
+            for depth in [0, *a.depths]:
+                if depth:
+                    with torch.no_grad():
+                        probs = torch.softmax(adapted(net, x, depth)(x).float(), 1).numpy()
+                m = scores(ws, probs)
+                r = m["recall"]
+                lines.append(f"| {Path(name).stem} | {set_name} ({m['n']}) | {depth or 'none'} | {m['balanced_accuracy']:.3f} | "
+                             + " | ".join(f"{r[c]:.2f}" for c in ("neutrophil", "lymphocyte", "monocyte", "eosinophil")) + " |")
+                print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    if a.out:
+        Path(a.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
