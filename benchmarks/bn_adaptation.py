@@ -126,10 +126,7 @@ def main(argv=None):
                 lines.append(f"| {Path(name).stem} | {set_name} ({m['n']}) | {depth or 'none'} | {m['balanced_accuracy']:.3f} | "
                              + " | ".join(f"{r[c]:.2f}" for c in ("neutrophil", "lymphocyte", "monocyte", "eosinophil")) + " |")
                 print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
-    if a.out:
-        Path(a.out).write_text(text)
-    print(text)
+    wbc_data.finish_table(lines, a.out)
 
 
 if __name__ == "__main__":

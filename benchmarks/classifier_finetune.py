@@ -145,10 +145,7 @@ def main(argv=None):
                      + " | ".join(f"{s['recall'].get(t, float('nan')):.3f}" for t in TYPES)
                      + f" | {s['neutrophil_share']:.2f} | {'' if kept is None else 'yes' if kept else 'no'} | "
                      + ("" if secs is None else f"{secs:.0f}") + " |")
-    text = "\n".join(lines) + "\n"
-    if a.out:
-        Path(a.out).write_text(text)
-    print(text)
+    wbc_data.finish_table(lines, a.out)
 
 
 if __name__ == "__main__":

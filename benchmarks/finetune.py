@@ -79,9 +79,7 @@ def main(argv=None):
     ]
     for n, wall, improved, fa, fk in rows:
         lines.append(f"| {n} | {wall:.0f} | {'yes' if improved else 'no (base kept)'} | {fa['matched_dice']:.3f} | {fa['f1']:.3f} | {fk['matched_dice']:.3f} | {fk['f1']:.3f} |")
-    text = "\n".join(lines) + "\n"
-    Path(a.out).write_text(text)
-    print(text)
+    wbc_data.finish_table(lines, a.out)
 
 
 if __name__ == "__main__":

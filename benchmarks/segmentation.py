@@ -233,9 +233,7 @@ def main(argv=None):
         lines += ["", *big_memory(a.model)]
     if a.gpu:
         lines += ["", *gpu_speed(a.model)]
-    text = "\n".join(lines) + "\n"
-    Path(a.out).write_text(text)
-    print(text)
+    wbc_data.finish_table(lines, a.out)
 
 
 def speed(model, classic):

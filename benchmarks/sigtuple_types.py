@@ -150,10 +150,7 @@ def main(argv=None):
         for t in TYPES:
             lines.append(f"| {t} | " + " | ".join(str(sum(tt == t and q == u for tt, q in pairs[c])) for u in ALL_TYPES) + " |")
         lines.append("")
-    text = "\n".join(lines) + "\n"
-    if a.out:
-        Path(a.out).write_text(text)
-    print(text)
+    wbc_data.finish_table(lines, a.out)
 
 
 if __name__ == "__main__":

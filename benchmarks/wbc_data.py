@@ -103,3 +103,12 @@ def command_line(script, argv=None) -> str:
 
     args = sys.argv[1:] if argv is None else argv
     return " ".join(["python", f"benchmarks/{Path(script).name}", *(shlex.quote(str(x)) for x in args)])
+
+
+def finish_table(lines, out=None) -> str:
+    """A benchmark's markdown lines joined, written to ``out`` (when given) and printed."""
+    text = "\n".join(lines) + "\n"
+    if out:
+        Path(out).write_text(text)
+    print(text)
+    return text
