@@ -48,6 +48,52 @@ def _flip_tta(k: int) -> None:
     models.load_model = flipped
 
 
+def _adapt_bn(which: str) -> None:
+    """Make every segmenter that load_model returns re-estimate its batch norms on each call's own input
+    before predicting (AdaBN per window; an experiment): ``all`` of them, or ``shallow``: the encoder's
+    stem and first stage. Runs the unfolded float32 network (the shipped path folds the batch norms away)."""
+    import copy
+
+    import torch
+
+    from napari_wbc.core import models
+
+    def chosen(net):
+        return [m for n, m in net.named_modules() if isinstance(m, torch.nn.BatchNorm2d)
+                and (which == "all" or n == "encoder.model.bn1" or n.startswith("encoder.model.blocks.0."))]
+
+    class Adapted(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net.eval()
+
+        def parameters(self, recurse=True):
+            return self.net.parameters(recurse)
+
+        def forward(self, x):
+            a = copy.deepcopy(self.net)
+            for bn in chosen(a):
+                bn.reset_running_stats()
+                bn.momentum = None
+                bn.train()
+            with torch.no_grad():
+                a(x.float())
+            return a.eval()(x.float())
+
+    load = models.load_model
+
+    def adapted(model=None, kind="segmenter", device=None):
+        if kind != "segmenter":
+            return load(model, kind, device)
+        path = models.resolve_model_path(model, "segmenter")
+        card = models.read_card(path)
+        net = models.build_from_card(card, path)
+        net.load_state_dict(models.read_weights(path, card))
+        return Adapted(net.float()), card
+
+    models.load_model = adapted
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+", help="segmenter .safetensors files ('shipped' for the shipped one)")
@@ -55,6 +101,8 @@ def main(argv=None):
     ap.add_argument("--flip-tta", type=int, default=1, choices=(1, 2, 4),
                     help="test-time augmentation (not in the package): average the network's outputs over 2 "
                          "(left-right) or 4 (and up-down) flips of every window")
+    ap.add_argument("--adapt-bn", choices=("all", "shallow"), default=None,
+                    help="test-time adaptation (not in the package): re-estimate the batch norms on each window")
     a = ap.parse_args(argv)
     import torch
 
@@ -63,6 +111,8 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     if a.flip_tta > 1:
         _flip_tta(a.flip_tta)
+    if a.adapt_bn:
+        _adapt_bn(a.adapt_bn)
     sets = B.val_sets()
     print("| model | Tecom Dice / F1 (auto) | Tecom Dice / F1 (known) | SigTuple Dice / F1 (auto) | BCCD odd F1 (auto) |")
     print("|---|---|---|---|---|")
