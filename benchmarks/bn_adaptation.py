@@ -25,8 +25,6 @@ import copy
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_classifier as TC  # noqa: E402
 import wbc_data  # noqa: E402
@@ -80,12 +78,6 @@ def adapted(net, x, depth: int, batch: int = 64, seed: int = 0):
     return a.eval()
 
 
-def scores(windows, probs) -> dict:
-    from napari_wbc.core import classify as C
-
-    return TC.metrics([w["cls"] for w in windows], [C.CLASSES[i] for i in np.asarray(probs).argmax(1)])
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("classifiers", nargs="+", help="classifier files or shipped names")
@@ -102,11 +94,11 @@ def main(argv=None):
 
     torch.set_num_threads(a.threads)
     windows = TC.build_windows(TC.records(), a.seg, size=96, context=1.5)
-    if a.sets == "unseen":
-        sets = {"Tecom, all (unseen)": [w for w in windows if w["source"] == "tecom"]}
+    if a.sets == "unseen":  # name: (source, its windows)
+        sets = {"Tecom, all (unseen)": ("tecom", [w for w in windows if w["source"] == "tecom"])}
     else:
-        sets = {s: [w for w in windows if w["source"] == s.split()[0].lower() and w["split"] == "val"]
-                for s in ("Tecom val", "BCCD val")}
+        sets = {f"{name} val": (src, [w for w in windows if w["source"] == src and w["split"] == "val"])
+                for name, src in (("Tecom", "tecom"), ("BCCD", "bccd"))}
     lines = [f"Command: `{wbc_data.command_line(__file__, argv)}`  ", "",
              "| classifier | cells | adapted blocks | balanced accuracy | neutrophil | lymphocyte | monocyte | eosinophil |",
              "|---|---|---|---|---|---|---|---|"]
@@ -115,13 +107,13 @@ def main(argv=None):
         net = copy.deepcopy(net).float().eval()
         if card.get("input_size") != 96 or card.get("context") != 1.5:
             raise SystemExit(f"{name}: this measurement cuts 96 px windows at context 1.5; the card says otherwise")
-        for set_name, ws in sets.items():
+        for set_name, (src, ws) in sets.items():
             x, probs = cell_inputs(ws, net, card)
             for depth in [0, *a.depths]:
                 if depth:
                     with torch.no_grad():
                         probs = torch.softmax(adapted(net, x, depth)(x).float(), 1).numpy()
-                m = scores(ws, probs)
+                m = TC.report(ws, probs)[src]
                 r = m["recall"]
                 lines.append(f"| {Path(name).stem} | {set_name} ({m['n']}) | {depth or 'none'} | {m['balanced_accuracy']:.3f} | "
                              + " | ".join(f"{r[c]:.2f}" for c in ("neutrophil", "lymphocyte", "monocyte", "eosinophil")) + " |")
