@@ -398,6 +398,10 @@ def test_labels_saved_with_naparis_own_writer_open_as_labels(tmp_path, dtype):
     data, kwargs, kind = read(tmp_path / "corrected.tif")["corrected"]
     assert kind == "labels"
     np.testing.assert_array_equal(data, lab)
+    # every cell removed (a field with no WBC): what the user saved, labels again (to paint into), not an image
+    tifffile.imwrite(tmp_path / "empty.tif", np.zeros_like(lab))
+    data, kwargs, kind = read(tmp_path / "empty.tif")["empty"]
+    assert kind == "labels" and data.shape == lab.shape and not data.any()
     rng = np.random.default_rng(0)
     picture = (rng.normal(30000, 3000, (80, 100))).astype(np.uint16)
     picture[:, :30] = 0  # black outside the field of view

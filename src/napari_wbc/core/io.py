@@ -231,11 +231,14 @@ def looks_like_labels(arr: np.ndarray) -> bool:
     """A 2-D integer array that is a label image, not a greyscale picture: 32/64-bit integers (no camera
     stores those), or mostly 0 with flat regions of a few values (napari's own writer saves hand-drawn
     labels as 8- or 16-bit). A picture is noisy where it is not black or clipped at the camera's top
-    (2**k - 1), which is left out of the flatness test."""
+    (2**k - 1), which is left out of the flatness test. All zero is labels: a field marked as holding no
+    WBC (a picture that is black throughout shows nothing)."""
     if arr.ndim != 2 or arr.dtype.kind not in "ui" or arr.size == 0 or arr.shape[1] < 2:
         return False
     if arr.dtype.itemsize >= 4:
         return bool(arr.min() >= 0)
+    if not arr.any():
+        return True
     rows = arr[:: max(1, int(arr.size // 2_000_000))]  # whole rows: cells keep their width
     left, right = rows[:, :-1], rows[:, 1:]
     nz = left != 0
