@@ -648,11 +648,18 @@ def test_train_one_epoch(tmp_path, tiny_models, capsys, monkeypatch):
     monkeypatch.setattr(finetune, "STEPS_PER_EPOCH", 2)  # a short epoch: this tests the plumbing
     monkeypatch.setattr(finetune, "BATCH_SIZE", 2)
     _training_pairs(tmp_path / "d", mask_style="_mask")
+    field = smear(96, 96, seed=5)
+    yy, xx = np.mgrid[:96, :96]
+    field[(yy - 48) ** 2 + (xx - 48) ** 2 < 130] = (235, 225, 230)  # red cells only: a field without any WBC
+    Image.fromarray(field).save(tmp_path / "d" / "field.png")
+    Image.fromarray(np.zeros((96, 96), np.uint8)).save(tmp_path / "d" / "field_mask.png")
     out = tmp_path / "ft" / "mine.safetensors"
     rc = main(["train", str(tmp_path / "d"), str(tmp_path / "d"), "--base", str(tiny_models[0]),
                "--epochs", "1", "--out", str(out), "--device", "cpu"])
     cap = capsys.readouterr()
     assert rc == 0, cap.err
+    assert "left out, their masks hold no cell: field_mask.png" in cap.err
+    assert "training on 2 image(s), 2 cell(s)" in cap.err
     assert "epoch 1/1" in cap.err
     written = Path(cap.out.strip().splitlines()[-1])
     assert written.is_file() and written.suffix == ".safetensors"

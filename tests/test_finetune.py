@@ -51,6 +51,27 @@ def test_finetune_returns_loadable_model(tiny, tmp_path, user_dir):
     assert lab.shape == imgs[0].shape[:2]
 
 
+def test_a_field_without_any_wbc_is_left_out_with_a_warning(tiny, user_dir, monkeypatch):
+    """Labels that hold no cell were dropped without a word. Learning them as fields without any WBC was
+    tried and added false WBCs (docs/benchmarks.md): they are left out, and the user is told which."""
+    from napari_wbc.core import train as T
+
+    seen = {}
+    real = T.train_segmenter
+
+    def spy(net, card, train, val, **kw):
+        seen["samples"] = list(train) + list(val)
+        return real(net, card, train, val, **kw)
+
+    monkeypatch.setattr(T, "train_segmenter", spy)
+    imgs, labs = map(list, zip(*[_pair(i) for i in range(2)]))
+    field = np.full((64, 64, 3), 230, np.uint8)
+    with pytest.warns(UserWarning, match=r"labels\[1\] hold no cell: images\[1\] is left out"):
+        napari_wbc.finetune([imgs[0], field, imgs[1]], [labs[0], np.zeros((64, 64), np.int32), labs[1]],
+                            base=tiny, epochs=1, device="cpu")
+    assert seen["samples"] and all(s.labels.any() for s in seen["samples"])
+
+
 def test_binary_mask_and_explicit_output(tiny, tmp_path):
     img, lab = _pair(1, shape=(80, 96))
     out = tmp_path / "mine.safetensors"

@@ -357,3 +357,18 @@ def test_cells_typed_other_train_the_outlines_only_and_the_user_is_told(qtbot, t
     assert passed == [[dict(zip(ids, kinds))]]
     assert "the classifier learned the corrected types" in widget.status.text()
     assert "(2 cells typed other trained the outlines only, not the classifier)" in widget.status.text()
+
+
+def test_labels_emptied_by_hand_are_left_out_with_a_word_and_alone_are_refused(tr):
+    """An emptied labels layer among others stopped training ('hold no cell'): now it is left out, the
+    user told which; alone it is refused, named."""
+    viewer, widget, seg, lab, messages = tr
+    empty = viewer.add_labels(np.zeros(lab.data.shape, np.int32), name="no WBC here")
+    widget.set_pair(empty, "smear")
+    images, labels, names = widget._collect()
+    assert names == ["smear WBC labels"] and len(images) == len(labels) == 1 and labels[0].any()
+    assert messages[-1][0] == "show_warning" and "'no WBC here'" in messages[-1][1] and "left out" in messages[-1][1]
+    widget.set_pair(lab, "smear", use=False)
+    assert widget.train() is None and not widget.running
+    assert messages[-1][0] == "show_error"
+    assert "'no WBC here'" in messages[-1][1] and "hold no cell" in messages[-1][1]

@@ -480,6 +480,11 @@ def cmd_train(args) -> int:
     n_cells = sum(int(len(np.unique(lab)) - (lab.min() == 0)) for lab in labels)
     if n_cells == 0:
         raise UsageError(f"the masks hold no cell ({_names([m for _, m in pairs])}): nothing to learn from")
+    empty = [m for (_, m), lab in zip(pairs, labels) if not lab.any()]
+    if empty:  # a field without any WBC is not learned from (finetune would leave it out with a warning)
+        print(f"left out, their masks hold no cell: {_names(empty)}", file=sys.stderr)
+        keep = [k for k, lab in enumerate(labels) if lab.any()]
+        pairs, images, labels = [pairs[k] for k in keep], [images[k] for k in keep], [labels[k] for k in keep]
     print(f"training on {len(pairs)} image(s), {n_cells} cell(s); device {dev}", file=sys.stderr)
     t0 = time.time()
 

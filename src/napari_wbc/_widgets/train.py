@@ -306,7 +306,7 @@ class TrainWidget(CancelWhenRemoved, QWidget):
         pairs = self.pairs()
         if not pairs:
             raise ValueError("tick at least one labels layer to learn from")
-        images, labels, names = [], [], []
+        images, labels, names, empty = [], [], [], []
         for lab, img in pairs:
             if img is None:
                 raise ValueError(f"choose the image that labels {lab.name!r} belong to")
@@ -321,11 +321,18 @@ class TrainWidget(CancelWhenRemoved, QWidget):
                 raise ValueError(
                     f"labels {lab.name!r} {data.shape} and image {img.name!r} {arr.shape[:2]} differ in size"
                 )
-            if not data.any():
-                raise ValueError(f"labels {lab.name!r} hold no cell")
+            if not data.any():  # a field emptied by hand: not learned from (finetune would leave it out)
+                empty.append(lab.name)
+                continue
             images.append(arr)
             labels.append(np.array(data, copy=True))
             names.append(lab.name)
+        listed = ", ".join(repr(n) for n in empty)
+        if not images:
+            raise ValueError(f"labels {listed} hold no cell; include at least one labels layer with cells")
+        if empty:
+            show_warning(f"Train: labels {listed} hold no cell and are left out (a field without any WBC is "
+                         "not learned from)")
         return images, labels, names
 
     def _corrected_types(self, labels=None) -> list[dict] | None:

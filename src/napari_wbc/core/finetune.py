@@ -296,7 +296,8 @@ def finetune(
         A binary mask (bool, or a single non-zero value such as 0/1 or 0/255) is split
         into connected components; any other array is read as instance labels, so a
         mask file with several grey levels (a JPEG, or Tecom's 0/128/255 nucleus and
-        cytoplasm) should be read with ``napari_wbc.core.io.read_mask`` first.
+        cytoplasm) should be read with ``napari_wbc.core.io.read_mask`` first. An image
+        whose labels hold no cell is left out, with a warning.
     base : None (shipped model) or a model path to start from.
     epochs : None = 12 (1 epoch = 25 steps of 8 crops, scored on the hold-out after each).
     device : None/"auto", "cpu", "cuda", "mps".
@@ -356,7 +357,10 @@ def finetune(
         ids = label_areas(lab)[0]  # (no sort of a big smear's labels)
         if cell_types is not None and isinstance(cell_types[i], dict) and cell_types[i]:
             _check_typed_ids(cell_types[i], ids, i)  # now, not after minutes of training the segmenter
-        if len(ids) == 0:
+        if len(ids) == 0:  # said, not silently dropped (fine-tuning on such fields added false WBCs:
+            # docs/benchmarks.md, "Fields without any WBC as corrections")
+            warnings.warn(f"labels[{i}] hold no cell: images[{i}] is left out (a field without any WBC is "
+                          "not learned from)", stacklevel=2)
             continue
         n_cells += len(ids)
         samples.append(make_sample(rgb, lab, name=f"image {i}"))
