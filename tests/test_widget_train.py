@@ -210,7 +210,7 @@ def test_a_classifier_trained_with_the_types_is_offered_in_classify(qtbot, tr, u
     monkeypatch.setattr(cf, "finetune_classifier", fake_classifier)
     ids = [int(i) for i in np.unique(lab.data) if i > 0]
     kinds = ["lymphocyte", "lymphocyte", "neutrophil", "monocyte"]  # enough to hold some out
-    monkeypatch.setattr(widget, "_corrected_types", lambda labels=None: [dict(zip(ids, kinds))])
+    monkeypatch.setattr(widget, "_corrected_types", lambda labels=None, layers=None: [dict(zip(ids, kinds))])
     _, cls = viewer.window.add_plugin_dock_widget(PLUGIN, "Classify WBCs")
     widget.auto_epochs.setChecked(False)
     widget.epochs.setValue(1)
@@ -234,7 +234,7 @@ def test_types_too_few_to_check_are_not_learned_and_the_user_is_told(qtbot, tr, 
     viewer, widget, seg, lab, messages = tr
     ids = [int(i) for i in np.unique(lab.data) if i > 0]
     kinds = ["neutrophil", "lymphocyte", "monocyte", "eosinophil"]  # one of each: none can be held out
-    monkeypatch.setattr(widget, "_corrected_types", lambda labels=None: [dict(zip(ids, kinds))])
+    monkeypatch.setattr(widget, "_corrected_types", lambda labels=None, layers=None: [dict(zip(ids, kinds))])
     widget.auto_epochs.setChecked(False)
     widget.epochs.setValue(1)
     widget.train()
@@ -362,11 +362,19 @@ def test_cells_typed_other_train_the_outlines_only_and_the_user_is_told(qtbot, t
 def test_labels_emptied_by_hand_are_left_out_with_a_word_and_alone_are_refused(tr):
     """An emptied labels layer among others stopped training ('hold no cell'): now it is left out, the
     user told which; alone it is refused, named."""
+    import pandas as pd
+
     viewer, widget, seg, lab, messages = tr
+    ids = [int(i) for i in np.unique(lab.data) if i > 0]
+    lab.features = pd.DataFrame({"index": ids, "label": ids, "cell_type": ["lymphocyte"] * len(ids),
+                                 "corrected": [True] * len(ids)})
     empty = viewer.add_labels(np.zeros(lab.data.shape, np.int32), name="no WBC here")
     widget.set_pair(empty, "smear")
-    images, labels, names = widget._collect()
+    images, labels, names, layers = widget._collect()
     assert names == ["smear WBC labels"] and len(images) == len(labels) == 1 and labels[0].any()
+    assert layers == [lab]  # the corrected types go with the labels trained on, one mapping each
+    types = widget._corrected_types(labels, layers)
+    assert types is None if len(ids) < 4 else types == [{i: "lymphocyte" for i in ids}]
     assert messages[-1][0] == "show_warning" and "'no WBC here'" in messages[-1][1] and "left out" in messages[-1][1]
     widget.set_pair(lab, "smear", use=False)
     assert widget.train() is None and not widget.running

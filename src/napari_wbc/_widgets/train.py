@@ -302,11 +302,12 @@ class TrainWidget(CancelWhenRemoved, QWidget):
         return self.worker is not None
 
     def _collect(self):
-        """``(images, labels, names)`` of the included pairs, or raise ValueError saying what is wrong."""
+        """``(images, labels, names, layers)`` of the included pairs whose labels hold a cell (the others are
+        left out, with a notification), or raise ValueError saying what is wrong."""
         pairs = self.pairs()
         if not pairs:
             raise ValueError("tick at least one labels layer to learn from")
-        images, labels, names, empty = [], [], [], []
+        images, labels, names, layers, empty = [], [], [], [], []
         for lab, img in pairs:
             if img is None:
                 raise ValueError(f"choose the image that labels {lab.name!r} belong to")
@@ -327,24 +328,26 @@ class TrainWidget(CancelWhenRemoved, QWidget):
             images.append(arr)
             labels.append(np.array(data, copy=True))
             names.append(lab.name)
+            layers.append(lab)
         listed = ", ".join(repr(n) for n in empty)
         if not images:
             raise ValueError(f"labels {listed} hold no cell; include at least one labels layer with cells")
         if empty:
             show_warning(f"Train: labels {listed} hold no cell and are left out (a field without any WBC is "
                          "not learned from)")
-        return images, labels, names
+        return images, labels, names, layers
 
-    def _corrected_types(self, labels=None) -> list[dict] | None:
-        """Per included pair ``{label: type}`` of the cells whose type was corrected by hand and that
-        the labels (``labels``: the arrays about to be trained on, else the layers') still hold. Cells
-        typed ``other`` are in it (finetune leaves them out of the classifier's examples).
+    def _corrected_types(self, labels=None, layers=None) -> list[dict] | None:
+        """Per included pair (``layers``: the labels layers about to be trained on, in order, else the
+        ticked ones) ``{label: type}`` of the cells whose type was corrected by hand and that the labels
+        (``labels``: those layers' arrays, else the layers') still hold. Cells typed ``other`` are in it
+        (finetune leaves them out of the classifier's examples).
 
         None when fewer than 4 corrected cells of the classifier's types exist in all (too few to learn
         types from).
         """
         out = []
-        for k, (lab, _) in enumerate(self.pairs()):
+        for k, lab in enumerate(layers if layers is not None else [lab for lab, _ in self.pairs()]):
             f = lab.features
             types = {}
             if {"corrected", "cell_type"} <= set(f.columns):
@@ -364,7 +367,7 @@ class TrainWidget(CancelWhenRemoved, QWidget):
         if self.running:
             return None
         try:
-            images, labels, names = self._collect()
+            images, labels, names, layers = self._collect()
         except ValueError as e:
             show_error(error_message("Train", e))
             return None
@@ -373,7 +376,7 @@ class TrainWidget(CancelWhenRemoved, QWidget):
             show_error("Train: no model to start from (the shipped model is missing); choose one with 'Browse...'")
             return None
         epochs = None if self.auto_epochs.isChecked() else int(self.epochs.value())
-        cell_types = self._corrected_types(labels)
+        cell_types = self._corrected_types(labels, layers)
         types_note = None
         if cell_types is not None:
             from napari_wbc.core.classifier_finetune import check_cell_types
