@@ -31,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import empty_fields  # noqa: E402
+import segmentation  # noqa: E402
 import wbc_data  # noqa: E402
 
 
@@ -84,18 +85,15 @@ def keep_all():
 
 
 def score(model) -> dict:
+    """False WBCs on ``empty_fields.py``'s two sets, as ``(fields, cells)``, and BCCD odd-image detection
+    (``segmentation.eval_bccd``), all with the diameter estimated."""
     import napari_wbc
-    from napari_wbc.core.metrics import label_boxes, match_boxes, summarise
 
     res = {}
     for name, gen in (("BCCD fields", empty_fields.bccd_windows()), ("SigTuple fields", empty_fields.sigtuple_windows())):
-        n = k = 0
-        for _key, rgb in gen:
-            n, k = n + 1, k + int(napari_wbc.segment(rgb, model=model, device="cpu").max())
-        res[name] = (n, k)
-    r = [match_boxes(boxes, label_boxes(napari_wbc.segment(rgb, model=model, device="cpu")))
-         for _p, rgb, boxes in wbc_data.bccd_with_boxes("val")]
-    res["BCCD odd"] = summarise(r)
+        n, _hit, cells = empty_fields.false_wbcs(gen, model)
+        res[name] = (n, cells)
+    res["BCCD odd"] = segmentation.eval_bccd(lambda rgb, _d: napari_wbc.segment(rgb, model=model, device="cpu"), "odd")
     return res
 
 

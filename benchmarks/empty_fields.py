@@ -49,6 +49,21 @@ def sigtuple_windows(win: int = 300, step: int = 150, clear: int = 30):
                     yield f"{img.stem} y{y} x{x}", rgb[y : y + win, x : x + win]
 
 
+def false_wbcs(fields, model=None, found=None):
+    """``(fields, fields with a finding, cells found)`` by segment() with ``diameter=None`` over ``fields``
+    (``(key, rgb)`` pairs); ``found(key, rgb, labels)`` is called for each field with a finding."""
+    from napari_wbc import segment
+
+    n = hit = cells = 0
+    for key, rgb in fields:
+        lab = segment(rgb, model=model, device="cpu")
+        k = int(lab.max())
+        n, hit, cells = n + 1, hit + (k > 0), cells + k
+        if k and found is not None:
+            found(key, rgb, lab)
+    return n, hit, cells
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="segmenter file (default: the shipped one)")
@@ -56,8 +71,6 @@ def main(argv=None):
     ap.add_argument("--save", default=None, help="folder for outlined windows with a finding")
     a = ap.parse_args(argv)
     import torch
-
-    from napari_wbc import segment
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -72,18 +85,16 @@ def main(argv=None):
     print("|---|---|---|---|---|")
     for name, fields in (("BCCD odd, 240 px windows and WBC-free images", bccd_windows()),
                          ("SigTuple validation smear, 300 px windows", sigtuple_windows())):
-        n = hit = cells = 0
         found = []
-        for key, rgb in fields:
-            lab = segment(rgb, model=a.model, device="cpu")
-            k = int(lab.max())
-            n, hit, cells = n + 1, hit + (k > 0), cells + k
-            if k:
-                found.append(key)
-                if save:
-                    out = rgb.copy()
-                    out[find_boundaries(lab)] = (0, 255, 0)
-                    imsave(save / (key.replace(" ", "_") + ".png"), out, check_contrast=False)
+
+        def note(key, rgb, lab):
+            found.append(key)
+            if save:
+                out = rgb.copy()
+                out[find_boundaries(lab)] = (0, 255, 0)
+                imsave(save / (key.replace(" ", "_") + ".png"), out, check_contrast=False)
+
+        n, hit, cells = false_wbcs(fields, a.model, note)
         print(f"| {name} | {n} | {hit} ({hit / max(n, 1):.0%}) | {cells} | {cells / max(n, 1):.2f} |", flush=True)
         if found:
             print("  with findings: " + ", ".join(found), file=sys.stderr)
