@@ -16,7 +16,9 @@ Two questions, two sets (cell masks from ``--seg``, as ``train_classifier.py``):
     python benchmarks/bn_adaptation.py --sets unseen NO_TECOM.safetensors [...] --depths 1 2 3 4
     python benchmarks/bn_adaptation.py --sets indomain wbc_classifier --depths 1 2 3 4
 
-Not a feature of napari-wbc: see docs/benchmarks.md ("Adapting batch norms to an unseen lab") for why.
+``--balance`` measures the class-balanced adaptation that napari-wbc ships as ``adapt_classifier`` (first
+block only); plain AdaBN was not adopted. See docs/benchmarks.md ("Two tries at an unseen lab without any
+corrections" and "Adapting to a lab's stain from its own cells").
 """
 from __future__ import annotations
 
@@ -49,33 +51,12 @@ def cell_inputs(windows, net, card):
     return torch.cat(rec.seen), probs
 
 
-def batch_norms(net, depth: int):
-    """The BatchNorm layers of the first ``depth`` convolution blocks of each SmallCNN in ``net``."""
-    from torch import nn
+def adapted(net, x, depth: int):
+    """Plain AdaBN: a copy of ``net`` whose first ``depth`` blocks' batch norms hold the statistics of
+    all of ``x``, unweighted (napari_wbc.core.adapt's re-estimation, seed 0)."""
+    from napari_wbc.core.adapt import _statistics
 
-    out = []
-    for member in getattr(net, "members", [net]):
-        blocks = [m for m in member.features if isinstance(m, nn.Sequential)]
-        for block in blocks[:depth]:
-            out += [m for m in block if isinstance(m, nn.BatchNorm2d)]
-    return out
-
-
-def adapted(net, x, depth: int, batch: int = 64, seed: int = 0):
-    """A copy of ``net`` whose first ``depth`` blocks' batch norms hold the statistics of ``x`` (cumulative
-    average over batches of ``batch`` cells in a fixed random order; the rest of the network as trained)."""
-    import torch
-
-    a = copy.deepcopy(net).eval()
-    for bn in batch_norms(a, depth):
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average
-        bn.train()
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        for i in range(0, len(x), batch):
-            a(x[order[i:i + batch]])
-    return a.eval()
+    return _statistics(net, x, depth, 0, None)
 
 
 def main(argv=None):
@@ -84,12 +65,17 @@ def main(argv=None):
     ap.add_argument("--sets", choices=["unseen", "indomain"], required=True)
     ap.add_argument("--depths", type=int, nargs="+", default=[1, 2, 3, 4])
     ap.add_argument("--seg", default=str(Path(__file__).resolve().parents[1] / "src/napari_wbc/models/wbc_unet.safetensors"))
+    ap.add_argument("--balance", action="store_true",
+                    help="class-balanced adaptation as napari_wbc.adapt_classifier does it (cells weighted by "
+                         "their predicted types, 3 rounds), instead of plain AdaBN")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="markdown table to write")
     a = ap.parse_args(argv)
 
     import torch
 
+    from napari_wbc.core.adapt import adapted_network
+    from napari_wbc.core.classify import CLASSES
     from napari_wbc.core.models import load_model
 
     torch.set_num_threads(a.threads)
@@ -112,7 +98,9 @@ def main(argv=None):
             for depth in [0, *a.depths]:
                 if depth:
                     with torch.no_grad():
-                        probs = torch.softmax(adapted(net, x, depth)(x).float(), 1).numpy()
+                        a_net = (adapted_network(net, x, card.get("classes") or CLASSES, depth=depth) if a.balance
+                                 else adapted(net, x, depth))
+                        probs = torch.softmax(a_net(x).float(), 1).numpy()
                 m = TC.report(ws, probs)[src]
                 r = m["recall"]
                 lines.append(f"| {Path(name).stem} | {set_name} ({m['n']}) | {depth or 'none'} | {m['balanced_accuracy']:.3f} | "

@@ -77,6 +77,9 @@ def main(argv=None):
     ap.add_argument("--classifier", nargs="+", default=["wbc_classifier", "wbc_classifier_stain_robust"],
                     help="classifiers to compare: shipped names or files")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--adapt", action="store_true",
+                    help="also each classifier adapted to these smears' stain (napari_wbc.adapt_classifier on all "
+                         "the segmented cells), as '<name> adapted'")
     ap.add_argument("--sheets", default=None, help="folder for the contact sheets the reading was made from")
     ap.add_argument("--out", default=None, help="markdown table to write")
     a = ap.parse_args(argv)
@@ -92,8 +95,7 @@ def main(argv=None):
     reading = read_reading()
     folder = wbc_data.DATA / "sigtuple/unlabeled"
     # per classifier: (true, predicted) for read cells; predicted type of every segmented cell
-    pairs = {c: [] for c in a.classifier}
-    counts = {c: dict.fromkeys(ALL_TYPES, 0) for c in a.classifier}
+    fields = []  # (rgb, labels, {label: read type}) of each smear
     missed, crops = 0, []
     for name in sorted(reading):
         rgb = to_rgb(read_image(folder / name))
@@ -112,10 +114,24 @@ def main(argv=None):
             missed += lab == 0
             if lab:
                 found[lab] = t
-        if not labels.max():
-            continue
+        if labels.max():
+            fields.append((rgb, labels, found))
+    models = {c: c for c in a.classifier}
+    if a.adapt:
+        import tempfile
+
+        from napari_wbc.core.adapt import adapt_classifier
+
+        tmp = tempfile.mkdtemp(prefix="wbc_adapt_")
         for c in a.classifier:
-            table = classify(rgb, labels, model=c)
+            models[f"{c} adapted"] = adapt_classifier([f[0] for f in fields], [f[1] for f in fields], model=c,
+                                                      output=Path(tmp) / f"{Path(c).stem}_adapted.safetensors")
+    # per classifier: (true, predicted) for read cells; predicted type of every segmented cell
+    pairs = {c: [] for c in models}
+    counts = {c: dict.fromkeys(ALL_TYPES, 0) for c in models}
+    for rgb, labels, found in fields:
+        for c, m in models.items():
+            table = classify(rgb, labels, model=m)
             predicted = dict(zip(table["label"].astype(int), table["cell_type"]))
             for t in predicted.values():
                 counts[c][t] = counts[c].get(t, 0) + 1
@@ -132,7 +148,7 @@ def main(argv=None):
              "| classifier | typed cells | accuracy | " + " | ".join(f"{t} recall" for t in TYPES)
              + " | mean recall | count over all segmented cells (N / L / M / E / B) |",
              "|---|---|---|" + "---|" * len(TYPES) + "---|---|"]
-    for c in a.classifier:
+    for c in models:
         p = pairs[c]
         acc = np.mean([t == q for t, q in p]) if p else float("nan")
         rec = []
@@ -145,7 +161,7 @@ def main(argv=None):
         lines.append(f"| {c} | {len(p)} | {acc:.3f} | " + " | ".join(f"{k}/{n}" for k, n in rec)
                      + f" | {mean:.3f} | {cnt} |")
     lines += ["", "Confusion (rows: the reading; columns: predicted):", ""]
-    for c in a.classifier:
+    for c in models:
         lines += [f"{c}:", "", "| read \\ predicted | " + " | ".join(ALL_TYPES) + " |", "|---|" + "---|" * len(ALL_TYPES)]
         for t in TYPES:
             lines.append(f"| {t} | " + " | ".join(str(sum(tt == t and q == u for tt, q in pairs[c])) for u in ALL_TYPES) + " |")

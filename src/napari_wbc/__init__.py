@@ -8,9 +8,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "segment", "classify", "finetune"]
+__all__ = ["__version__", "segment", "classify", "finetune", "adapt_classifier"]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .core.adapt import adapt_classifier
     from .core.classify import classify
     from .core.finetune import finetune
     from .core.segment import segment
@@ -19,6 +20,7 @@ _LAZY = {
     "segment": "napari_wbc.core.segment",
     "classify": "napari_wbc.core.classify",
     "finetune": "napari_wbc.core.finetune",
+    "adapt_classifier": "napari_wbc.core.adapt",
 }
 
 

@@ -1,4 +1,4 @@
-"""The headless command-line tool: ``napari-wbc segment | train | demo``.
+"""The headless command-line tool: ``napari-wbc segment | train | adapt | demo``.
 
 Exit status: 0 success; 1 some images failed (``segment``) or the work failed;
 2 bad arguments or inputs (nothing was done); 130 interrupted.
@@ -135,6 +135,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on the pairs found even if some images or masks have no partner")
     t.set_defaults(func=cmd_train)
 
+    a = sub.add_parser(
+        "adapt",
+        help="adapt the classifier to a lab's stain from the cells of its smears (no types needed)",
+        description=(
+            "Segment every image, then re-estimate the classifier's first batch norms on all the cells\n"
+            "found, each weighted by its predicted type, and write a new classifier (.safetensors +\n"
+            ".json card). No cell needs a type. Give the smears of one lab or staining run, at least\n"
+            "50 WBCs in all; then type them with 'napari-wbc segment ... --classifier FILE'. An option\n"
+            "for stains unlike the training sets' (docs/models.md): check its calls on cells you know."
+        ),
+        formatter_class=fmt,
+    )
+    a.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of them (as for segment)")
+    a.add_argument("--recursive", "-r", action="store_true", help="also look in sub-folders of folder PATHs")
+    a.add_argument("--classifier", metavar="FILE",
+                   help="classifier to adapt: a .safetensors file or a shipped name (default: wbc_classifier)")
+    a.add_argument("--model", metavar="FILE", help="segmenter that finds the cells (default: the shipped model)")
+    a.add_argument("--diameter", type=_diameter, metavar="PX",
+                   help="expected WBC diameter in pixels (default: estimated per image)")
+    a.add_argument("--out", "-o", metavar="FILE",
+                   help="new classifier file (.safetensors; never overwritten), or an existing folder for a new "
+                        "dated file in it. Default: a new dated file in the user's napari-wbc data folder")
+    a.add_argument("--device", default="auto", metavar="D", help="auto, cpu, cuda, mps, for segmenting (default: auto)")
+    a.set_defaults(func=cmd_adapt)
+
     d = sub.add_parser(
         "demo",
         help="segment and type the bundled sample smear and print its differential count",
@@ -165,7 +190,8 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         _err({"cmd_segment": "interrupted; finished images are kept, re-run the same command to go on",
-              "cmd_train": "interrupted; no model was written"}.get(getattr(args.func, "__name__", ""), "interrupted"))
+              "cmd_train": "interrupted; no model was written",
+              "cmd_adapt": "interrupted; no model was written"}.get(getattr(args.func, "__name__", ""), "interrupted"))
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # stdout closed by the reader (``napari-wbc demo | head``): not an error of ours
         import os
@@ -514,6 +540,69 @@ def cmd_train(args) -> int:
             _err(str(w.message))
     print(str(path))
     return EXIT_OK
+
+
+# ------------------------------------------------------------------ adapt
+def cmd_adapt(args) -> int:
+    import time
+
+    from .core import batch
+    from .core.io import ImageReadError, read_image
+
+    model = _check_model(args.model, "segmenter", "--model")
+    classifier = _check_model(args.classifier, "classifier", "--classifier")
+    from .core.adapt import MIN_CELLS, AdaptJob
+
+    try:
+        job = AdaptJob(model=classifier, output=args.out)
+    except ValueError as e:
+        raise UsageError(str(e)) from None  # (names the output file or the classifier)
+    _check_writable_folder(job.out_path.parent, "--out")
+    dev = _check_device(args.device)
+    files, notes = batch.collect_images(args.paths, recursive=args.recursive)
+    for n in notes:
+        _err(n)
+    if not files:
+        raise UsageError(f"no image files ({', '.join(batch.IMAGE_SUFFIXES)}) found in {' '.join(args.paths)}")
+    import numpy as np
+
+    from . import segment
+    from .core.classifier_finetune import cells_inputs
+
+    t0 = time.time()
+    xs, n_images, failed = [], 0, []
+    for k, f in enumerate(files, 1):
+        try:
+            image = read_image(f)
+            labels = segment(image, model=model, device=dev, diameter=args.diameter)
+            x = cells_inputs([image], [labels], job.card)
+        except (ImageReadError, ValueError) as e:
+            _err(f"{f}: left out ({e})")
+            failed.append(f)
+            continue
+        n_images += 1
+        if len(x):
+            xs.append(x)
+        print(f"[{k}/{len(files)}] {Path(f).name}: {len(x)} WBC(s)", file=sys.stderr, flush=True)
+    n_cells = sum(len(x) for x in xs)
+    if n_cells < MIN_CELLS:
+        _err(f"found {n_cells} WBC(s) in {n_images} image(s); adapting to a stain needs at least {MIN_CELLS}: "
+             "give more smears of the lab")
+        return EXIT_FAILED
+    try:
+        path = job.run(np.concatenate(xs), n_images=n_images)
+    except (ValueError, OSError) as e:  # FileExistsError: a name taken meanwhile
+        _err(f"adapting failed: {e}")
+        return EXIT_FAILED
+    from .core.models import read_card
+
+    ft = read_card(path)["finetune"]
+    show = lambda c: " / ".join(f"{v} {k}" for k, v in c.items() if v)  # noqa: E731
+    _err(f"{n_cells} WBCs from {n_images} image(s) in {time.time() - t0:.0f} s; their types by the classifier "
+         f"before: {show(ft['types_before'])}; adapted: {show(ft['types_after'])}")
+    _err(f"type them with: napari-wbc segment PATH... --out DIR --classifier {shlex.quote(str(path))}")
+    print(str(path))
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 # ------------------------------------------------------------------ demo

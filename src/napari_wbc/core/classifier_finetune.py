@@ -42,33 +42,52 @@ def check_cell_types(cell_types, card) -> None:
             "be far worse and nothing would show it)")
 
 
-def _cell_inputs(images, labels, cell_types, card):
-    """Network inputs (N x 4 x S x S) and class indices of every typed cell but those typed ``other``
-    (types checked by :func:`check_cell_types`)."""
+def cells_inputs(images, labels, card, ids=None, *, should_stop=None, progress=None, stopped=None) -> np.ndarray:
+    """Network inputs (N x C x S x S, float32) of cells of ``images``, as :func:`~.classify.classify`
+    makes them for ``card``'s classifier: per image the ids ``ids[i]`` (sorted; None or ``ids=None``:
+    every labelled cell; an empty list: none). ``should_stop`` is asked per image (``stopped()`` gives
+    the exception to raise); ``progress(done, total)`` after each image."""
     from .classify import _check_labels, _regions, cell_input, image_normaliser, input_settings
     from .segment import check_image
 
-    classes = _card_classes(card)
     settings, norm_spec = input_settings(card)
-    xs, ys = [], []
-    for i, (im, lab, types) in enumerate(zip(images, labels, cell_types)):
-        types = {k: t for k, t in (types or {}).items() if t != OTHER}  # (not one of the classifier's types)
-        if not types:
-            continue
-        rgb = check_image(im)
-        lab = np.asarray(lab)
-        if lab.shape != rgb.shape[:2]:
-            raise ValueError(f"labels[{i}] has shape {lab.shape} but images[{i}] is {rgb.shape[:2]}")
-        lab = _check_labels(lab, rgb.shape[:2])  # integers as they are (an int64 copy of a big layer: 8 B/px)
-        norm = image_normaliser(rgb, norm_spec)
-        ids, slices, areas = _regions(lab, [int(k) for k in types])
-        for j, cid in enumerate(ids):
-            xs.append(cell_input(rgb, norm, lab, int(cid), slices[j], areas[j], **settings))
-            t = types.get(int(cid), types.get(str(int(cid))))
-            ys.append(classes.index(t))
+    xs = []
+    for i, (im, lab) in enumerate(zip(images, labels)):
+        if should_stop is not None and should_stop():
+            raise stopped()
+        want = None if ids is None else ids[i]
+        if want is None or len(want):
+            try:
+                rgb = check_image(im)
+            except ValueError as e:
+                raise ValueError(f"images[{i}]: {e}") from None
+            lab = np.asarray(lab)
+            if lab.shape != rgb.shape[:2]:
+                raise ValueError(f"labels[{i}] has shape {lab.shape} but images[{i}] is {rgb.shape[:2]}")
+            lab = _check_labels(lab, rgb.shape[:2])  # integers as they are (an int64 copy of a big layer: 8 B/px)
+            found, slices, areas = _regions(lab, want)
+            if len(found):
+                norm = image_normaliser(rgb, norm_spec)
+                xs += [cell_input(rgb, norm, lab, int(cid), slices[j], areas[j], **settings)
+                       for j, cid in enumerate(found)]
+        if progress is not None:
+            progress(i + 1, len(images))
     if not xs:
+        return np.zeros((0, 0, 0, 0), np.float32)
+    return np.stack(xs).astype(np.float32)
+
+
+def _cell_inputs(images, labels, cell_types, card):
+    """Network inputs (N x 4 x S x S) and class indices of every typed cell but those typed ``other``
+    (types checked by :func:`check_cell_types`)."""
+    classes = _card_classes(card)
+    typed = [{int(k): t for k, t in (types or {}).items() if t != OTHER} for types in cell_types]
+    ids = [sorted(t) for t in typed]
+    x = cells_inputs(images, labels, card, ids)
+    if not len(x):
         raise ValueError("cell_types names no cell; expected {label: type} for at least one labelled cell")
-    return np.stack(xs).astype(np.float32), np.asarray(ys, np.int64)
+    ys = [classes.index(t[k]) for t, i in zip(typed, ids) for k in i]
+    return x, np.asarray(ys, np.int64)
 
 
 def _augment(x, rng):
