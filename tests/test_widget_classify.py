@@ -441,3 +441,54 @@ def test_undo_does_not_type_a_cell_of_a_new_segmentation(qtbot, cls):
     row = lab.features.set_index("label").loc[2]
     assert not isinstance(row.get("cell_type"), str)
     assert "changed since" in widget.status.text()
+
+
+def test_adapt_to_the_open_smears_makes_and_chooses_a_new_classifier(qtbot, cls, tiny_classifier, monkeypatch,
+                                                                     user_models):
+    """Every segmented smear in the viewer gives its cells; the new file is chosen; the base is untouched."""
+    from napari_wbc.core import adapt
+
+    viewer, widget, lab = cls
+    image, labels = viewer.layers["smear"].data, lab.data
+    viewer.add_image(image[::-1].copy(), name="second", rgb=True)
+    viewer.add_labels(labels[::-1].copy(), name="second WBC labels", metadata={"napari_wbc": {"image_layer": "second"}})
+    assert [(a.name, b.name) for a, b in widget._adapt_pairs()] == [("smear WBC labels", "smear"),
+                                                                     ("second WBC labels", "second")]
+    before = tiny_classifier.read_bytes()
+    monkeypatch.setattr(adapt, "MIN_CELLS", 50)
+    assert widget.adapt() is not None  # 8 cells: refused with the count, nothing written
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT)
+    assert widget.status.text() == "failed" and not list(user_models.glob("*.safetensors"))
+    monkeypatch.setattr(adapt, "MIN_CELLS", 8)
+    assert widget.adapt() is not None
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT)
+    made = list(user_models.glob("wbc_classifier_adapted*.safetensors"))
+    assert len(made) == 1 and widget.model_combo.model_path() == made[0]
+    assert "adapted on 8 cells of 2 smear(s)" in widget.status.text()
+    assert tiny_classifier.read_bytes() == before
+    run(qtbot, widget)  # the adapted classifier types the cells (of the newest labels layer, now followed)
+    typed = widget.labels_layer.features
+    assert widget.labels_layer.name == "second WBC labels"
+    assert set(typed["cell_type"]) <= set(CLASSES) and len(typed) == 4
+
+
+def test_adapt_cancel_writes_nothing(qtbot, cls, monkeypatch, user_models):
+    from napari_wbc.core import adapt
+
+    viewer, widget, lab = cls
+    monkeypatch.setattr(adapt, "MIN_CELLS", 4)
+    widget._adapt_stop.set()  # (a stale flag from before is not what stops the run: each run has its own)
+    started = []
+    real = adapt.adapted_network
+
+    def slow(*a, **kw):  # cancel while the statistics are re-estimated
+        started.append(1)
+        widget.cancel()
+        return real(*a, **kw)
+
+    monkeypatch.setattr(adapt, "adapted_network", slow)
+    assert widget.adapt() is not None
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT)
+    assert started and widget.status.text() == "cancelled; no model was written"
+    assert not list(user_models.glob("*.safetensors"))
+    assert widget.buttons.run.isEnabled() and widget.adapt_button.isEnabled()

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from qtpy.QtCore import QEvent, QSize, Qt, Signal
+from qtpy.QtCore import QEvent, QObject, QSize, Qt, Signal
 from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
@@ -362,6 +362,12 @@ def _user_models(kind: str) -> list[Path]:
         return finetune.list_user_models(kind)
     except OSError:
         return []
+
+
+class ProgressRelay(QObject):
+    """Carries a worker's progress callback ``(done, total, info)`` to the GUI thread."""
+
+    progressed = Signal(int, int, object)
 
 
 class ModelCombo(QComboBox):

@@ -7,6 +7,7 @@ at the cell centroids. The network work is
 """
 from __future__ import annotations
 
+import threading
 import weakref
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from napari_wbc.core.classify import CELL_TYPES, CLASSES, OTHER, percentages
 from napari_wbc.core.segment import cell_features, merge_measured, remeasure
 
 from ._common import (
+    ProgressRelay,
     scroll_layout,
     CancelWhenRemoved,
     META_KEY,
@@ -319,6 +321,15 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
         self.cell_info = QLabel("")
         self.export_button = QPushButton("Export CSV...")
         self.export_button.clicked.connect(self._on_export)
+        self.adapt_button = QPushButton("Adapt to the open smears' stain")
+        self.adapt_button.setToolTip(
+            "a new classifier for a stain unlike the training sets': the chosen model's first batch norms "
+            "re-estimated on every segmented cell open in the viewer (at least 50; no type needed). It is "
+            "chosen as the model when done: Classify again, and check its calls on cells you know")
+        self.adapt_button.clicked.connect(lambda: self.adapt())
+        self._adapt_stop = threading.Event()
+        self._relay = ProgressRelay(self)
+        self._relay.progressed.connect(self._on_adapt_progress)
 
         form = QFormLayout()
         form.addRow("labels", self.labels_combo)
@@ -343,6 +354,7 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
         lay.addWidget(self.cell_info)
         lay.addWidget(self.review_button)
         lay.addWidget(self.export_button)
+        lay.addWidget(self.adapt_button)
         lay.addStretch(1)
 
         self._sync_timer = QTimer(self)
@@ -640,7 +652,96 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
 
     def cancel(self) -> None:
         if self.worker is not None:
+            self._adapt_stop.set()  # (an adaptation's work asks this; a classification stops at its next batch)
             self.worker.quit()
+
+    def _adapt_pairs(self) -> list:
+        """(labels layer, image layer) of every segmented smear in the viewer: each labels layer with the
+        image it was made from (the chosen labels layer with the chosen image when it has none)."""
+        pairs = []
+        for lyr in self.viewer.layers:
+            if isinstance(lyr, Labels):
+                img = paired_image(self.viewer, lyr) or (self.image_combo.layer() if lyr is self._layer else None)
+                if img is not None:
+                    pairs.append((lyr, img))
+        return pairs
+
+    def adapt(self):
+        """Adapt the chosen classifier to the stain of every segmented smear open in the viewer (a new
+        model file, chosen when done); returns the worker."""
+        if self.running:
+            return None
+        model = self.model_combo.model_path()
+        if model is None:
+            show_error("Adapt: no classifier model to adapt; choose a model file with 'Browse...'")
+            return None
+        pairs = self._adapt_pairs()
+        if not pairs:
+            show_error("Adapt: no segmented smear in the viewer (segment some smears of the lab first)")
+            return None
+        images, labels = [], []
+        for lyr, img in pairs:
+            image = layer_level0(img)  # a lazy image is loaded by the worker
+            lab = np.array(layer_image(lyr), copy=True)  # the user may paint while this runs
+            if image.shape[:2] != lab.shape[-2:] or lab.ndim != 2:
+                show_error(f"Adapt: labels {lyr.name!r} {lab.shape} and image {img.name!r} {image.shape[:2]} "
+                           "do not have the same 2-D shape")
+                return None
+            images.append(image)
+            labels.append(lab)
+        self._adapt_stop = stop = threading.Event()
+        relay = self._relay
+        self.destroyed.connect(stop.set)
+
+        def progress(done, total, stage):
+            try:
+                relay.progressed.emit(int(done), int(total), stage)
+            except RuntimeError:  # the widget was closed: stop, writing nothing
+                stop.set()
+
+        self.buttons.set_busy(True)
+        self.adapt_button.setEnabled(False)
+        self.progress.setRange(0, 0)
+        self.status.setText(f"adapting {Path(model).stem} to the cells of {len(pairs)} smear(s)...")
+        self.worker = start_worker(
+            _adapt_job, images, labels, model=model, progress=progress, should_stop=stop.is_set,
+            on_return=self._on_adapted, on_error=self._on_adapt_error, on_finish=self._on_adapt_finish,
+            owner=self,
+        )
+        return self.worker
+
+    def _on_adapt_progress(self, done: int, total: int, stage) -> None:
+        self.progress.setRange(0, max(total, 1))
+        self.progress.setValue(done)
+        self.progress.setFormat(f"{'cells of smear' if stage == 'cells' else 'round'} {done}/{total}")
+
+    def _on_adapted(self, path) -> None:
+        from napari_wbc.core.models import read_card
+
+        ft = read_card(path).get("finetune", {})
+        show = lambda c: ", ".join(f"{v} {k}" for k, v in (c or {}).items() if v)  # noqa: E731
+        self.model_combo.add_model(path, select=True)
+        self.status.setText(f"adapted on {ft.get('n_cells')} cells of {ft.get('n_images')} smear(s): "
+                            f"{Path(path).stem}, now the model (Classify to type with it). Its calls on these "
+                            f"cells: {show(ft.get('types_after'))} (before: {show(ft.get('types_before'))})")
+
+    def _on_adapt_error(self, exc) -> None:
+        from napari_wbc.core.adapt import AdaptCancelled
+
+        if isinstance(exc, AdaptCancelled):
+            self.status.setText("cancelled; no model was written")
+            return
+        self.status.setText("failed")
+        show_error(error_message("Adapt failed", exc))
+
+    def _on_adapt_finish(self) -> None:
+        self.worker = None
+        self.buttons.set_busy(False)
+        self.adapt_button.setEnabled(True)
+        reset_progress(self.progress)
+        if self._pending_sync:  # the labels were edited meanwhile: bring the table up to date now
+            self._pending_sync = False
+            self._sync_timer.start()
 
     def _on_yield(self, item) -> None:
         done, total = int(item[1]), max(int(item[2]), 1)
@@ -820,6 +921,13 @@ def _classify_job(image, labels, *, model, device, ids):
         elif item[0] == "table":
             table = item[1]
     return table, cell_features(labels)
+
+
+def _adapt_job(images, labels, **kwargs) -> Path:
+    """Run by the worker (a plain function: adapt_classifier reports through its callback)."""
+    from napari_wbc.core.adapt import adapt_classifier
+
+    return adapt_classifier([np.asarray(a) for a in images], labels, **kwargs)  # lazy images computed here
 
 
 def _footprint(data, label: int) -> tuple:

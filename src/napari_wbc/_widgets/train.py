@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QObject, Qt, Signal
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -31,6 +31,7 @@ from qtpy.QtWidgets import (
 from napari_wbc.core.classify import OTHER
 
 from ._common import (
+    ProgressRelay,
     scroll_layout,
     CancelWhenRemoved,
     DeviceCombo,
@@ -52,12 +53,6 @@ from ._common import (
 from .segment import any_corrected, is_painted, is_untouched
 
 NO_IMAGE = "(choose image)"
-
-
-class _Relay(QObject):
-    """Carries finetune's progress callback (worker thread) to the GUI thread."""
-
-    progressed = Signal(int, int, object)
 
 
 def _classifier_holdout(path) -> str:
@@ -130,7 +125,7 @@ class TrainWidget(CancelWhenRemoved, QWidget):
         self.progress = make_progress()
         self.status = QLabel("")
         self.status.setWordWrap(True)
-        self._relay = _Relay(self)
+        self._relay = ProgressRelay(self)
         self._relay.progressed.connect(self._on_progress)
 
         ep = QHBoxLayout()
