@@ -63,9 +63,10 @@ def balanced_draws(probs: np.ndarray, classes: Sequence[str], n: int, seed: int 
     return np.random.default_rng(seed).choice(len(p), size=n, replace=True, p=w / w.sum())
 
 
-def _statistics(base, x, depth: int, seed: int, should_stop):
-    """A copy of ``base`` whose first ``depth`` blocks' batch norms hold the statistics of ``x``
-    (cumulative average over batches of :data:`BATCH` cells in a fixed random order)."""
+def _statistics(base, x, depth: int, seed: int, should_stop, idx=None):
+    """A copy of ``base`` whose first ``depth`` blocks' batch norms hold the statistics of the cells
+    ``x[idx]`` (all of ``x`` without ``idx``; cumulative average over batches of :data:`BATCH` in a fixed
+    random order; a draw is indexed batch by batch, never copied whole)."""
     import torch
 
     a = copy.deepcopy(base).eval()
@@ -74,9 +75,10 @@ def _statistics(base, x, depth: int, seed: int, should_stop):
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average
         bn.train()
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    idx = torch.arange(len(x)) if idx is None else torch.as_tensor(idx)
+    order = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))]
     with torch.no_grad():
-        for i in range(0, len(x), BATCH):
+        for i in range(0, len(order), BATCH):
             if should_stop is not None and should_stop():
                 raise _cancelled()
             a(x[order[i:i + BATCH]])
@@ -96,12 +98,10 @@ def adapted_network(net, x, classes, *, depth: int = DEPTH, rounds: int = ROUNDS
     tensor): ``rounds`` times, type the cells with the network adapted so far, then re-estimate the
     first ``depth`` blocks' batch norms on a draw of the cells weighted by those types
     (:func:`balanced_draws`). Returns a new network; ``net`` is not changed."""
-    import torch
-
     cur = net
     for r in range(rounds):
-        idx = torch.as_tensor(balanced_draws(_probabilities(cur, x), classes, RESAMPLE * len(x), seed=seed + r))
-        cur = _statistics(net, x[idx], depth, seed + r, should_stop)
+        idx = balanced_draws(_probabilities(cur, x), classes, RESAMPLE * len(x), seed=seed + r)
+        cur = _statistics(net, x, depth, seed + r, should_stop, idx=idx)
         if progress is not None:
             progress(r + 1, rounds)
     return cur
@@ -138,15 +138,9 @@ def adapt_classifier(
     should_stop : callable returning True to cancel (AdaptCancelled; nothing is written).
     """
     from .classifier_finetune import cells_inputs
-    from .finetune import data_sha256
+    from .finetune import data_sha256, image_label_lists
 
-    if isinstance(images, np.ndarray) and images.ndim in (2, 3) and not isinstance(labels, (list, tuple)):
-        images, labels = [images], [labels]
-    images, labels = list(images), list(labels)
-    if len(images) == 0:
-        raise ValueError("images is empty; expected a list of the lab's smears")
-    if len(images) != len(labels):
-        raise ValueError(f"got {len(images)} images but {len(labels)} label arrays; expected one label array per image")
+    images, labels = image_label_lists(images, labels)
     job = AdaptJob(model=model, output=output)
     x = cells_inputs(images, labels, job.card, should_stop=should_stop,
                      progress=None if progress is None else lambda i, n: progress(i, n, "cells"),

@@ -231,6 +231,19 @@ def _check_typed_ids(types: dict, ids: np.ndarray, i: int) -> None:
                          "does not hold (erased or renumbered after typing?); type only cells that are there")
 
 
+def image_label_lists(images, labels) -> tuple[list, list]:
+    """``(images, labels)`` as two lists of one length (one image and its labels: lists of one); a
+    ValueError when there is no image or the lengths differ."""
+    if isinstance(images, np.ndarray) and images.ndim in (2, 3) and not isinstance(labels, (list, tuple)):
+        images, labels = [images], [labels]
+    images, labels = list(images), list(labels)
+    if len(images) == 0:
+        raise ValueError("images is empty; expected a list of at least one image")
+    if len(images) != len(labels):
+        raise ValueError(f"got {len(images)} images but {len(labels)} label arrays; expected one label array per image")
+    return images, labels
+
+
 def _split_holdout(samples, rng):
     """(train, held out): about a quarter of the *cells* held out - whole images when some of them
     hold 15-40 % of the cells together, else a strip with ~25 % of the cells of the image that has
@@ -327,13 +340,7 @@ def finetune(
     from .segment import check_image, in_colour, label_areas
     from .train import evaluate, make_sample, train_segmenter
 
-    if isinstance(images, np.ndarray) and images.ndim in (2, 3) and not isinstance(labels, (list, tuple)):
-        images, labels = [images], [labels]
-    images, labels = list(images), list(labels)
-    if len(images) == 0:
-        raise ValueError("images is empty; expected a list of at least one image")
-    if len(images) != len(labels):
-        raise ValueError(f"got {len(images)} images but {len(labels)} label arrays; expected one label array per image")
+    images, labels = image_label_lists(images, labels)
     if cell_types is not None and len(cell_types) != len(images):
         raise ValueError(f"cell_types has {len(cell_types)} entries; expected one mapping per image ({len(images)})")
     samples, as_labels = [], []
