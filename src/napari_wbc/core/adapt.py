@@ -93,14 +93,17 @@ def _probabilities(net, x):
 
 
 def adapted_network(net, x, classes, *, depth: int = DEPTH, rounds: int = ROUNDS, seed: int = 0,
-                    should_stop: Callable[[], bool] | None = None, progress: Callable | None = None):
+                    should_stop: Callable[[], bool] | None = None, progress: Callable | None = None,
+                    probs=None):
     """``net`` (eval mode, float32, on CPU) adapted on the cells' network inputs ``x`` (N x C x S x S
     tensor): ``rounds`` times, type the cells with the network adapted so far, then re-estimate the
     first ``depth`` blocks' batch norms on a draw of the cells weighted by those types
-    (:func:`balanced_draws`). Returns a new network; ``net`` is not changed."""
+    (:func:`balanced_draws`). Returns a new network; ``net`` is not changed. ``probs``: ``net``'s
+    probabilities for ``x`` when the caller has them already (the first round's)."""
     cur = net
     for r in range(rounds):
-        idx = balanced_draws(_probabilities(cur, x), classes, RESAMPLE * len(x), seed=seed + r)
+        p = probs if r == 0 and probs is not None else _probabilities(cur, x)
+        idx = balanced_draws(p, classes, RESAMPLE * len(x), seed=seed + r)
         cur = _statistics(net, x, depth, seed + r, should_stop, idx=idx)
         if progress is not None:
             progress(r + 1, rounds)
@@ -189,8 +192,9 @@ class AdaptJob:
         classes = list(self.card.get("classes") or TRAINING_MIX)
         xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         torch.manual_seed(seed)
-        before = _probabilities(self.net, xt).argmax(1)
-        adapted = adapted_network(self.net, xt, classes, seed=seed, should_stop=should_stop,
+        first = _probabilities(self.net, xt)  # the base's calls: the card's "before" and the first round's weights
+        before = first.argmax(1)
+        adapted = adapted_network(self.net, xt, classes, seed=seed, should_stop=should_stop, probs=first,
                                   progress=None if progress is None else lambda r, n: progress(r, n, "rounds"))
         after = _probabilities(adapted, xt).argmax(1)
         if should_stop is not None and should_stop():
