@@ -1071,3 +1071,34 @@ def test_a_greyscale_camera_image_reaches_the_network_in_colour(tiny, monkeypatc
     assert np.abs(coloured[..., 2].astype(int) - coloured[..., 0]).mean() > 20  # blue-purple darks
     assert S.is_greyscale(plain)
     np.testing.assert_array_equal(colour, img)
+
+
+@pytest.mark.parametrize("case", ["plain", "framed", "dimmed", "zscored", "large"])
+def test_one_look_gives_the_same_field_and_diameter(case):
+    """segment() takes one Look at the image for the field of view and the diameter: the same values
+    as each computes alone (a flat frame, uneven light, no black level, a smear measured on crops)."""
+    from napari_wbc.core.scale import Look, estimate_diameter, field_of_view
+
+    img = np.full((160, 200, 3), 225, np.uint8)
+    yy, xx = np.mgrid[:160, :200]
+    for cy in range(15, 160, 26):
+        for cx in range(15, 200, 26):
+            img[(yy - cy) ** 2 + (xx - cx) ** 2 <= 81] = (205, 120, 125)
+    if case == "framed":
+        img = np.pad(img, ((30, 30), (40, 40), (0, 0)), constant_values=255)
+    elif case == "dimmed":
+        img = (img * np.linspace(0.45, 1.0, 200)[None, :, None]).astype(np.uint8)
+    elif case == "zscored":
+        f = img.astype(np.float32)
+        img = (f - f.mean()) / f.std()
+    elif case == "large":
+        img = np.tile(img, (11, 9, 1))  # 1760 x 1800: measured on crops at full resolution
+    look = Look(img)
+    a, b = field_of_view(img), field_of_view(img, look)
+    for x, y in zip(a, b):
+        assert (x is None and y is None) or np.array_equal(x, y)
+    assert estimate_diameter(img, look=look) == estimate_diameter(img)
+    if case == "framed":
+        assert look.box is not None and a[0] is not None and a[0].any()
+    if case == "dimmed":
+        assert a[1] is not None  # the uneven light was found (and is the same from the shared look)

@@ -27,6 +27,25 @@ def _downsample(rgb: np.ndarray, max_side: int = 640) -> tuple[np.ndarray, float
     return rgb[::step, ::step], float(step)
 
 
+class Look:
+    """One look at an HxWx3 image on the grid of at most 640 px a side (:func:`_downsample`): what
+    :func:`field_of_view` and :func:`estimate_diameter` both start from, computed once when segment()
+    needs both (the same values as each computes alone)."""
+
+    def __init__(self, image: np.ndarray):
+        self.small, self.step = _downsample(image)
+        self.q, self.top, self.lum, self.counts = _luminance(self.small)
+        self.in_field, self.everywhere = _in_field(self.lum, self.counts)
+        self.box = smear_box(self.small)
+        self._gain = None
+
+    def gain(self):
+        """``_gain(lum, top, in_field, everywhere)`` (computed once; never modify what it returns)."""
+        if self._gain is None:
+            self._gain = _gain(self.lum, self.top, self.in_field, self.everywhere)
+        return self._gain
+
+
 def percentile_from_counts(counts: np.ndarray, q: float, values: np.ndarray | None = None) -> float:
     """``np.percentile(v, q)`` (linear method, same value) from ``counts = np.bincount(v)``.
 
@@ -89,25 +108,24 @@ def out_of_field(image: np.ndarray) -> np.ndarray | None:
     return field_of_view(image)[0]
 
 
-def field_of_view(image: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+def field_of_view(image: np.ndarray, look: Look | None = None) -> tuple[np.ndarray | None, np.ndarray | None]:
     """``(out_of_field(image), shading(image))`` from one look at the image (one downsampling, one
-    luminance): what segment() and classify() both need before their networks run."""
-    small = _downsample(image)[0]
-    _, top, lum, counts = _luminance(small)
-    in_field, everywhere = _in_field(lum, counts)
+    luminance): what segment() and classify() both need before their networks run. ``look``: the
+    image's :class:`Look`, when the caller has it."""
+    look = Look(image) if look is None else look
+    small, in_field, everywhere = look.small, look.in_field, look.everywhere
     light = None
     if not (small.dtype.kind in "fi" and float(small.min()) < 0):  # no black level (z-scored): no light
-        gain = _gain(lum, top, in_field, everywhere)[0]  # to divide by
+        gain = look.gain()[0]  # to divide by
         if gain is not None:
             light = np.maximum(gain, np.float32(SHADING_FLOOR))
             if not everywhere:
                 light[~in_field] = 1.0
-    box = smear_box(small)
-    if box is not None:  # a flat frame: not smear either
-        y0, y1, x0, x1 = box
-        frame = np.ones(lum.shape, bool)
+    if look.box is not None:  # a flat frame: not smear either
+        y0, y1, x0, x1 = look.box
+        frame = np.ones(look.lum.shape, bool)
         frame[y0:y1, x0:x1] = False
-        in_field &= ~frame
+        in_field = in_field & ~frame
         everywhere = False
     return (None if everywhere else ~in_field), light
 
@@ -333,19 +351,24 @@ def shading(image: np.ndarray) -> np.ndarray | None:
     return field_of_view(image)[1]
 
 
-def foreground(rgb_small: np.ndarray) -> np.ndarray:
+def foreground(rgb_small: np.ndarray, look: Look | None = None) -> np.ndarray:
     """Cells vs background: colour distance from the bright background, Otsu threshold.
 
     Works on integer levels (:func:`_levels`) with histogram statistics: every
     step is invariant to the image's overall scale, as the threshold is Otsu's.
     Uneven illumination is divided out first (:func:`_illumination`).
+    ``look``: ``rgb_small``'s :class:`Look` (``look.small is rgb_small``), when the caller has it.
     """
     from scipy import ndimage as ndi
     from skimage.filters import threshold_otsu
 
-    q, top, lum, counts = _luminance(rgb_small)
-    in_field, everywhere = _in_field(lum, counts)
-    gain, in_field = _gain(lum, top, in_field, everywhere)
+    if look is not None and look.small is rgb_small:
+        q, top, lum, counts, everywhere = look.q, look.top, look.lum, look.counts, look.everywhere
+        gain, in_field = look.gain()
+    else:
+        q, top, lum, counts = _luminance(rgb_small)
+        in_field, everywhere = _in_field(lum, counts)
+        gain, in_field = _gain(lum, top, in_field, everywhere)
     if gain is not None:
         x = q.astype(np.float32)
         x /= gain[..., None]
@@ -411,15 +434,16 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     return mask | ((bg > 0) & ~outside[bg])
 
 
-def estimate_rbc_radius(image: np.ndarray) -> float | None:
-    """Median red-cell radius in pixels of ``image`` (HxWx3), or None when none found."""
+def estimate_rbc_radius(image: np.ndarray, look: Look | None = None) -> float | None:
+    """Median red-cell radius in pixels of ``image`` (HxWx3), or None when none found. ``look``: the
+    image's :class:`Look`, when the caller has it."""
     from scipy import ndimage as ndi
 
-    rgb_small, step = _downsample(image)
-    box = smear_box(rgb_small)
+    look = Look(image) if look is None else look
+    rgb_small, step, box = look.small, look.step, look.box
     if box is not None:  # measured on the smear alone, as without its frame
         rgb_small = rgb_small[box[0]:box[1], box[2]:box[3]]
-    fg = foreground(rgb_small)
+    fg = foreground(rgb_small, look)
     if fg.sum() < 50:
         return None
     # squared distances to the nearest background pixel are integers (from the feature transform):
@@ -444,18 +468,20 @@ def _sample_crops(image: np.ndarray, size: int = 1024, grid: int = 3):
     return [image[y : y + size, x : x + size] for y in ys for x in xs]
 
 
-def estimate_diameter(image: np.ndarray, default: float = 50.0) -> float:
+def estimate_diameter(image: np.ndarray, default: float = 50.0, look: Look | None = None) -> float:
     """Expected WBC diameter in pixels of an HxWx3 image (``default`` when unsure).
 
     Never more than ``MAX_SHARE_OF_SIDE`` of the image's longer side (of the smear's, inside a flat
-    frame): a cell to be counted fits inside.
+    frame): a cell to be counted fits inside. ``look``: the image's :class:`Look`, when the caller has it.
     """
-    radii = [r for r in (estimate_rbc_radius(c) for c in _sample_crops(image)) if r is not None]
+    look = Look(image) if look is None else look
+    crops = _sample_crops(image)
+    whole = len(crops) == 1 and crops[0] is image  # measured as it is: on the look already taken
+    radii = [r for r in (estimate_rbc_radius(c, look if whole else None) for c in crops) if r is not None]
     r = float(np.median(radii)) if radii else None
     d = default if r is None else float(np.clip(2.0 * r * WBC_PER_RBC, MIN_DIAMETER, MAX_DIAMETER))
     side = max(image.shape[:2])
-    small, step = _downsample(image)
-    box = smear_box(small)
+    step, box = look.step, look.box
     if box is not None:  # the smear inside a flat frame: its side, not the frame's
         side = min(side, step * max(box[1] - box[0], box[3] - box[2]))
     return min(d, max(MAX_SHARE_OF_SIDE * side, MIN_DIAMETER))

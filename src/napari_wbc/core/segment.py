@@ -684,7 +684,7 @@ def iter_segment(
     """
     from .device import resolve_device
     from .models import load_model
-    from .scale import estimate_diameter, field_of_view
+    from .scale import Look, estimate_diameter, field_of_view
 
     rgb = check_image(image)
     if diameter is not None:
@@ -709,10 +709,12 @@ def iter_segment(
     if batch_size is None:
         batch_size = 8 if dev.type == "cuda" else 1
     # outside the microscope's field; uneven light (a gradient, vignetting, a soft field edge): evened out
-    outside, light = field_of_view(rgb)
+    look = Look(rgb)  # one look at the image for both
+    outside, light = field_of_view(rgb, look)
     ranges = channel_ranges(rgb, outside=outside, shading=light)
     estimated = diameter is None
-    d = estimate_diameter(rgb) if estimated else diameter
+    d = estimate_diameter(rgb, look=look) if estimated else diameter
+    del look
     H, W = rgb.shape[:2]
     passes_left, fallbacks = REFINE_PASSES, list(FALLBACK_FACTORS)
     cluster_check, cluster_first, cluster_part = True, None, False  # cluster_first: set aside while tested
