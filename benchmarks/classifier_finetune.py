@@ -16,9 +16,13 @@ kept, the base kept when no epoch beats it, held to the base's own calls with we
 accuracy over the four common types (basophil: one Tecom cell, left out), and the neutrophil share
 of the count.
 
+With ``--adapt`` the base is first adapted to the lab's stain from the odd half's cells, no types
+(``napari_wbc.adapt_classifier``, the Classify widget's Adapt button); the review order, the
+fine-tuning and its pull toward the base's calls then start from the adapted classifier.
+
     python benchmarks/classifier_finetune.py --base NO_TECOM.safetensors --threads 1
         [--model SEGMENTER] [--sizes 10 20 40 80] [--orders confidence random] [--seed 0]
-        [--distill-weight W] [--out F.md]
+        [--distill-weight W] [--adapt] [--out F.md]
 """
 from __future__ import annotations
 
@@ -88,6 +92,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--distill-weight", type=float, default=None,
                     help="weight of the pull toward the base's calls (default: the package's DISTILL_WEIGHT; 0: none)")
+    ap.add_argument("--adapt", action="store_true",
+                    help="adapt the base to the odd half's cells first (adapt_classifier, no types)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
@@ -110,8 +116,17 @@ def main(argv=None):
     print(f"base: {base}", flush=True)
     rows = [("base (no correction)", "-", 0, base, None, None)]
     with tempfile.TemporaryDirectory() as tmp:
+        start = a.base
+        if a.adapt:
+            from napari_wbc import adapt_classifier
+
+            start = adapt_classifier([c[1] for c in review], [c[2] for c in review], model=a.base,
+                                     output=Path(tmp) / "adapted.safetensors", seed=a.seed)
+            adapted = score(test, start)
+            print(f"adapted: {adapted}", flush=True)
+            rows.append(("adapted to the odd half's cells (no correction)", "-", 0, adapted, None, None))
         for order in a.orders:
-            idx = review_order(review, a.base, order, a.seed)
+            idx = review_order(review, start, order, a.seed)
             for n in a.sizes:
                 chosen = [review[i] for i in idx[:n]]
                 out = Path(tmp) / f"{order}_{n}.safetensors"
@@ -120,7 +135,7 @@ def main(argv=None):
                     warnings.simplefilter("always")
                     try:
                         got = finetune_classifier([c[1] for c in chosen], [c[2] for c in chosen],
-                                                  [{c[3]: c[4]} for c in chosen], base=a.base, output=out,
+                                                  [{c[3]: c[4]} for c in chosen], base=start, output=out,
                                                   device="cpu", seed=a.seed)
                     except ValueError as e:  # too few cells to hold any out
                         print(f"{order} {n}: {e}", flush=True)

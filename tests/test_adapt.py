@@ -70,7 +70,23 @@ def test_same_cells_same_result_and_never_overwritten(tmp_path, tiny_classifier,
     assert a.stat().st_mtime_ns == mtime
     # a folder: a new dated file in it, beside the others
     c = adapt.adapt_classifier(images, labels, model=tiny_classifier, output=tmp_path)
-    assert c.parent == tmp_path and c.name.startswith("wbc_classifier_adapted") and c not in (a, b)
+    assert c.parent == tmp_path and c.name.startswith("wbc_classifier_adapted_2") and c not in (a, b)  # no "_ft_"
+
+
+def test_adapted_then_adapted_or_fine_tuned_cards_say_it_once(tmp_path, tiny_classifier, lab):
+    """An adapted classifier adapted again, or fine-tuned, says so once in its version and limits."""
+    from napari_wbc.core.finetune import fine_tuned_card
+
+    images, labels = lab
+    a = adapt.adapt_classifier(images, labels, model=tiny_classifier, output=tmp_path / "a.safetensors")
+    b = adapt.adapt_classifier(images, labels, model=a, output=tmp_path / "b.safetensors")
+    card_a = json.loads(a.with_suffix(".json").read_text())
+    card_b = json.loads(b.with_suffix(".json").read_text())
+    assert card_b["version"] == card_a["version"] and card_a["version"].count("+adapted") == 1
+    assert card_b["limits"].count("Adapted to the stain of") == 1
+    ft = fine_tuned_card(dict(card_a), card_a, 3)
+    assert ft["version"] == card_a["version"] + "+finetuned"
+    assert "Adapted to the stain of" not in ft["limits"] and ft["limits"].count("Fine-tuned by its user on 3") == 1
 
 
 def test_too_few_cells_is_refused(tmp_path, tiny_classifier, lab):

@@ -671,7 +671,7 @@ def test_a_default_name_taken_meanwhile_gets_a_new_one(tiny, tmp_path, monkeypat
     shutil.copy(tiny, taken)
     shutil.copy(card_path(tiny), card_path(taken))
     before = taken.read_bytes()
-    monkeypatch.setattr(F, "_new_output_path", lambda stem, folder=None: taken)  # chosen before the other saved
+    monkeypatch.setattr(F, "_new_output_path", lambda stem, folder=None, tag="ft": taken)  # chosen before the other saved
     import napari_wbc.core.train as T
 
     def improved(net, *args, **kwargs):  # training that beat the base (whatever a random net does)

@@ -172,8 +172,8 @@ class AdaptJob:
         net.load_state_dict(read_weights(self.base_path, self.card))
         self.net = net.float().eval()
         first_batch_norms(self.net)  # (a network that cannot be adapted: said before the cells are prepared)
-        self.out_path = (_new_output_path("wbc_classifier_adapted") if output is None
-                         else model_output_path(output, "wbc_classifier_adapted"))
+        self.out_path = (_new_output_path("wbc_classifier", tag="adapted") if output is None
+                         else model_output_path(output, "wbc_classifier", tag="adapted"))
         self.auto_name = output is None or Path(output).expanduser().is_dir()
 
     def run(self, x: np.ndarray, *, n_images: int, data_sha256: str | None = None, seed: int = 0,
@@ -219,6 +219,7 @@ class AdaptJob:
             },
         })
         fine_tuned_card(new_card, card, n_images)
-        new_card["version"] = new_card["version"].replace("+finetuned", "+adapted")
+        base_version = new_card["finetune"]["base_version"]  # (an adapted base is adapted again, once more)
+        new_card["version"] = base_version if base_version.endswith("+adapted") else f"{base_version}+adapted"
         new_card["limits"] = new_card["limits"].replace("Fine-tuned by its user on", "Adapted to the stain of")
         return save_model(adapted, new_card, self.out_path, unique=self.auto_name)

@@ -54,17 +54,22 @@ def list_user_models(kind: str = "segmenter") -> list[Path]:
     return [p for _, p in sorted(out, key=lambda t: t[0], reverse=True)]
 
 
-def _new_output_path(kind_stem: str, folder: Path | None = None) -> Path:
+def _new_output_path(kind_stem: str, folder: Path | None = None, tag: str = "ft") -> Path:
+    """A new dated ``<kind_stem>_<tag>_<date-time>.safetensors`` in ``folder`` (default: the user's models)."""
     d = user_models_dir() if folder is None else Path(folder)
     from .io import free_path
     from .models import existing_model_file
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return free_path(d / f"{kind_stem}_ft_{stamp}.safetensors", lambda p: existing_model_file(p) is not None)
+    return free_path(d / f"{kind_stem}_{tag}_{stamp}.safetensors", lambda p: existing_model_file(p) is not None)
 
 
 # a base card's record of how *it* was made and scored: not true of a model fine-tuned from it
 BASE_PROVENANCE = ("training", "command", "data", "split", "train_fit", "note", "validation_last_weights_not_shipped")
+
+
+# the sentences fine_tuned_card (and adapt_classifier) end a card's limits with
+USER_SENTENCES = ("Fine-tuned by its user", "Adapted to the stain of")
 
 
 def fine_tuned_card(new_card: dict, base_card: dict, n_images: int) -> dict:
@@ -84,7 +89,10 @@ def fine_tuned_card(new_card: dict, base_card: dict, n_images: int) -> dict:
     version = str(base_card.get("version") or base_card.get("name") or Path(str(ft.get("base", "unknown"))).stem)
     ft["base_version"] = version
     new_card["version"] = version if version.endswith("+finetuned") else f"{version}+finetuned"
-    limits = str(base_card.get("limits") or "").split(" Fine-tuned by its user")[0].strip()
+    limits = str(base_card.get("limits") or "")
+    for said in USER_SENTENCES:  # what a fine-tune or an adaptation of the base said about the base
+        limits = limits.split(said)[0]
+    limits = limits.strip()
     new_card["limits"] = ((limits + " ") if limits else "") + (
         f"Fine-tuned by its user on {n_images} image(s); its base's figures do not describe it.")
     return new_card
@@ -165,15 +173,15 @@ def refuse_existing(path, what: str = "output") -> None:
         raise ValueError(f"{what} {str(taken)!r} exists; choose a new file name (models are never overwritten)")
 
 
-def model_output_path(output, kind_stem: str = "wbc_unet") -> Path:
+def model_output_path(output, kind_stem: str = "wbc_unet", tag: str = "ft") -> Path:
     """Where a new model goes for ``output`` (a file name, or an existing folder: a new dated file
-    in it). Raises ValueError when the ``.safetensors`` or its ``.json`` card already exists:
-    nothing is ever overwritten."""
+    ``<kind_stem>_<tag>_<date-time>`` in it). Raises ValueError when the ``.safetensors`` or its
+    ``.json`` card already exists: nothing is ever overwritten."""
     from .models import SHIPPED, model_file
 
     out = Path(output).expanduser()
     if out.is_dir():
-        return _new_output_path(kind_stem, out)
+        return _new_output_path(kind_stem, out, tag)
     out = model_file(out)
     refuse_existing(out)
     if out.resolve() == SHIPPED["segmenter"].resolve():
