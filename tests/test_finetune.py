@@ -168,6 +168,33 @@ def test_cell_types_finetune_the_classifier(tmp_path):
     assert card["finetune"]["environment"]["torch"] and card["finetune"]["data_sha256"]
 
 
+def test_cell_types_fine_tune_the_classifier_given(tmp_path):
+    """classifier=: the corrected types fine-tune that classifier (an adapted one, say), not the pair's."""
+    from napari_wbc.core.testing import make_tiny_classifier
+
+    seg = make_tiny_segmenter(tmp_path / "seg.safetensors", target_diameter=16)
+    mine = make_tiny_classifier(tmp_path / "adapted.safetensors", seed=5)
+    imgs, labs = zip(*[_pair(i, n=3) for i in range(3)])
+    types = [{1: "neutrophil", 2: "lymphocyte", 3: "monocyte"}] * 3
+    with pytest.raises(ValueError, match="seg.safetensors' is a segmenter, expected a classifier"):
+        napari_wbc.finetune(list(imgs), list(labs), base=seg, epochs=1, device="cpu", cell_types=types,
+                            output=tmp_path / "x.safetensors", classifier=seg)
+    with pytest.raises(ValueError, match="give cell_types too"):
+        napari_wbc.finetune(list(imgs), list(labs), base=seg, epochs=1, device="cpu",
+                            output=tmp_path / "y.safetensors", classifier=mine)
+    assert not list(tmp_path.glob("[xy]*"))  # refused before any training: nothing written
+    out = napari_wbc.finetune(list(imgs), list(labs), base=seg, epochs=1, device="cpu",
+                              output=tmp_path / "ft.safetensors", cell_types=types, classifier=mine)
+    from napari_wbc.core.finetune import paired_classifier
+
+    cls_new = paired_classifier(out, read_card(out))
+    assert cls_new is not None
+    if cls_new.name == "ft_classifier.safetensors":  # trained (else the given one was kept, as its path says)
+        assert read_card(cls_new)["finetune"]["base"] == str(mine)
+    else:
+        assert cls_new == mine
+
+
 def test_cell_types_bad_type(tmp_path):
     from napari_wbc.core.classifier_finetune import finetune_classifier
     from napari_wbc.core.testing import make_tiny_classifier

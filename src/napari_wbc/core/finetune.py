@@ -307,6 +307,7 @@ def finetune(
     cell_types: Sequence[dict] | None = None,
     should_stop: Callable[[], bool] | None = None,
     seed: int = 0,
+    classifier=None,
 ) -> Path:
     """Fine-tune the WBC segmenter on corrected masks; return the new model file.
 
@@ -335,6 +336,11 @@ def finetune(
         outlines train the segmenter as every cell's do, but they are no classifier example.
     should_stop : callable returning True to cancel; raises FinetuneCancelled and
         writes nothing.
+    classifier : with ``cell_types``, the classifier they fine-tune: None = the one paired with
+        ``base`` (a fine-tuned pair), else the shipped one; or a classifier model file, e.g. one
+        adapted to the lab's stain (:func:`~napari_wbc.adapt_classifier`; adapting first, then
+        fine-tuning on corrected types, measured better than fine-tuning the unadapted one:
+        docs/benchmarks.md).
 
     Returns the path of the new model, or the base model's path when no epoch
     beat it on the internal hold-out (a warning says so). With ``cell_types``, a
@@ -393,9 +399,17 @@ def finetune(
 
         cls_path = out_path.with_name(out_path.stem + "_classifier.safetensors")
         refuse_existing(cls_path, "classifier output")
-        # start from the classifier that goes with the base segmenter (a fine-tuned pair), else the shipped one
-        cls_base = classifier_for(base_path)  # the one that types with it in napari, the CLI and the batch
+        if classifier is None:
+            # start from the classifier that goes with the base segmenter (a fine-tuned pair), else the shipped one
+            cls_base = classifier_for(base_path)  # the one that types with it in napari, the CLI and the batch
+        else:
+            cls_base = resolve_model_path(classifier, "classifier")
+            kind = read_card(cls_base).get("kind")
+            if kind != "classifier":
+                raise ValueError(f"classifier {str(cls_base)!r} is a {kind}, expected a classifier model file")
         check_cell_types(cell_types, read_card(resolve_model_path(cls_base, "classifier")))
+    elif classifier is not None:
+        raise ValueError("classifier= is the classifier that cell_types fine-tune; give cell_types too (or leave it None)")
 
     dev = resolve_device(device)
     net = build_from_card(card, base_path)
