@@ -165,9 +165,7 @@ class AdaptJob:
         from .models import build_from_card, read_card, read_weights, resolve_model_path
 
         self.base_path = resolve_model_path(model, "classifier")
-        self.card = read_card(self.base_path)
-        if self.card.get("kind") != "classifier":
-            raise ValueError(f"model file {str(self.base_path)!r} is a {self.card.get('kind')}, expected a classifier")
+        self.card = read_card(self.base_path, "classifier")
         net = build_from_card(self.card, self.base_path)
         net.load_state_dict(read_weights(self.base_path, self.card))
         self.net = net.float().eval()

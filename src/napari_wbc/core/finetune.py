@@ -399,15 +399,10 @@ def finetune(
 
         cls_path = out_path.with_name(out_path.stem + "_classifier.safetensors")
         refuse_existing(cls_path, "classifier output")
-        if classifier is None:
-            # start from the classifier that goes with the base segmenter (a fine-tuned pair), else the shipped one
-            cls_base = classifier_for(base_path)  # the one that types with it in napari, the CLI and the batch
-        else:
-            cls_base = resolve_model_path(classifier, "classifier")
-            kind = read_card(cls_base).get("kind")
-            if kind != "classifier":
-                raise ValueError(f"classifier {str(cls_base)!r} is a {kind}, expected a classifier model file")
-        check_cell_types(cell_types, read_card(resolve_model_path(cls_base, "classifier")))
+        # the classifier given, else the one that goes with the base segmenter (a fine-tuned pair: the one
+        # that types with it in napari, the CLI and the batch), else the shipped one
+        cls_base = classifier_for(base_path) if classifier is None else classifier
+        check_cell_types(cell_types, read_card(resolve_model_path(cls_base, "classifier"), "classifier"))
     elif classifier is not None:
         raise ValueError("classifier= is the classifier that cell_types fine-tune; give cell_types too (or leave it None)")
 

@@ -148,7 +148,9 @@ def resolve_model_path(model, kind: str) -> Path:
     return p
 
 
-def read_card(path) -> dict:
+def read_card(path, kind: str | None = None) -> dict:
+    """The card of model file ``path`` (checked: an object with a known ``kind`` and an ``arch``); with
+    ``kind``, a ValueError naming the file when it is a model of another kind."""
     cp = card_path(path)
     try:
         card = json.loads(cp.read_text())
@@ -165,6 +167,8 @@ def read_card(path) -> dict:
     arch = card["arch"]
     if not isinstance(arch, dict) or not isinstance(arch.get("name"), str):
         raise ValueError(f"model card {str(cp)!r}: 'arch' must be an object with the network's 'name'")
+    if kind is not None and card["kind"] != kind:
+        raise ValueError(f"model file {str(path)!r} is a {card['kind']}, expected a {kind}")
     return card
 
 
@@ -283,9 +287,7 @@ def read_weights(path, card: dict | None = None) -> dict:
 
 
 def _load_uncached(path: Path, kind: str, dev, bf16: bool, jit: bool, key):
-    card = read_card(path)
-    if card["kind"] != kind:
-        raise ValueError(f"model file {str(path)!r} is a {card['kind']}, expected a {kind}")
+    card = read_card(path, kind)
     _check_settings(card, path)
     net = build_from_card(card, path)
     state = read_weights(path, card)
