@@ -63,6 +63,8 @@ def test_classify_fills_features_points_and_counts(qtbot, cls):
     counts = shown_counts(widget)
     assert list(counts)[:5] == CLASSES and sum(counts.values()) == 4
     assert widget.total_label.text() == "total WBCs: 4"
+    # the layer remembers which classifier typed it (Train fine-tunes that one with the corrected types)
+    assert lab.metadata["napari_wbc"] == {"image_layer": "smear", "classifier": str(widget.model_combo.model_path())}
 
 
 def test_correction_is_kept_on_rerun(qtbot, cls):

@@ -377,3 +377,24 @@ def test_a_lazy_image_is_loaded_by_the_worker_and_stacks_are_refused(qtbot, seg,
     viewer.add_image(np.zeros((3, 64, 64, 3), np.uint8), name="rgb movie", rgb=True)
     widget.image_combo.set_layer(viewer.layers["rgb movie"])
     assert widget.segment() is None and "expected a single 2-D image" in errors[-1]
+
+
+def test_classify_cells_notes_the_classifier_on_the_layer(qtbot, seg, tiny_classifier, monkeypatch):
+    """'classify cells' types with Classify's model and the labels layer remembers it (Train's auto
+    choice of the classifier that the corrected types fine-tune)."""
+    import napari_wbc.core.segment as core_segment
+
+    viewer, widget, _ = seg
+    image = np.asarray(viewer.layers["smear"].data)
+    dark = image.mean(-1) < 150  # the discs, whatever the random net makes of them
+    from skimage.measure import label as cc
+
+    monkeypatch.setattr(core_segment, "iter_segment", lambda img, **kw: iter([("labels", cc(dark).astype(np.int32))]))
+    _, cls = viewer.window.add_plugin_dock_widget(PLUGIN, "Classify WBCs")
+    cls.model_combo.add_model(tiny_classifier, select=True)
+    widget.classify_check.setChecked(True)
+    run(qtbot, widget)
+    (lab,) = wbc_labels(viewer)
+    assert "cell_type" in lab.features and lab.features["cell_type"].notna().all()
+    assert lab.metadata["napari_wbc"]["classifier"] == str(tiny_classifier)
+    assert lab.metadata["napari_wbc"]["image_layer"] == "smear"

@@ -380,3 +380,88 @@ def test_labels_emptied_by_hand_are_left_out_with_a_word_and_alone_are_refused(t
     assert widget.train() is None and not widget.running
     assert messages[-1][0] == "show_error"
     assert "'no WBC here'" in messages[-1][1] and "hold no cell" in messages[-1][1]
+
+
+def test_corrected_types_fine_tune_the_classifier_that_typed_them(qtbot, tr, monkeypatch, tmp_path):
+    """auto: the classifier that typed the cells (an adapted one, say) is the one the corrected types
+    fine-tune; one chosen in the list wins; unknown or several typers: finetune's default (the pair's)."""
+    import napari_wbc.core.finetune as ft
+    from napari_wbc._widgets.classify import note_classifier
+    from napari_wbc.core.testing import make_tiny_classifier
+
+    viewer, widget, seg, lab, messages = tr
+    adapted = make_tiny_classifier(tmp_path / "wbc_classifier_adapted_x.safetensors")
+    other = make_tiny_classifier(tmp_path / "other.safetensors")
+    ids = [int(i) for i in np.unique(lab.data) if i > 0]
+    kinds = ["lymphocyte", "lymphocyte", "neutrophil", "monocyte"]
+    monkeypatch.setattr(widget, "_corrected_types", lambda labels=None, layers=None: [dict(zip(ids, kinds))])
+    asked = []
+
+    def fake_finetune(images, labels, base=None, classifier=None, **kw):
+        asked.append(classifier)
+        return Path(base)  # (no improvement: nothing written)
+
+    monkeypatch.setattr(ft, "finetune", fake_finetune)
+
+    def train():
+        widget.train()
+        qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT)
+
+    assert widget.classifier_combo.is_auto()  # the default
+    train()  # nothing recorded on the layer
+    assert asked[-1] is None
+    note_classifier(lab, adapted)  # as Classify does when it types the layer
+    train()
+    assert asked[-1] == adapted
+    assert lab.metadata["napari_wbc"]["image_layer"] == "smear"  # the rest of the metadata kept
+    widget.classifier_combo.add_model(other, select=True)  # chosen by hand
+    train()
+    assert asked[-1] == other
+    widget.classifier_combo.select_auto()
+    adapted.unlink()  # gone since it typed them: the default again, not a missing file
+    train()
+    assert asked[-1] is None
+
+
+def test_the_status_names_the_classifier_the_types_train(qtbot, tr, monkeypatch, tmp_path):
+    import napari_wbc.core.finetune as ft
+    from napari_wbc._widgets.classify import note_classifier
+    from napari_wbc.core.testing import make_tiny_classifier
+
+    viewer, widget, seg, lab, messages = tr
+    adapted = make_tiny_classifier(tmp_path / "wbc_classifier_adapted_x.safetensors")
+    ids = [int(i) for i in np.unique(lab.data) if i > 0]
+    monkeypatch.setattr(widget, "_corrected_types", lambda labels=None, layers=None: [
+        dict(zip(ids, ["lymphocyte", "lymphocyte", "neutrophil", "monocyte"]))])
+    seen = []
+    monkeypatch.setattr(ft, "finetune", lambda images, labels, base=None, **kw: seen.append(widget.status.text())
+                        or Path(base))
+    note_classifier(lab, adapted)
+    widget.train()
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT)
+    assert "the classifier 'wbc_classifier_adapted_x' (it typed them) on the corrected types" in seen[0]
+    note_classifier(lab, None)  # nothing to note: the record stays
+    assert lab.metadata["napari_wbc"]["classifier"] == str(adapted)
+
+
+def test_the_types_train_list_keeps_auto_first_and_comes_back_to_it(tr, tmp_path, monkeypatch):
+    from qtpy.QtWidgets import QFileDialog
+
+    from napari_wbc._widgets._common import BROWSE
+    from napari_wbc.core.testing import make_tiny_classifier
+
+    viewer, widget, seg, lab, messages = tr
+    combo = widget.classifier_combo
+    texts = lambda: [combo.itemText(i) for i in range(combo.count())]  # noqa: E731
+    assert texts()[0].startswith("auto") and texts()[-1] == BROWSE and combo.model_path() is None
+    mine = make_tiny_classifier(tmp_path / "mine.safetensors")
+    combo.add_model(mine, select=False)
+    assert combo.is_auto() and texts()[0].startswith("auto") and "file: mine" in texts()
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, **k: ("", ""))
+    combo.setCurrentIndex(combo.count() - 1)
+    combo.browse()  # "Browse..." then nothing chosen: back to auto
+    assert combo.is_auto()
+    combo.reload()
+    assert combo.is_auto() and "file: mine" in texts()
+    widget.model_combo.reload()  # the segmenter list has no auto item
+    assert not widget.model_combo.is_auto() and widget.model_combo.model_path() is not None

@@ -64,6 +64,7 @@ def scroll_layout(widget: QWidget) -> QVBoxLayout:
 
 BROWSE = "Browse..."
 _BROWSE_DATA = "<browse>"
+_AUTO_DATA = "<auto>"
 META_KEY = "napari_wbc"
 
 # ----------------------------------------------------------------- registry
@@ -375,18 +376,32 @@ class ModelCombo(QComboBox):
 
     model_changed = Signal(object)
 
-    def __init__(self, kind: str = "segmenter", parent=None):
+    def __init__(self, kind: str = "segmenter", parent=None, *, auto_text: str | None = None):
         super().__init__(parent)
         self.kind = kind
+        self.auto_text = auto_text  # a first item meaning "chosen for you" (model_path() None), if given
         self._last = -1
         self.activated.connect(self._on_activated)  # user interaction only
         self.currentIndexChanged.connect(self._on_index)
         self.reload()
 
-    # item data: the model path as a string, or _BROWSE_DATA for "Browse..."
+    # item data: the model path as a string, _BROWSE_DATA for "Browse...", _AUTO_DATA for the auto item
     def _path_at(self, i: int) -> str | None:
         d = self.itemData(i) if 0 <= i < self.count() else None
-        return d if d and d != _BROWSE_DATA else None
+        return d if d and d not in (_BROWSE_DATA, _AUTO_DATA) else None
+
+    def _choice_at(self, i: int) -> bool:
+        """Item ``i`` is a choice (a model, or the auto item), not "Browse..."."""
+        return self._path_at(i) is not None or (0 <= i < self.count() and self.itemData(i) == _AUTO_DATA)
+
+    def is_auto(self) -> bool:
+        """The auto item is chosen."""
+        return self.currentIndex() >= 0 and self.itemData(self.currentIndex()) == _AUTO_DATA
+
+    def select_auto(self) -> None:
+        i = self.findData(_AUTO_DATA)
+        if i >= 0:
+            self.setCurrentIndex(i)
 
     def reload(self) -> None:
         from napari_wbc.core.models import shipped_models
@@ -396,6 +411,8 @@ class ModelCombo(QComboBox):
         self.blockSignals(True)
         try:
             self.clear()
+            if self.auto_text:
+                self.addItem(self.auto_text, _AUTO_DATA)
             for p in shipped_models(self.kind):  # the default first
                 self._add(p, f"shipped: {p.stem}")
             for p in _user_models(self.kind):
@@ -452,7 +469,8 @@ class ModelCombo(QComboBox):
         from napari_wbc.core.models import SHIPPED
 
         shipped = SHIPPED.get(self.kind)
-        first = 1 if shipped is not None and self._index_of(shipped) == 0 else 0
+        first = 1 if self.auto_text else 0  # after the auto item and the shipped model
+        first += 1 if shipped is not None and self._index_of(shipped) == first else 0
         i = self._index_of(p)
         if i < 0:
             self.blockSignals(True)
@@ -465,7 +483,7 @@ class ModelCombo(QComboBox):
         return p
 
     def _on_index(self, i) -> None:
-        if self._path_at(i) is not None:
+        if self._choice_at(i):
             self._last = i
             self.model_changed.emit(self.model_path())
 
@@ -485,7 +503,7 @@ class ModelCombo(QComboBox):
                 return
             except ValueError as e:
                 show_error(error_message("Cannot use this model", e))
-        if self._path_at(self._last) is not None:
+        if self._choice_at(self._last):
             self.setCurrentIndex(self._last)
         else:
             self.setCurrentIndex(-1)

@@ -45,6 +45,7 @@ from ._common import (
     alive,
     data_hash,
     error_message,
+    find_widgets,
     layer_id,
     layer_image,
     layer_level0,
@@ -56,6 +57,7 @@ from ._common import (
     reset_progress,
     start_worker,
     unwrap_viewer,
+    wbc_meta,
 )
 
 UNDO_STEPS = 500  # type changes Undo can take back (all layers together)
@@ -243,10 +245,28 @@ def render_types(viewer, labels_layer):
     return pts
 
 
-def apply_classification(viewer, labels_layer, table) -> None:
-    """Merge a classification table into ``labels_layer.features`` and redraw the types."""
+def apply_classification(viewer, labels_layer, table, classifier=None) -> None:
+    """Merge a classification table into ``labels_layer.features`` and redraw the types; ``classifier``:
+    the model file that typed them (see :func:`note_classifier`)."""
     labels_layer.features = merge_classification(labels_layer.features, table)
+    note_classifier(labels_layer, classifier)
     render_types(viewer, labels_layer)
+
+
+def note_classifier(labels_layer, classifier) -> None:
+    """Remember in the layer's metadata the classifier file that typed its cells last: the types corrected
+    by hand fine-tune that one in Train (its "auto" choice), an adapted classifier included."""
+    if classifier is None:
+        return
+    meta = wbc_meta(labels_layer)
+    if meta.get("classifier") != str(classifier):
+        labels_layer.metadata = {**labels_layer.metadata, META_KEY: {**meta, "classifier": str(classifier)}}
+
+
+def typed_by(labels_layer) -> Path | None:
+    """The classifier file that typed ``labels_layer``'s cells last (None when unknown or gone)."""
+    p = wbc_meta(labels_layer).get("classifier")
+    return Path(p) if p and Path(p).is_file() else None
 
 
 # ------------------------------------------------------------------ widget
@@ -642,7 +662,8 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
             device=self.device_combo.device(),
             ids=None if ids is None else [int(i) for i in ids],
             on_yield=self._on_yield,
-            on_return=lambda result, layer=layer, labels=labels: self._on_return(layer, *result, labels),
+            on_return=lambda result, layer=layer, labels=labels, model=model: self._on_return(
+                layer, *result, labels, classifier=model),
             on_error=self._on_error,
             on_abort=lambda: self.status.setText("cancelled; the table is unchanged"),
             on_finish=self._on_finish,
@@ -721,6 +742,10 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
         ft = read_card(path).get("finetune", {})
         show = lambda c: ", ".join(f"{v} {k}" for k, v in (c or {}).items() if v)  # noqa: E731
         self.model_combo.add_model(path, select=True)
+        from .train import TrainWidget
+
+        for w in find_widgets(self.viewer, TrainWidget):  # listed there (its "auto" takes it once it typed)
+            w.classifier_combo.add_model(path, select=False)
         self.status.setText(f"adapted on {ft.get('n_cells')} cells of {ft.get('n_images')} smear(s): "
                             f"{Path(path).stem}, now the model (Classify to type with it). Its calls on these "
                             f"cells: {show(ft.get('types_after'))} (before: {show(ft.get('types_before'))})")
@@ -749,7 +774,7 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
         self.progress.setValue(done)
         self.progress.setFormat(f"{done}/{total} batches")
 
-    def _on_return(self, layer, table, measured=None, classified_labels=None) -> None:
+    def _on_return(self, layer, table, measured=None, classified_labels=None, classifier=None) -> None:
         """Merge a run's types; ``measured``: ``cell_features`` of ``classified_labels``, the labels
         it typed (measured in the worker: the GUI thread measures only when they changed since)."""
         if layer not in self.viewer.layers:
@@ -777,6 +802,7 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
                 stale = stale & ~feats["corrected"].to_numpy(bool)  # (pandas 3: to_numpy() may be read-only)
             feats.loc[stale, "cell_type"] = None
         layer.features = merge_classification(feats, table)
+        note_classifier(layer, classifier)
         render_types(self.viewer, layer)
         present = set(feats["label"].astype(int).tolist())
         self._retype = [i for i in changed if i in present] or None

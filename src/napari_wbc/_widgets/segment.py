@@ -199,7 +199,8 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
         diameter = None if self.auto_diameter.isChecked() else float(self.diameter.value())
         self._cancelled = False
         self._job = {"image": layer.name, "transform": plane_transform(layer), "model": str(model),
-                     "layer": weakref.ref(layer), "image_id": layer_id(layer), "estimated": diameter is None}
+                     "layer": weakref.ref(layer), "image_id": layer_id(layer), "estimated": diameter is None,
+                     "classifier": classify_model}
         self.buttons.set_busy(True)
         self.progress.setRange(0, 0)
         self.progress.setFormat("starting...")
@@ -278,7 +279,7 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
             if table is not None:
                 from .classify import apply_classification
 
-                apply_classification(self.viewer, layer, table)
+                apply_classification(self.viewer, layer, table, classifier=job.get("classifier"))
         except Exception as e:  # noqa: BLE001 - reported, never a traceback dialog
             show_error(error_message("Segment WBCs: could not add the labels layer", e))
             return

@@ -53,6 +53,7 @@ from ._common import (
 from .segment import any_corrected, is_painted, is_untouched
 
 NO_IMAGE = "(choose image)"
+AUTO_CLASSIFIER = "auto: the one that typed the cells"
 
 
 def _classifier_holdout(path) -> str:
@@ -118,6 +119,11 @@ class TrainWidget(CancelWhenRemoved, QWidget):
         self.epochs.setValue(DEFAULT_EPOCHS)
         self.epochs.setEnabled(False)
         self.auto_epochs.toggled.connect(lambda on: self.epochs.setEnabled(not on))
+        self.classifier_combo = ModelCombo("classifier", auto_text=AUTO_CLASSIFIER)
+        self.classifier_combo.setToolTip(
+            "the classifier that the types you corrected fine-tune (with at least 4 corrected cells). auto: the "
+            "one that typed the cells (in Classify, or Segment's 'classify cells'), an adapted one included; when "
+            "that is not known, the one trained with the start model, else the shipped one")
         self.device_combo = DeviceCombo()
         self.buttons = RunButtons("Train")
         self.buttons.run.clicked.connect(self.train)
@@ -134,6 +140,7 @@ class TrainWidget(CancelWhenRemoved, QWidget):
         form = QFormLayout()
         form.addRow("start from", self.model_combo)
         form.addRow("epochs", ep)
+        form.addRow("types train", self.classifier_combo)
         form.addRow("device", self.device_combo)
         lay = scroll_layout(self)
         lay.addWidget(QLabel("Corrected labels to learn from"))
@@ -381,17 +388,19 @@ class TrainWidget(CancelWhenRemoved, QWidget):
                 check_cell_types(cell_types, {"classes": list(CLASSES)})
             except ValueError as e:
                 types_note, cell_types = f"the corrected types were not learned: {e}", None
+        classifier, cls_note = (self._types_classifier(layers, cell_types, base) if cell_types is not None
+                                else (None, None))
         self._stop = stop = threading.Event()
         n_other = sum(t == OTHER for types in cell_types or [] for t in types.values())
         other_note = (f"{n_other} cell{'s' if n_other != 1 else ''} typed {OTHER} trained the outlines only, "
                       "not the classifier" if n_other else None)
         self._job = {"base": Path(base), "names": names, "types": cell_types is not None, "types_note": types_note,
-                     "other_note": other_note}
+                     "other_note": other_note, "classifier": cls_note}
         self.buttons.set_busy(True)
         self.progress.setRange(0, 0)
         self.progress.setFormat("scoring the starting model...")
         self.status.setText(f"training on {', '.join(names)}"
-                            + (" (and the classifier on the corrected types" if cell_types else "")
+                            + (f" (and the classifier {cls_note} on the corrected types" if cell_types else "")
                             + (f"; {other_note})" if other_note else ")" if cell_types else "") + "...")
         relay = self._relay
         self.destroyed.connect(stop.set)  # the viewer's window closed: stop at the next batch, writing nothing
@@ -412,6 +421,7 @@ class TrainWidget(CancelWhenRemoved, QWidget):
             progress=progress,
             should_stop=stop.is_set,
             cell_types=cell_types,
+            classifier=classifier,
             on_return=self._on_return,
             on_error=self._on_error,
             on_finish=self._on_finish,
@@ -419,6 +429,26 @@ class TrainWidget(CancelWhenRemoved, QWidget):
             on_warning=_show_work_warning,
         )
         return self.worker
+
+    def _types_classifier(self, layers, cell_types, base) -> tuple[Path | None, str]:
+        """The classifier the corrected types fine-tune (None: the one paired with ``base``, else the
+        shipped one, as :func:`~napari_wbc.core.finetune.finetune` picks) and its name for the messages.
+        auto: the classifier that typed the layers holding corrected types, when they all name one file."""
+        from napari_wbc.core.finetune import classifier_for
+        from napari_wbc.core.models import SHIPPED
+
+        from .classify import typed_by
+
+        chosen = None if self.classifier_combo.is_auto() else self.classifier_combo.model_path()
+        if chosen is not None:
+            return chosen, repr(chosen.stem)
+        typers = {typed_by(lab) for lab, types in zip(layers, cell_types) if types}
+        if len(typers) == 1 and None not in typers:
+            chosen = typers.pop()
+            return chosen, f"{chosen.stem!r} (it typed them)"
+        default = classifier_for(base) or SHIPPED["classifier"]
+        why = "typed by several classifiers" if len(typers - {None}) > 1 else "not known which typed them"
+        return None, f"{Path(default).stem!r} ({why})"
 
     def cancel(self) -> None:
         """Ask training to stop; nothing is written and the previous model stays."""
@@ -496,6 +526,7 @@ class TrainWidget(CancelWhenRemoved, QWidget):
             except ValueError as e:
                 show_error(error_message("Train: could not add the new model to Segment", e))
         if cls_path is not None:
+            self.classifier_combo.add_model(cls_path, select=False)
             from .classify import ClassifyWidget
 
             for w in find_widgets(self.viewer, ClassifyWidget):
