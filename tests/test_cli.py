@@ -671,6 +671,162 @@ def test_train_one_epoch(tmp_path, tiny_models, capsys, monkeypatch):
                      "--epochs", "1", "--out", str(out), "--device", "cpu"]) == 2
 
 
+def _corrected_batch_outputs(tmp_path, classifier=None, n_images=2):
+    """Smears in ``smears/`` and, in ``results/``, their x_labels.tif + x_cells.csv as napari-wbc's writer
+    saves them after types were corrected by hand (6 cells each, 5 corrected, one of them 'other')."""
+    import pandas as pd
+
+    from napari_wbc._writer import write_labels
+    from napari_wbc.core.segment import cell_features
+
+    smears, results = tmp_path / "smears", tmp_path / "results"
+    smears.mkdir()
+    yy, xx = np.mgrid[:96, :120]
+    for i in range(n_images):
+        Image.fromarray(smear(96, 120, seed=i)).save(smears / f"s{i}.png")
+        lab = np.zeros((96, 120), np.int32)
+        for k, (cy, cx) in enumerate([(20, 20), (20, 60), (20, 100), (70, 20), (70, 60), (70, 100)]):
+            lab[(yy - cy) ** 2 + (xx - cx) ** 2 < 100] = 10 + k  # ids as the labels file has them
+        feats = cell_features(lab)
+        feats["cell_type"] = ["lymphocyte", "neutrophil", "lymphocyte", "other", "monocyte", "neutrophil"]
+        feats["corrected"] = [True, True, True, True, True, False]
+        meta = {"napari_wbc": {"image_layer": f"s{i}"} | ({"classifier": str(classifier)} if classifier else {})}
+        write_labels(str(results / f"s{i}_labels.tif"), lab, {"features": feats, "metadata": meta})
+    return smears, results
+
+
+@pytest.fixture
+def asked_finetune(monkeypatch):
+    """finetune as napari-wbc train calls it: its keyword arguments are recorded; the base comes back."""
+    import napari_wbc.core.finetune as ft
+
+    calls = []
+
+    def fake(images, labels, base=None, **kw):
+        calls.append(dict(kw, images=images, labels=labels, base=base))
+        return Path(base)
+
+    monkeypatch.setattr(ft, "finetune", fake)
+    return calls
+
+
+def test_train_on_corrected_batch_outputs_learns_the_corrected_types_too(tmp_path, tiny_models, capsys,
+                                                                          asked_finetune):
+    """segment --out, correct in napari, save over x_labels.tif, then 'napari-wbc train SMEARS RESULTS':
+    the x_labels.tif pair with their smears and the corrected types (not 'other', not uncorrected ones)
+    fine-tune the classifier that typed them, as recorded in the labels files."""
+    seg, cls = tiny_models
+    smears, results = _corrected_batch_outputs(tmp_path, classifier=cls)
+    assert main(["train", str(smears), str(results), "--base", str(seg), "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    (call,) = asked_finetune
+    assert call["cell_types"] == [{10: "lymphocyte", 11: "neutrophil", 12: "lymphocyte", 13: "other",
+                                   14: "monocyte"}] * 2
+    assert call["classifier"] == str(cls)
+    assert sorted(np.unique(call["labels"][0]).tolist()) == [0, 10, 11, 12, 13, 14, 15]  # ids kept
+    assert "8 cell types corrected by hand in 2 cells tables fine-tune the classifier cls (it typed them)" in err
+    # --classifier wins; --no-types learns the outlines only
+    other = tmp_path / "other.safetensors"
+    shutil.copy(cls, other)
+    shutil.copy(cls.with_suffix(".json"), other.with_suffix(".json"))
+    assert main(["train", str(smears), str(results), "--base", str(seg), "--device", "cpu",
+                 "--classifier", str(other)]) == 0
+    assert asked_finetune[-1]["classifier"] == str(other.resolve())
+    assert main(["train", str(smears), str(results), "--base", str(seg), "--device", "cpu", "--no-types"]) == 0
+    assert asked_finetune[-1]["cell_types"] is None and asked_finetune[-1]["classifier"] is None
+
+
+def test_train_with_corrected_types_writes_the_pair(tmp_path, tiny_models, capsys, monkeypatch):
+    """The real fine-tune (short): a new segmenter on stdout and, when the types were learned, its
+    classifier beside it, which 'segment --model NEW' types with."""
+    from napari_wbc.core import finetune
+    from napari_wbc.core.models import read_card
+
+    monkeypatch.setattr(finetune, "STEPS_PER_EPOCH", 2)
+    monkeypatch.setattr(finetune, "BATCH_SIZE", 2)
+    seg, cls = tiny_models
+    smears, results = _corrected_batch_outputs(tmp_path, classifier=cls)
+    out = tmp_path / "ft" / "mine.safetensors"
+    out.parent.mkdir()
+    rc = main(["train", str(smears), str(results), "--base", str(seg), "--epochs", "1", "--out", str(out),
+               "--device", "cpu"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert "classifier epoch" in cap.err  # its own epochs are reported
+    written = Path(cap.out.strip().splitlines()[-1])
+    learned = [line for line in cap.err.splitlines() if "the classifier learned the corrected types:" in line]
+    if learned:
+        new_cls = finetune.classifier_for(written)
+        assert new_cls is not None and str(new_cls) in learned[0] and read_card(new_cls)["kind"] == "classifier"
+        assert read_card(new_cls)["finetune"]["base"] == str(cls)  # the one that typed them
+    else:
+        assert "the corrected types were not learned" in cap.err
+
+
+def test_train_types_not_recorded_or_too_few_or_misspelt(tmp_path, tiny_models, capsys, asked_finetune):
+    import pandas as pd
+
+    seg, cls = tiny_models
+    smears, results = _corrected_batch_outputs(tmp_path, classifier=None, n_images=1)
+    assert main(["train", str(smears), str(results), "--base", str(seg), "--device", "cpu"]) == 0
+    assert asked_finetune[-1]["classifier"] is None  # finetune's default: the pair's, else the shipped one
+    assert "(not recorded which typed them)" in capsys.readouterr().err
+    table = pd.read_csv(results / "s0_cells.csv")
+    table["corrected"] = [True, False, False, False, False, False]  # one corrected cell: too few to check
+    table.to_csv(results / "s0_cells.csv", index=False)
+    assert main(["train", str(smears), str(results), "--base", str(seg), "--device", "cpu"]) == 0
+    assert asked_finetune[-1]["cell_types"] is None
+    assert "the corrected types are not learned, the outlines are: too few" in capsys.readouterr().err
+    table["cell_type"] = ["lymfocyte"] + list(table["cell_type"][1:])
+    table.to_csv(results / "s0_cells.csv", index=False)
+    n = len(asked_finetune)
+    assert main(["train", str(smears), str(results), "--base", str(seg), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "s0_cells.csv" in err and "'lymfocyte'" in err and len(asked_finetune) == n  # nothing trained
+
+
+def test_batch_labels_record_the_models_that_made_them(tmp_path, tiny_models, monkeypatch):
+    """x_labels.tif names the segmenter and the classifier that typed its cells (then opened in napari,
+    or trained on with 'napari-wbc train', the corrected types fine-tune that classifier)."""
+    import napari_wbc.core.segment as core_segment
+    from napari_wbc._reader import read_smear
+    from napari_wbc.core.io import saved_source
+
+    seg, cls = tiny_models
+    inp = tmp_path / "in"
+    inp.mkdir()
+    image = smear(seed=1)
+    Image.fromarray(image).save(inp / "x.png")
+    wbc = (image.mean(-1) < 130).astype(np.int32)  # the purple cell, whatever the random net makes of it
+    monkeypatch.setattr(core_segment, "iter_segment", lambda img, **kw: iter([("labels", wbc)]))
+    assert main(seg_args([inp], tmp_path / "out", tiny_models)) == 0
+    assert saved_source(tmp_path / "out" / "x_labels.tif") == {"model": str(seg), "classifier": str(cls)}
+    meta = read_smear(str(tmp_path / "out" / "x_labels.tif"))[0][1]
+    assert meta["metadata"]["napari_wbc"]["classifier"] == str(cls)  # what Train's auto reads
+    assert main(seg_args([inp], tmp_path / "out2", tiny_models, "--no-classify")) == 0
+    assert saved_source(tmp_path / "out2" / "x_labels.tif") == {"model": str(seg)}
+
+
+def test_batch_labels_pair_with_their_smears_in_one_folder_or_two(tmp_path):
+    _training_pairs(tmp_path / "one")
+    for i in range(2):
+        (tmp_path / "one" / f"t{i}-mask.png").rename(tmp_path / "one" / f"t{i}_labels.tif")
+    # an image that is really named x_labels keeps its own mask
+    Image.fromarray(smear(seed=9)).save(tmp_path / "one" / "z_labels.png")
+    Image.fromarray(np.zeros((64, 80), np.uint8)).save(tmp_path / "one" / "z_labels-mask.png")
+    pairs, lone_i, lone_m = pair_images_masks(tmp_path / "one", tmp_path / "one")
+    assert [(a.name, b.name) for a, b in pairs] == [("t0.png", "t0_labels.tif"), ("t1.png", "t1_labels.tif"),
+                                                  ("z_labels.png", "z_labels-mask.png")]
+    assert lone_i == [] and lone_m == []
+    (tmp_path / "res").mkdir()
+    for i in range(2):
+        (tmp_path / "one" / f"t{i}_labels.tif").rename(tmp_path / "res" / f"t{i}_labels.tif")
+    pairs, lone_i, lone_m = pair_images_masks(tmp_path / "one", tmp_path / "res")
+    assert [(a.name, b.name) for a, b in pairs] == [("t0.png", "t0_labels.tif"), ("t1.png", "t1_labels.tif"),
+                                                  ("z_labels.png", "z_labels-mask.png")]
+    assert lone_i == [] and lone_m == []
+
+
 # ------------------------------------------------------------------ demo
 def test_demo(tiny_models, capsys):
     seg, cls = tiny_models
@@ -849,10 +1005,10 @@ def test_a_correction_saved_by_the_writer_while_a_run_writes_the_same_outputs_is
     features = pd.DataFrame({"label": [1], "cell_type": ["basophil"]})
     saver = threading.Thread(target=write_labels, args=(str(out / "x_labels.tif"), correction, {"features": features}))
 
-    def write_while_saving(path, labels):  # the user saves in napari as the run writes
+    def write_while_saving(path, labels, *source):  # the user saves in napari as the run writes
         saver.start()
         saver.join(timeout=1.0)
-        real_write(path, labels)
+        real_write(path, labels, *source)
 
     monkeypatch.setattr(batch, "_write_labels", write_while_saving)
     settings = batch.Settings(model=str(tiny_models[0]), classifier=str(tiny_models[1]), device="cpu")

@@ -104,6 +104,19 @@ def test_reader_opens_what_the_writer_wrote(tmp_path):
     pd.testing.assert_frame_equal(kwargs["features"], pd.DataFrame(features))
 
 
+def test_the_image_and_the_classifier_that_typed_the_cells_are_kept_in_the_file(tmp_path):
+    """Opened again, the layer is paired with its image and Train's auto still knows which classifier
+    typed its cells; other metadata is not written."""
+    from napari_wbc._reader import napari_get_reader
+
+    meta = {"napari_wbc": {"image_layer": "smear", "classifier": "/models/wbc_classifier_adapted_x.safetensors",
+                           "data_hash": "abc"}}
+    tif = write_labels(str(tmp_path / "smear.tif"), _labels(), {"metadata": meta})[0]
+    [(_, kwargs, _)] = napari_get_reader(tif)(tif)
+    assert kwargs["metadata"]["napari_wbc"] == {"image_layer": "smear",
+                                                "classifier": "/models/wbc_classifier_adapted_x.safetensors"}
+
+
 def test_a_cell_table_follows_labels_edited_since_it_was_made(tmp_path):
     """Erased and painted cells (edited with the Classify widget closed): the CSV lists the saved labels."""
     from napari_wbc.core.segment import cell_features

@@ -30,6 +30,7 @@ from .core.io import (
     find_mask,
     find_voc,
     saved_cells_table,
+    saved_source,
     is_image_path,
     labels_for_layer,
     looks_like_labels,
@@ -113,7 +114,7 @@ def _saved_labels_layer(path: Path, cells_csv: Path, labels: np.ndarray) -> tupl
     import pandas as pd
 
     kwargs = {"name": path.stem, "metadata": {"path": str(path)}}
-    source = _saved_source(path)
+    source = saved_source(path)
     if source:  # the image it was saved from (napari-wbc's writer): paired with it again by name
         kwargs["metadata"]["napari_wbc"] = source
     try:
@@ -128,23 +129,6 @@ def _saved_labels_layer(path: Path, cells_csv: Path, labels: np.ndarray) -> tupl
     if lab.dtype != np.uint16:
         lab = lab.astype(np.int32 if labels.max(initial=0) < 2**31 else np.int64)
     return (lab, kwargs, "labels")
-
-
-def _saved_source(path: Path) -> dict:
-    """What napari-wbc's writer recorded in a labels TIFF's description (the image it belongs to...)."""
-    import json
-
-    import tifffile
-
-    from ._writer import SAVED_META_KEYS
-
-    try:
-        with tifffile.TiffFile(str(path)) as tf:
-            info = json.loads(tf.pages[0].description or "{}")
-        value = info.get("napari_wbc") if isinstance(info, dict) else None
-        return {k: v for k, v in value.items() if k in SAVED_META_KEYS} if isinstance(value, dict) else {}
-    except Exception:  # noqa: BLE001 - another program's TIFF: nothing recorded
-        return {}
 
 
 def _image_layer(path: Path, arr: np.ndarray) -> tuple:

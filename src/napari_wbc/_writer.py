@@ -7,12 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .core.io import atomic_write, batch_labels_beside, cells_table_path, folder_lock
+from .core.io import SAVED_META_KEYS, atomic_write, batch_labels_beside, cells_table_path, folder_lock
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 LOCK_TIMEOUT_S = 10.0  # napari's UI waits at most this long for a batch run writing in the same folder
 # what a labels TIFF records of its napari-wbc layer metadata (the reader gives it back)
-SAVED_META_KEYS = ("image_layer", "model", "diameter")
 
 
 def labels_dtype(data: np.ndarray) -> np.dtype:

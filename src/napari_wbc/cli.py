@@ -116,9 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Fine-tune the WBC segmenter on images and their masks, and write a new model\n"
             "(.safetensors + .json card). Masks are paired with images by name: 'x-mask.*' or\n"
-            "'x_mask.*' (SigTuple style, possibly in the same folder as the images), or 'x.*' in\n"
-            "MASKS_DIR. A mask is a binary image (cells are split into connected components) or\n"
-            "instance labels (16/32-bit). Use the new model with 'segment --model FILE'."
+            "'x_mask.*' (SigTuple style, possibly in the same folder as the images), 'x.*' in\n"
+            "MASKS_DIR, or 'x_labels.tif' (the outputs of 'napari-wbc segment --out', corrected in\n"
+            "napari and saved over). A mask is a binary image (cells are split into connected\n"
+            "components) or instance labels (16/32-bit). Types corrected by hand (the rows of the\n"
+            "cells table saved with the labels, x_cells.csv, that say 'corrected') fine-tune the\n"
+            "classifier too, written beside the new model. Use the new model with\n"
+            "'segment --model FILE': it types cells with that classifier."
         ),
         formatter_class=fmt,
     )
@@ -133,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto", metavar="D", help="auto, cpu, cuda, mps (default: auto)")
     t.add_argument("--allow-unpaired", action="store_true",
                    help="train on the pairs found even if some images or masks have no partner")
+    t.add_argument("--classifier", metavar="FILE",
+                   help="the classifier that the corrected types fine-tune: a .safetensors file or a shipped name "
+                        "(default: the one that typed the cells, as recorded in the labels files; else the one "
+                        "fine-tuned with --base, if any; else the shipped wbc_classifier)")
+    t.add_argument("--no-types", action="store_true",
+                   help="learn the outlines only, even when the cells tables hold corrected types")
     t.set_defaults(func=cmd_train)
 
     a = sub.add_parser(
@@ -411,6 +421,16 @@ def _mask_key(m: Path) -> str:
     return stem.lower()
 
 
+def _labels_key(m: Path) -> str | None:
+    """``x`` for the batch tool's ``x_labels.tif`` (lower case), else None."""
+    from .core.io import LABELS_STEM_SUFFIX
+
+    stem = m.stem.lower()
+    if m.suffix.lower() in (".tif", ".tiff") and stem.endswith(LABELS_STEM_SUFFIX) and len(stem) > len(LABELS_STEM_SUFFIX):
+        return stem[: -len(LABELS_STEM_SUFFIX)]
+    return None
+
+
 def pair_images_masks(images_dir, masks_dir) -> tuple[list[tuple[Path, Path]], list[Path], list[Path]]:
     """Pair images with masks by stem: ``x`` with ``x-mask``/``x_mask`` (either folder) or ``x`` in ``masks_dir``.
 
@@ -427,26 +447,35 @@ def pair_images_masks(images_dir, masks_dir) -> tuple[list[tuple[Path, Path]], l
                       and not f.name.startswith("."))
 
     images = [f for f in listing(images_dir) if not is_mask_name(f)]
-    masks = listing(masks_dir) if not same else [f for f in listing(masks_dir) if is_mask_name(f)]
-    beside = [] if same else [f for f in listing(images_dir) if is_mask_name(f)]  # x-mask.* next to x.*
+    stems = {f.stem.lower() for f in images}
+    # x_labels.tif (the batch tool's labels, corrected and saved over) beside image x.*: a mask, not an image
+    batch_labels = [f for f in images if _labels_key(f) in stems]
+    images = [f for f in images if f not in batch_labels]
+    masks = listing(masks_dir) if not same else [f for f in listing(masks_dir) if is_mask_name(f)] + batch_labels
+    beside = [] if same else [f for f in listing(images_dir) if is_mask_name(f)] + batch_labels  # x-mask.* next to x.*
     masks += beside
     by_key: dict[str, list[Path]] = {}
     for m in masks:
         by_key.setdefault(_mask_key(m), []).append(m)
+        if _labels_key(m) is not None:  # x_labels.tif is x's (and stays 'x_labels''s, an image of that name)
+            by_key.setdefault(_labels_key(m), []).append(m)
     pairs, unpaired, used = [], [], set()
     for im in images:
-        cands = by_key.get(im.stem.lower(), [])
+        key = im.stem.lower()
+        cands = by_key.get(key, [])
         if not cands:
             unpaired.append(im)
             continue
-        # prefer one in MASKS_DIR, then one with the same suffix as the image, then a lossless one
-        cands = sorted(cands, key=lambda m: (m in beside, m.suffix.lower() != im.suffix.lower(),
+        # prefer one named for the image itself (x-mask, x_mask, x; then x_labels), one in MASKS_DIR, then one
+        # with the same suffix as the image, then a lossless one
+        cands = sorted(cands, key=lambda m: (_mask_key(m) != key, m in beside, m.suffix.lower() != im.suffix.lower(),
                                              m.suffix.lower() in (".jpg", ".jpeg")))
         pairs.append((im, cands[0]))
         used.add(cands[0])
     paired_keys = {im.stem.lower() for im, _ in pairs}
     # a mask beside the images that lost to one in MASKS_DIR is an alternative, not an orphan
-    unpaired_masks = [m for m in masks if m not in used and not (m in beside and _mask_key(m) in paired_keys)]
+    unpaired_masks = [m for m in masks if m not in used and not (
+        m in beside and (_mask_key(m) in paired_keys or _labels_key(m) in paired_keys))]
     return pairs, unpaired, unpaired_masks
 
 
@@ -492,10 +521,11 @@ def cmd_train(args) -> int:
         if lone_masks:
             what.append(f"masks without an image: {_names(lone_masks)}")
         raise UsageError("; ".join(what) + " (pass --allow-unpaired to train on the pairs found)")
-    images, labels = [], []
+    images, labels, cell_types, typers = [], [], [], set()
     for im, m in pairs:
         try:
-            a, lab = read_image(im), read_mask(m)
+            a = read_image(im)
+            lab, types, typer = (read_mask(m), {}, None) if args.no_types else _mask_with_types(m)
         except ImageReadError as e:
             raise UsageError(str(e)) from None
         if lab.shape != a.shape[:2]:
@@ -503,6 +533,9 @@ def cmd_train(args) -> int:
                              f"{a.shape[1]}x{a.shape[0]} px; they must match")
         images.append(a)
         labels.append(lab)
+        cell_types.append(types)
+        if types:
+            typers.add(typer)
     n_cells = sum(int(len(np.unique(lab)) - (lab.min() == 0)) for lab in labels)
     if n_cells == 0:
         raise UsageError(f"the masks hold no cell ({_names([m for _, m in pairs])}): nothing to learn from")
@@ -511,6 +544,8 @@ def cmd_train(args) -> int:
         print(f"left out, their masks hold no cell: {_names(empty)}", file=sys.stderr)
         keep = [k for k, lab in enumerate(labels) if lab.any()]
         pairs, images, labels = [pairs[k] for k in keep], [images[k] for k in keep], [labels[k] for k in keep]
+        cell_types = [cell_types[k] for k in keep]
+    cell_types, classifier = _types_to_learn(cell_types, typers, args, base)
     print(f"training on {len(pairs)} image(s), {n_cells} cell(s); device {dev}", file=sys.stderr)
     t0 = time.time()
 
@@ -518,7 +553,13 @@ def cmd_train(args) -> int:
         parts = [f"epoch {epoch}/{total}"]
         if metrics.get("loss") is not None:
             parts.append(f"loss {metrics['loss']:.4f}")
-        if metrics.get("matched_dice") is not None and metrics.get("f1") is not None:
+        if metrics.get("stage") == "classifier":
+            parts = [f"classifier epoch {epoch}/{total}"]
+            if metrics.get("holdout_accuracy") is not None:
+                parts.append(f"hold-out accuracy {metrics['holdout_accuracy']:.3f}"
+                             + (f" (before {metrics['before_accuracy']:.3f})"
+                                if metrics.get("before_accuracy") is not None else ""))
+        elif metrics.get("matched_dice") is not None and metrics.get("f1") is not None:
             parts.append(f"hold-out Dice {metrics['matched_dice']:.3f} F1 {metrics['f1']:.3f}")
         parts.append(f"({time.time() - t0:.0f} s)")
         print("  ".join(parts), file=sys.stderr, flush=True)
@@ -531,15 +572,117 @@ def cmd_train(args) -> int:
         warnings.simplefilter("always")
         try:
             path = finetune(images, labels, base=base, epochs=args.epochs, device=dev,
-                            output=args.out, progress=progress)
+                            output=args.out, progress=progress, cell_types=cell_types, classifier=classifier)
         except (ValueError, OSError) as e:  # OSError: the folder, the disk; FileExistsError: a name taken meanwhile
             _err(f"training failed: {e}")
             return EXIT_FAILED
     for w in caught:
         if issubclass(w.category, UserWarning):
             _err(str(w.message))
+    if cell_types is not None:
+        _err(_classifier_outcome(path))
     print(str(path))
     return EXIT_OK
+
+
+def _mask_with_types(mask: Path):
+    """``(labels, {label: type}, classifier)`` of a training mask: with the cells table saved beside it
+    (napari-wbc's writer, the batch tool), the types of its rows marked ``corrected`` and the classifier
+    that typed them (recorded in the labels TIFF, None when not); the label ids are then kept as they
+    are in the file (the table names them). Otherwise ``(read_mask(mask), {}, None)``."""
+    import numpy as np
+    import pandas as pd
+
+    from .core.classify import CLASSES, OTHER
+    from .core.io import read_image, read_mask, saved_cells_table, saved_source
+
+    table_path = saved_cells_table(mask)
+    if not table_path.is_file():
+        return read_mask(mask), {}, None
+    try:
+        table = pd.read_csv(table_path)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cells table {str(table_path)!r} of mask {str(mask)!r} cannot be read: {e}") from None
+    if not {"label", "cell_type", "corrected"} <= set(table.columns):  # no type was corrected by hand
+        return read_mask(mask), {}, None
+    raw = read_image(mask)
+    if raw.ndim != 2 or raw.dtype.kind not in "ui":
+        raise UsageError(f"mask {str(mask)!r} has a cells table {table_path.name!r} with corrected types but is not "
+                         f"a labels image (2-D integer ids; got {raw.dtype} {raw.shape})")
+    labels = raw.astype(np.int32)
+    corrected = table["corrected"].astype(str).str.strip().str.lower().isin(["true", "1", "1.0", "yes"])
+    types = {}
+    for label, t, c in zip(table["label"], table["cell_type"], corrected):
+        if not c or not isinstance(t, str) or not t.strip():
+            continue
+        if t.strip() not in (*CLASSES, OTHER):
+            raise UsageError(f"cells table {str(table_path)!r}: cell {label} is typed {t!r}; expected one of "
+                             f"{', '.join((*CLASSES, OTHER))} (or --no-types to learn the outlines only)")
+        types[int(label)] = t.strip()
+    if types:  # a row whose cell is not in the labels any more (erased by hand, saved by another program)
+        present = set(np.unique(labels[np.isin(labels, list(types))]).tolist())
+        types = {k: v for k, v in types.items() if k in present}
+    typer = saved_source(mask).get("classifier")
+    return labels, types, (Path(typer) if typer and Path(typer).is_file() else None)
+
+
+def _types_to_learn(cell_types, typers, args, base):
+    """``(cell_types or None, classifier or None)`` for finetune, said on stderr: the corrected types and the
+    classifier they fine-tune (``--classifier``, else the one that typed them when the labels files agree,
+    else None: the one fine-tuned with ``--base``, else the shipped one)."""
+    from .core.classify import OTHER
+    from .core.classifier_finetune import check_cell_types
+    from .core.finetune import classifier_for
+    from .core.models import SHIPPED, read_card, resolve_model_path
+
+    n = sum(t != OTHER for types in cell_types for t in types.values())
+    if args.no_types:
+        if args.classifier:
+            _err("--classifier is ignored with --no-types")
+        return None, None
+    if n == 0:
+        if args.classifier:
+            _err("--classifier is ignored: no cells table beside the masks has a type corrected by hand")
+        return None, None
+    if args.classifier:
+        classifier = _check_model(args.classifier, "classifier", "--classifier")
+        why = "--classifier"
+    elif len(typers) == 1 and None not in typers:
+        classifier, why = str(next(iter(typers))), "it typed them"
+    else:
+        classifier = None
+        why = "typed by several classifiers" if len(typers - {None}) > 1 else "not recorded which typed them"
+    chosen = resolve_model_path(classifier, "classifier") if classifier else (classifier_for(base) or SHIPPED["classifier"])
+    try:
+        check_cell_types(cell_types, read_card(chosen, "classifier"))
+    except ValueError as e:
+        _err(f"the corrected types are not learned, the outlines are: {e}")
+        return None, None
+    n_tables = sum(bool(types) for types in cell_types)
+    _err(f"{n} cell type{'s' if n != 1 else ''} corrected by hand in {n_tables} cells table{'s' if n_tables != 1 else ''}"
+         f" fine-tune the classifier {Path(chosen).stem} ({why})")
+    return cell_types, classifier
+
+
+def _classifier_outcome(seg_path) -> str:
+    """What became of the corrected types, from the new segmenter's card."""
+    from .core.finetune import paired_classifier
+    from .core.models import read_card
+
+    seg_path = Path(seg_path)
+    try:
+        card = read_card(seg_path)
+    except ValueError:
+        return "the corrected types: no new classifier"
+    mine = paired_classifier(seg_path, card) if card.get("classifier") else None
+    if mine is None or not mine.stem.startswith(seg_path.stem):
+        return ("the corrected types were not learned: the classifier trained on them was no better on the held-out "
+                "corrected cells; the previous one is kept")
+    ft = read_card(mine).get("finetune", {}) or {}
+    before, after, n = ft.get("holdout_accuracy_before"), ft.get("holdout_accuracy_after"), ft.get("n_holdout")
+    score = (f" (held-out accuracy {before:.2f} -> {after:.2f} on {n} cell{'s' if n != 1 else ''}"
+             + (": too few to tell)" if n < 3 else ")") if None not in (before, after) and n else "")
+    return f"the classifier learned the corrected types: {mine}{score}; 'segment --model' with the new model types with it"
 
 
 # ------------------------------------------------------------------ adapt

@@ -381,12 +381,16 @@ def _set_threads(n):
             torch.set_num_threads(int(n))
 
 
-def _write_labels(path: Path, labels: np.ndarray) -> None:
+def _write_labels(path: Path, labels: np.ndarray, source: dict | None = None) -> None:
+    """``source``: what made the labels (``model``, ``classifier``...), recorded in the TIFF's description
+    as napari-wbc's writer does (:func:`~napari_wbc.core.io.saved_source` reads it back)."""
     import tifffile
 
     dtype = np.uint16 if labels.max(initial=0) <= np.iinfo(np.uint16).max else np.uint32
     arr = labels.astype(dtype)
-    atomic_write(path, lambda tmp: tifffile.imwrite(tmp, arr, compression="zlib", photometric="minisblack"))
+    description = json.dumps({"napari_wbc": source}) if source else None
+    atomic_write(path, lambda tmp: tifffile.imwrite(tmp, arr, compression="zlib", photometric="minisblack",
+                                                    description=description, metadata=None if description else {}))
 
 
 def cells_table(labels: np.ndarray, types=None):
@@ -550,13 +554,17 @@ def process_one(path, out_dir, settings: Settings | None = None, name: str | Non
             elif item[0] == "labels":
                 labels = item[1]
         types = None
+        from .models import SHIPPED
+
+        source = {"model": str(settings.model or SHIPPED["segmenter"])}
         if settings.classify and labels.max(initial=0) > 0:
             from .classify import classify
             from .finetune import classifier_for
 
-            classifier = settings.classifier  # None: the one fine-tuned with the segmenter, if any, else shipped
-            types = classify(image, labels, model=classifier if classifier is not None else classifier_for(settings.model),
-                             device=dev)
+            # None: the one fine-tuned with the segmenter, if any, else the shipped one
+            classifier = settings.classifier or classifier_for(settings.model) or SHIPPED["classifier"]
+            types = classify(image, labels, model=classifier, device=dev)
+            source["classifier"] = str(classifier)  # (types corrected by hand fine-tune it: napari-wbc train)
         table = cells_table(labels, types)
         counts, pct = differential(table["cell_type"]) if settings.classify else ({}, {})
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -575,7 +583,7 @@ def process_one(path, out_dir, settings: Settings | None = None, name: str | Non
                 atomic_write(outs["done"], lambda tmp: Path(tmp).write_text(json.dumps(pending, indent=1)))
 
             write_pending()
-            _write_labels(outs["labels"], labels)
+            _write_labels(outs["labels"], labels, source)
             record["labels"] = _file_stamp(outs["labels"])
             write_pending()
             atomic_write(outs["cells"], lambda tmp: table.to_csv(tmp, index=False, float_format="%.6g"))

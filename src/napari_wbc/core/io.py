@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import errno
 import os
 import stat
@@ -296,6 +297,24 @@ def cells_table_path(labels_path) -> Path:
     if stem.endswith(LABELS_STEM_SUFFIX) and len(stem) > len(LABELS_STEM_SUFFIX):
         stem = stem[: -len(LABELS_STEM_SUFFIX)]
     return labels_path.with_name(f"{stem}_cells.csv")
+
+
+# what napari-wbc records in a labels TIFF's description (``{"napari_wbc": {...}}``): the image layer it
+# belongs to, the segmenter and diameter that made it, the classifier that typed its cells
+SAVED_META_KEYS = ("image_layer", "model", "diameter", "classifier")
+
+
+def saved_source(path) -> dict:
+    """What napari-wbc recorded in a labels TIFF's description (:data:`SAVED_META_KEYS`); {} for any other file."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(str(path)) as tf:
+            info = json.loads(tf.pages[0].description or "{}")
+        value = info.get("napari_wbc") if isinstance(info, dict) else None
+        return {k: v for k, v in value.items() if k in SAVED_META_KEYS} if isinstance(value, dict) else {}
+    except Exception:  # noqa: BLE001 - another program's TIFF: nothing recorded
+        return {}
 
 
 def saved_cells_table(labels_path) -> Path:
