@@ -559,6 +559,8 @@ def cmd_train(args) -> int:
                 parts.append(f"hold-out accuracy {metrics['holdout_accuracy']:.3f}"
                              + (f" (before {metrics['before_accuracy']:.3f})"
                                 if metrics.get("before_accuracy") is not None else ""))
+            elif metrics.get("before_accuracy") is not None:  # epoch 0: the classifier as it was
+                parts.append(f"hold-out accuracy before {metrics['before_accuracy']:.3f}")
         elif metrics.get("matched_dice") is not None and metrics.get("f1") is not None:
             parts.append(f"hold-out Dice {metrics['matched_dice']:.3f} F1 {metrics['f1']:.3f}")
         parts.append(f"({time.time() - t0:.0f} s)")
