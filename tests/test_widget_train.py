@@ -301,15 +301,15 @@ def test_the_new_classifiers_held_out_figures_are_told(tmp_path):
     """'the classifier learned the corrected types' was said after a tie on one held-out cell."""
     import json
 
-    from napari_wbc._widgets.train import _classifier_holdout
+    from napari_wbc.core.finetune import holdout_text
     from napari_wbc.core.testing import make_tiny_classifier
 
     cls = make_tiny_classifier(tmp_path / "c.safetensors")
     card = json.loads(cls.with_suffix(".json").read_text())
-    assert _classifier_holdout(cls) == ""  # not fine-tuned: nothing to tell
+    assert holdout_text(cls) == ""  # not fine-tuned: nothing to tell
     card["finetune"] = {"holdout_accuracy_before": 1.0, "holdout_accuracy_after": 1.0, "n_holdout": 1}
     cls.with_suffix(".json").write_text(json.dumps(card))
-    assert _classifier_holdout(cls) == " (held-out accuracy 1.00 -> 1.00 on 1 cell: too few to tell)"
+    assert holdout_text(cls) == " (held-out accuracy 1.00 -> 1.00 on 1 cell: too few to tell)"
 
 
 def test_cells_typed_other_train_the_outlines_only_and_the_user_is_told(qtbot, tr, user_models, monkeypatch,

@@ -11,7 +11,6 @@ from .core.io import SAVED_META_KEYS, atomic_write, batch_labels_beside, cells_t
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 LOCK_TIMEOUT_S = 10.0  # napari's UI waits at most this long for a batch run writing in the same folder
-# what a labels TIFF records of its napari-wbc layer metadata (the reader gives it back)
 
 
 def labels_dtype(data: np.ndarray) -> np.dtype:

@@ -667,24 +667,15 @@ def _types_to_learn(cell_types, typers, args, base):
 
 
 def _classifier_outcome(seg_path) -> str:
-    """What became of the corrected types, from the new segmenter's card."""
-    from .core.finetune import paired_classifier
-    from .core.models import read_card
+    """What became of the corrected types (the same words as the Train widget's)."""
+    from .core.finetune import holdout_text, trained_classifier
 
-    seg_path = Path(seg_path)
-    try:
-        card = read_card(seg_path)
-    except ValueError:
-        return "the corrected types: no new classifier"
-    mine = paired_classifier(seg_path, card) if card.get("classifier") else None
-    if mine is None or not mine.stem.startswith(seg_path.stem):
-        return ("the corrected types were not learned: the classifier trained on them was no better on the held-out "
-                "corrected cells; the previous one is kept")
-    ft = read_card(mine).get("finetune", {}) or {}
-    before, after, n = ft.get("holdout_accuracy_before"), ft.get("holdout_accuracy_after"), ft.get("n_holdout")
-    score = (f" (held-out accuracy {before:.2f} -> {after:.2f} on {n} cell{'s' if n != 1 else ''}"
-             + (": too few to tell)" if n < 3 else ")") if None not in (before, after) and n else "")
-    return f"the classifier learned the corrected types: {mine}{score}; 'segment --model' with the new model types with it"
+    mine = trained_classifier(seg_path)
+    if mine is None:
+        return ("the corrected types were not learned: the classifier trained on them was worse on the held-out "
+                "corrected cells, the previous one is kept")
+    return (f"the classifier learned the corrected types: {mine}{holdout_text(mine)}; 'segment --model' with the "
+            "new model types with it")
 
 
 # ------------------------------------------------------------------ adapt

@@ -56,22 +56,6 @@ NO_IMAGE = "(choose image)"
 AUTO_CLASSIFIER = "auto: the one that typed the cells"
 
 
-def _classifier_holdout(path) -> str:
-    """' (held-out accuracy a -> b on n cells)' from a fine-tuned classifier's card ('' if unknown): a tie
-    on one held-out cell is not evidence that the corrections were learned."""
-    from napari_wbc.core.models import read_card
-
-    try:
-        ft = read_card(path).get("finetune", {}) or {}
-    except ValueError:
-        return ""
-    before, after, n = ft.get("holdout_accuracy_before"), ft.get("holdout_accuracy_after"), ft.get("n_holdout")
-    if before is None or after is None or not n:
-        return ""
-    return (f" (held-out accuracy {before:.2f} -> {after:.2f} on {n} cell{'s' if n != 1 else ''}"
-            + (": too few to tell)" if n < 3 else ")"))
-
-
 def _held_out_cells(metrics: dict) -> int | None:
     """The number of cells the hold-out figures were measured on (found + missed), if known."""
     tp, fn = metrics.get("tp"), metrics.get("fn")
@@ -506,11 +490,13 @@ class TrainWidget(CancelWhenRemoved, QWidget):
         if n is not None and before is not None:
             dice += f" on {n} held-out cell{'s' if n != 1 else ''}" + (": too few to tell" if n < 3 else "")
         msg = f"Train: new model {path.name} ({dice})"
-        cls_path = self._new_classifier(path)
+        from napari_wbc.core.finetune import holdout_text, trained_classifier
+
+        cls_path = trained_classifier(path)
         if self._job.get("types_note"):
             msg += f"; {self._job['types_note']}"
         elif self._job.get("types"):
-            msg += ("; the classifier learned the corrected types: " + cls_path.name + _classifier_holdout(cls_path)
+            msg += ("; the classifier learned the corrected types: " + cls_path.name + holdout_text(cls_path)
                     if cls_path is not None else
                     "; the corrected types were not learned: the classifier trained on them was worse on the "
                     "held-out corrected cells, the previous one is kept")
@@ -535,21 +521,6 @@ class TrainWidget(CancelWhenRemoved, QWidget):
                 except ValueError as e:
                     show_error(error_message("Train: could not add the new classifier to Classify", e))
         show_info(msg)
-
-    @staticmethod
-    def _new_classifier(seg_path: Path) -> Path | None:
-        """The classifier this run trained beside the segmenter ``seg_path`` (None when types were not
-        trained, or did not improve and the card points at the base classifier)."""
-        from napari_wbc.core.finetune import paired_classifier
-        from napari_wbc.core.models import read_card
-
-        try:
-            card = read_card(seg_path)
-        except ValueError:
-            return None
-        mine = paired_classifier(seg_path, card) if card.get("classifier") else None
-        # this run's: written beside the segmenter under its name (not the base classifier it kept)
-        return mine if mine is not None and mine.parent == seg_path.parent and mine.stem.startswith(seg_path.stem) else None
 
     def _on_error(self, exc) -> None:
         from napari_wbc.core.finetune import FinetuneCancelled

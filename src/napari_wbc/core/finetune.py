@@ -164,6 +164,39 @@ def classifier_for(segmenter) -> Path | None:
     return paired_classifier(path, card) if card.get("classifier") else None
 
 
+
+def trained_classifier(seg_path) -> Path | None:
+    """The classifier a :func:`finetune` with ``cell_types`` trained beside the segmenter ``seg_path``;
+    None when types were not trained, or when the new one was no better and the card names the base
+    classifier it kept (the Train widget and ``napari-wbc train`` report from this)."""
+    from .models import read_card
+
+    seg_path = Path(seg_path)
+    try:
+        card = read_card(seg_path)
+    except ValueError:
+        return None
+    mine = paired_classifier(seg_path, card) if card.get("classifier") else None
+    # this run's: written beside the segmenter under its name (not the base classifier it kept)
+    return mine if mine is not None and mine.parent == seg_path.parent and mine.stem.startswith(seg_path.stem) else None
+
+
+def holdout_text(classifier) -> str:
+    """' (held-out accuracy a -> b on n cells)' from a fine-tuned classifier's card ('' if unknown): a tie
+    on one held-out cell is not evidence that the corrections were learned."""
+    from .models import read_card
+
+    try:
+        ft = read_card(classifier).get("finetune", {}) or {}
+    except ValueError:
+        return ""
+    before, after, n = ft.get("holdout_accuracy_before"), ft.get("holdout_accuracy_after"), ft.get("n_holdout")
+    if before is None or after is None or not n:
+        return ""
+    return (f" (held-out accuracy {before:.2f} -> {after:.2f} on {n} cell{'s' if n != 1 else ''}"
+            + (": too few to tell)" if n < 3 else ")"))
+
+
 def refuse_existing(path, what: str = "output") -> None:
     """ValueError naming the file when ``path``'s weights or card already exist."""
     from .models import existing_model_file
