@@ -16,6 +16,9 @@ Two questions, two sets (cell masks from ``--seg``, as ``train_classifier.py``):
     python benchmarks/bn_adaptation.py --sets unseen NO_TECOM.safetensors [...] --depths 1 2 3 4
     python benchmarks/bn_adaptation.py --sets indomain wbc_classifier --depths 1 2 3 4
 
+``--cells 25 50 75 100 150`` adapts (as shipped) on that many cells drawn at random, ``--draws`` times
+each, and scores on all cells of the set: how many cells adapting needs.
+
 ``--balance`` measures the class-balanced adaptation that napari-wbc ships as ``adapt_classifier`` (first
 block only); plain AdaBN was not adopted. See docs/benchmarks.md ("Two tries at an unseen lab without any
 corrections" and "Adapting to a lab's stain from its own cells").
@@ -59,6 +62,32 @@ def adapted(net, x, depth: int):
     return _statistics(net, x, depth, 0, None)
 
 
+def few_cells(net, card, x, probs, ws, src, name, set_name, sizes, draws):
+    """Table rows: balanced accuracy on all of ``ws`` after adapting on ``n`` random cells of them, per n."""
+    import numpy as np
+    import torch
+
+    from napari_wbc.core.adapt import adapted_network
+    from napari_wbc.core.classify import CLASSES
+
+    none = TC.report(ws, probs)[src]["balanced_accuracy"]
+    rows = []
+    for n in sizes:
+        if n > len(ws):
+            continue
+        scores = []
+        for seed in range(draws if n < len(ws) else 1):
+            idx = np.sort(np.random.default_rng(seed).choice(len(ws), n, replace=False))
+            with torch.no_grad():
+                a_net = adapted_network(net, x[torch.from_numpy(idx)], card.get("classes") or CLASSES)
+                p = torch.softmax(a_net(x).float(), 1).numpy()
+            scores.append(TC.report(ws, p)[src]["balanced_accuracy"])
+        rows.append(f"| {name} | {set_name} ({len(ws)}) | {n} | {len(scores)} | {none:.3f} | {np.mean(scores):.3f} | "
+                    f"{min(scores):.3f} | {max(scores):.3f} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("classifiers", nargs="+", help="classifier files or shipped names")
@@ -68,6 +97,10 @@ def main(argv=None):
     ap.add_argument("--balance", action="store_true",
                     help="class-balanced adaptation as napari_wbc.adapt_classifier does it (cells weighted by "
                          "their predicted types, 3 rounds), instead of plain AdaBN")
+    ap.add_argument("--cells", type=int, nargs="+", default=None, metavar="N",
+                    help="adapt on N cells drawn at random from the set (--draws draws each, first block, balanced "
+                         "as shipped) and score on all its cells: how many cells adapting needs")
+    ap.add_argument("--draws", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="markdown table to write")
     a = ap.parse_args(argv)
@@ -88,6 +121,9 @@ def main(argv=None):
     lines = [f"Command: `{wbc_data.command_line(__file__, argv)}`  ", "",
              "| classifier | cells | adapted blocks | balanced accuracy | neutrophil | lymphocyte | monocyte | eosinophil |",
              "|---|---|---|---|---|---|---|---|"]
+    if a.cells:
+        lines[2:] = ["| classifier | set | cells adapted on | draws | balanced accuracy, none | mean | min | max |",
+                     "|---|---|---|---|---|---|---|---|"]
     for name in a.classifiers:
         net, card = load_model(name, "classifier", "cpu")
         net = copy.deepcopy(net).float().eval()
@@ -95,6 +131,9 @@ def main(argv=None):
             raise SystemExit(f"{name}: this measurement cuts 96 px windows at context 1.5; the card says otherwise")
         for set_name, (src, ws) in sets.items():
             x, probs = cell_inputs(ws, net, card)
+            if a.cells:
+                lines.extend(few_cells(net, card, x, probs, ws, src, Path(name).stem, set_name, a.cells, a.draws))
+                continue
             for depth in [0, *a.depths]:
                 if depth:
                     with torch.no_grad():

@@ -25,7 +25,7 @@ TRAINING_MIX = {"neutrophil": 0.2375, "lymphocyte": 0.2375, "monocyte": 0.2375, 
                 "basophil": 0.05}
 DEPTH = 1  # convolution blocks whose batch norms are re-estimated
 ROUNDS = 3  # predict, weight, re-estimate
-MIN_CELLS = 50  # fewer cells give noisy statistics (measured on 60-299 cells)
+MIN_CELLS = 50  # a safety floor: 25-299 random cells gave the same gain (docs/benchmarks.md "How many cells")
 SHARE_FLOOR = 0.02  # a type predicted for almost no cell is not blown up by 1 / share
 RESAMPLE = 4  # cells drawn (with replacement, by weight) per cell, for the weighted statistics
 BATCH = 64
