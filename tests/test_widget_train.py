@@ -184,12 +184,12 @@ def test_corrected_types_go_to_the_classifier(tr):
 
 
 def test_present_finds_a_few_ids_in_a_layer():
-    from napari_wbc._widgets.train import _present
+    from napari_wbc.core.classifier_finetune import present_ids
 
     lab = np.zeros((3000, 3000), np.uint16)
     lab[5, 5], lab[2999, 2999] = 7, 300
-    assert _present(lab, [7, 300, 9, 7]) == {7, 300}
-    assert _present(lab.astype(np.int32), [1]) == set()
+    assert present_ids(lab, [7, 300, 9, 7]) == {7, 300}
+    assert present_ids(lab.astype(np.int32), [1]) == set()
 
 
 def test_a_classifier_trained_with_the_types_is_offered_in_classify(qtbot, tr, user_models, monkeypatch, tmp_path):

@@ -595,6 +595,7 @@ def _mask_with_types(mask: Path):
     import numpy as np
     import pandas as pd
 
+    from .core.classifier_finetune import corrected_types, present_ids
     from .core.classify import CLASSES, OTHER
     from .core.io import read_image, read_mask, saved_cells_table, saved_source
 
@@ -612,17 +613,13 @@ def _mask_with_types(mask: Path):
         raise UsageError(f"mask {str(mask)!r} has a cells table {table_path.name!r} with corrected types but is not "
                          f"a labels image (2-D integer ids; got {raw.dtype} {raw.shape})")
     labels = raw.astype(np.int32)
-    corrected = table["corrected"].astype(str).str.strip().str.lower().isin(["true", "1", "1.0", "yes"])
-    types = {}
-    for label, t, c in zip(table["label"], table["cell_type"], corrected):
-        if not c or not isinstance(t, str) or not t.strip():
-            continue
-        if t.strip() not in (*CLASSES, OTHER):
+    types = corrected_types(table)
+    for label, t in types.items():
+        if t not in (*CLASSES, OTHER):
             raise UsageError(f"cells table {str(table_path)!r}: cell {label} is typed {t!r}; expected one of "
                              f"{', '.join((*CLASSES, OTHER))} (or --no-types to learn the outlines only)")
-        types[int(label)] = t.strip()
     if types:  # a row whose cell is not in the labels any more (erased by hand, saved by another program)
-        present = set(np.unique(labels[np.isin(labels, list(types))]).tolist())
+        present = present_ids(labels, list(types))
         types = {k: v for k, v in types.items() if k in present}
     typer = saved_source(mask).get("classifier")
     return labels, types, (Path(typer) if typer and Path(typer).is_file() else None)
@@ -634,8 +631,8 @@ def _types_to_learn(cell_types, typers, args, base):
     else None: the one fine-tuned with ``--base``, else the shipped one)."""
     from .core.classify import OTHER
     from .core.classifier_finetune import check_cell_types
-    from .core.finetune import classifier_for
-    from .core.models import SHIPPED, read_card, resolve_model_path
+    from .core.finetune import typing_classifier
+    from .core.models import read_card, resolve_model_path
 
     n = sum(t != OTHER for types in cell_types for t in types.values())
     if args.no_types:
@@ -648,13 +645,10 @@ def _types_to_learn(cell_types, typers, args, base):
         return None, None
     if args.classifier:
         classifier = _check_model(args.classifier, "classifier", "--classifier")
-        why = "--classifier"
-    elif len(typers) == 1 and None not in typers:
-        classifier, why = str(next(iter(typers))), "it typed them"
+        chosen, why = resolve_model_path(classifier, "classifier"), "--classifier"
     else:
-        classifier = None
-        why = "typed by several classifiers" if len(typers - {None}) > 1 else "not recorded which typed them"
-    chosen = resolve_model_path(classifier, "classifier") if classifier else (classifier_for(base) or SHIPPED["classifier"])
+        classifier, chosen, why = typing_classifier(typers, base)
+        classifier = None if classifier is None else str(classifier)
     try:
         check_cell_types(cell_types, read_card(chosen, "classifier"))
     except ValueError as e:

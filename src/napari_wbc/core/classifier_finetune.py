@@ -11,6 +11,31 @@ import numpy as np
 from .classify import OTHER
 
 
+def corrected_types(table) -> dict[int, str]:
+    """``{label: type}`` of the rows of a per-cell table (a labels layer's features, or the ``x_cells.csv``
+    saved with them) whose type was set by hand: ``corrected`` true (a bool, or its text in a CSV) and a
+    ``cell_type``. Empty when the table has neither column. Unknown types are left for the caller to refuse."""
+    if table is None or not {"corrected", "cell_type"} <= set(table.columns):
+        return {}
+    ids = table["label"] if "label" in table.columns else table.get("index")
+    corrected = table["corrected"].astype(str).str.strip().str.lower().isin(["true", "1", "1.0", "yes"])
+    return {int(i): t.strip() for i, t, c in zip(ids, table["cell_type"], corrected)
+            if c and isinstance(t, str) and t.strip()}
+
+
+def present_ids(labels, ids) -> set[int]:
+    """Which of a few ``ids`` occur in ``labels`` (a few million pixels at a time, no sort of the array)."""
+    wanted = np.asarray(sorted(set(ids)), np.int64)
+    found = np.zeros(len(wanted), bool)
+    flat = np.asarray(labels).reshape(-1)
+    for s in range(0, flat.size, 1 << 22):
+        chunk = flat[s:s + (1 << 22)]
+        found |= np.isin(wanted, chunk)
+        if found.all():
+            break
+    return {int(i) for i in wanted[found]}
+
+
 def check_cell_types(cell_types, card) -> None:
     """Raise a ValueError unless every ``cell_types`` entry names a type the classifier ``card`` knows
     (or ``other``: accepted, not an example for the classifier), at least one cell of the card's types

@@ -165,6 +165,21 @@ def classifier_for(segmenter) -> Path | None:
 
 
 
+def typing_classifier(typers, base) -> tuple[Path | None, Path, str]:
+    """The classifier that corrected types fine-tune when none was chosen: the one that typed the cells
+    (``typers``: the classifier file recorded for each set of corrected cells, None where not recorded)
+    when they all name one file; else :func:`finetune`'s default, the one fine-tuned with segmenter
+    ``base``, else the shipped one. Returns ``(classifier= for finetune, the file that is, why)``."""
+    from .models import SHIPPED
+
+    typers = set(typers)
+    if len(typers) == 1 and None not in typers:
+        one = Path(typers.pop())
+        return one, one, "it typed them"
+    why = "typed by several classifiers" if len(typers - {None}) > 1 else "not recorded which typed them"
+    return None, Path(classifier_for(base) or SHIPPED["classifier"]), why
+
+
 def trained_classifier(seg_path) -> Path | None:
     """The classifier a :func:`finetune` with ``cell_types`` trained beside the segmenter ``seg_path``;
     None when types were not trained, or when the new one was no better and the card names the base
