@@ -161,6 +161,93 @@ def test_export_csv(qtbot, cls, tmp_path):
     assert not list(tmp_path.glob(".*"))  # no temporary file left behind
 
 
+def _second_field(viewer, disc_smear, types, name="smear2"):
+    """Another smear ``name`` with a labels layer made 'by Segment' and typed as ``types`` (label 1..n)."""
+    from napari_wbc._widgets.segment import cell_features
+
+    image, labels = disc_smear
+    viewer.add_image(image[::-1], name=name, rgb=True)
+    feats = cell_features(labels[::-1].copy())
+    feats["cell_type"] = pd.Series(types, dtype=object)
+    return viewer.add_labels(labels[::-1].copy(), name=f"{name} WBC labels", features=feats,
+                             metadata={"napari_wbc": {"image_layer": name}})
+
+
+def test_the_slide_count_pools_every_segmented_field(qtbot, cls, disc_smear):
+    """'the slide' counts the cells of every labels layer napari-wbc segmented or typed (fields of one
+    smear), not a ground-truth mask; it follows fields added, typed and removed; corrections still go to
+    the chosen layer."""
+    viewer, widget, lab = cls
+    run(qtbot, widget)
+    mine = lab.features["cell_type"].value_counts().to_dict()
+    second = _second_field(viewer, disc_smear, ["eosinophil", "eosinophil", "monocyte", None])
+    viewer.add_labels(disc_smear[1], name="smear mask")  # a ground-truth mask opened beside the smear
+    widget.labels_combo.set_layer(lab)
+    assert sum(shown_counts(widget).values()) == 4 and widget.total_label.text() == "total WBCs: 4"
+    widget.set_slide_scope(True)
+    counts = shown_counts(widget)
+    assert sum(counts.values()) == 8 and counts["unclassified"] == 1
+    assert counts["eosinophil"] == mine.get("eosinophil", 0) + 2
+    assert counts["monocyte"] == mine.get("monocyte", 0) + 1
+    assert widget.total_label.text() == ("total WBCs: 8 in 2 fields; 93 more typed for a 100-cell differential")
+    pooled = widget.counts().set_index("cell_type")
+    assert pooled.loc[CLASSES, "percent"].sum() == pytest.approx(100.0, abs=0.2)  # of the 7 typed
+    # a field typed while another layer is chosen (Segment's "classify cells"): counted at once
+    f = second.features.copy()
+    f.loc[3, "cell_type"] = "lymphocyte"
+    second.features = f
+    assert shown_counts(widget)["lymphocyte"] == mine.get("lymphocyte", 0) + 1
+    assert "unclassified" not in shown_counts(widget)
+    # a correction goes to the chosen layer and shows in the slide count
+    old = lab.features.set_index("label").loc[1, "cell_type"]
+    before = shown_counts(widget)["basophil"]
+    widget.set_type(1, "basophil")
+    assert shown_counts(widget)["basophil"] == before + (old != "basophil")
+    assert sum(shown_counts(widget).values()) == 8
+    assert second.features["cell_type"].tolist() == ["eosinophil", "eosinophil", "monocyte", "lymphocyte"]
+    # a third field added, then one removed
+    third = _second_field(viewer, disc_smear, ["neutrophil"] * 4, name="smear3")
+    assert sum(shown_counts(widget).values()) == 12
+    assert widget.total_label.text().startswith("total WBCs: 12 in 3 fields")
+    viewer.layers.remove(second)
+    assert sum(shown_counts(widget).values()) == 8
+    # the first smear segmented again (its first labels edited): one labels layer per smear counts, the
+    # chosen one, else the newest
+    again = viewer.add_labels(lab.data[:, :32].copy(), name="smear WBC labels [2]", scale=(0.5, 0.5),
+                              features=lab.features[lab.features["label"].isin([1, 3])],
+                              metadata={"napari_wbc": {"image_layer": "smear"}})
+    widget.labels_combo.set_layer(lab)
+    assert sum(shown_counts(widget).values()) == 8
+    assert widget.total_label.text().startswith("total WBCs: 8 in 2 fields (and 1 more labels layer of the same")
+    widget.labels_combo.set_layer(third)
+    assert sum(shown_counts(widget).values()) == 6  # the newest of smear's two layers: 2 cells
+    viewer.layers.remove(again)
+    widget.labels_combo.set_layer(lab)
+    widget.set_slide_scope(False)
+    assert sum(shown_counts(widget).values()) == 4 and widget.total_label.text() == "total WBCs: 4"
+
+
+def test_the_slide_count_is_exported_with_every_fields_cells(qtbot, cls, disc_smear, tmp_path):
+    viewer, widget, lab = cls
+    run(qtbot, widget)
+    _second_field(viewer, disc_smear, ["eosinophil"] * 4)
+    widget.labels_combo.set_layer(lab)
+    widget.set_slide_scope(True)
+    written = widget.export_csv(tmp_path / "slide.csv")
+    assert [p.name for p in written] == ["slide.csv", "slide_counts.csv"]
+    cells = pd.read_csv(written[0])
+    assert cells["image"].tolist() == ["smear"] * 4 + ["smear2"] * 4  # each cell named by its smear
+    assert cells["label"].tolist() == [1, 2, 3, 4] * 2
+    counts = pd.read_csv(written[1]).set_index("cell_type")
+    assert set(counts["image"]) == {"slide (2 fields)"}
+    assert counts.loc["total", "count"] == 8 and counts.loc["total", "percent"] == 100.0
+    assert counts.loc["eosinophil", "count"] == 4 + int((lab.features["cell_type"] == "eosinophil").sum())
+    viewer.layers.remove("smear2 WBC labels")
+    viewer.layers.remove(lab)
+    with pytest.raises(ValueError, match="no segmented labels layer"):
+        widget.export_csv(tmp_path / "none.csv")
+
+
 def test_segment_then_classify_in_one_click(qtbot, make_napari_viewer, tiny_segmenter, tiny_classifier, disc_smear):
     viewer = make_napari_viewer()
     viewer.add_image(disc_smear[0], name="smear", rgb=True)

@@ -69,6 +69,12 @@ def test_a_closed_classify_dock_lets_go_of_its_layer_and_is_not_the_classify_wid
     assert not old.syncing and not old._sync_timer.isActive()
     qtbot.waitUntil(lambda: 9 in set(lab.features["label"]) and not new.syncing, timeout=TIMEOUT)
     assert lab.mouse_drag_callbacks.count(new._on_click) == 1 and old._on_click not in lab.mouse_drag_callbacks
+    # nor does it follow the layers for the slide count any more (it would keep counting, unseen)
+    def followers(emitter):
+        return [ref[0]() for ref in emitter.callbacks if isinstance(ref, tuple)]
+
+    assert old not in followers(viewer.layers.events.inserted) and old not in followers(lab.events.features)
+    assert new in followers(viewer.layers.events.inserted) and new in followers(lab.events.features)
 
 
 def test_closing_the_viewer_while_classifying_raises_nothing_and_stops_the_work(qtbot, smear_viewer,

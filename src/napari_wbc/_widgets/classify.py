@@ -61,6 +61,8 @@ from ._common import (
 )
 
 UNDO_STEPS = 500  # type changes Undo can take back (all layers together)
+DIFFERENTIAL_CELLS = 100  # a manual differential is read over 100 typed WBCs (the slide count says how many more)
+SCOPES = ("this labels layer", "the slide: all segmented layers")
 
 CLASS_COLORS = {
     "neutrophil": "#4c9be8",
@@ -148,6 +150,51 @@ def differential_count(features) -> pd.DataFrame:
     if n_unclassified:
         rows.append({"cell_type": "unclassified", "count": n_unclassified, "percent": np.nan})
     return pd.DataFrame(rows, columns=["cell_type", "count", "percent"])
+
+
+def in_slide(layer) -> bool:
+    """Whether a layer is a field of the slide count: a labels layer that napari-wbc segmented or saved
+    (its metadata says so) or whose table has cell types (a ground-truth mask opened beside a smear is
+    neither)."""
+    if not isinstance(layer, Labels):
+        return False
+    feats = layer.features
+    return bool(wbc_meta(layer)) or (feats is not None and "cell_type" in feats)
+
+
+def slide_fields(viewer, prefer=None) -> tuple[list, int]:
+    """The labels layers of the slide count (:func:`in_slide`), one per smear: where several were made
+    from one smear (segmented again after an edit), ``prefer`` when it is one of them, else the newest.
+    Returns ``(layers, how many other layers of the same smears were left out)``."""
+    groups: dict = {}
+    for lyr in viewer.layers:
+        if not in_slide(lyr):
+            continue
+        image = paired_image(viewer, lyr)
+        name = wbc_meta(lyr).get("image_layer")
+        key = ("image", id(image)) if image is not None else ("name", name) if name else ("own", id(lyr))
+        groups.setdefault(key, []).append(lyr)
+    kept = [next((lyr for lyr in group if lyr is prefer), group[-1]) for group in groups.values()]
+    return kept, sum(len(group) for group in groups.values()) - len(kept)
+
+
+def field_name(viewer, labels_layer) -> str:
+    """The name of the smear a labels layer was made from (its layer in the viewer, else the name it
+    had), else the labels layer's own name."""
+    image = paired_image(viewer, labels_layer)
+    if image is not None:
+        return image.name
+    return str(wbc_meta(labels_layer).get("image_layer") or labels_layer.name)
+
+
+def pooled_types(feature_tables) -> pd.DataFrame:
+    """One ``cell_type`` column of every cell of several per-cell tables (a table without types: its
+    cells unclassified), for :func:`differential_count` of them together."""
+    cols = [f["cell_type"].astype(object) if "cell_type" in f else pd.Series([None] * len(f), dtype=object)
+            for f in feature_tables if f is not None]
+    if not cols:
+        return pd.DataFrame({"cell_type": pd.Series([], dtype=object)})
+    return pd.DataFrame({"cell_type": pd.concat(cols, ignore_index=True)})
 
 
 def _write_type(layer, label: int, cell_type, confidence, corrected) -> tuple:
@@ -316,6 +363,14 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
             + rows * self.count_table.verticalHeader().defaultSectionSize() + 4
         )
         self.total_label = QLabel("total WBCs: 0")
+        self.total_label.setWordWrap(True)
+        self.scope_combo = QComboBox()
+        self.scope_combo.addItems(SCOPES)
+        self.scope_combo.setToolTip(
+            "the slide: the cells of every smear segmented or typed in the viewer, counted together as fields "
+            "of one slide (a differential is read over 100 WBCs or more); one labels layer per smear: the one "
+            "chosen above, else the newest. Corrections go to the labels layer chosen above")
+        self.scope_combo.currentIndexChanged.connect(lambda *_: self.refresh_counts())
 
         self.cell_spin = QSpinBox()
         self.cell_spin.setRange(0, 2**31 - 1)
@@ -366,7 +421,10 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
         lay.addWidget(self.buttons)
         lay.addWidget(self.progress)
         lay.addWidget(self.status)
-        lay.addWidget(QLabel("Differential count"))
+        head = QHBoxLayout()
+        head.addWidget(QLabel("Differential count of"))
+        head.addWidget(self.scope_combo, 1)
+        lay.addLayout(head)
         lay.addWidget(self.count_table)
         lay.addWidget(self.total_label)
         lay.addWidget(QLabel("Correct or confirm a cell (click it, or review the least confident first)"))
@@ -384,6 +442,7 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
 
         self.labels_combo.layer_changed.connect(self._follow_layer)
         self._follow_layer(self.labels_combo.layer())
+        self._watch_layers(True)
         register(self)
 
     # ------------------------------------------------------------ layer following
@@ -396,9 +455,41 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
         also kept the closed widget alive)."""
         self._sync_timer.stop()
         self._follow_layer(None)
+        self._watch_layers(False)
 
     def on_reopened(self) -> None:
         self._follow_layer(self.labels_combo.layer())
+        self._watch_layers(True)
+
+    def _watch_layers(self, on: bool) -> None:
+        """Follow (or stop following) what changes the slide count: layers added or removed, and any
+        labels layer's table (typed by Segment's "classify cells", opened with its table)."""
+        layers = self.viewer.layers
+        for event, slot in ((layers.events.inserted, self._on_layers_changed),
+                            (layers.events.removed, self._on_layers_changed)):
+            event.disconnect(slot)
+            if on:
+                event.connect(slot)
+        for lyr in layers:
+            if isinstance(lyr, Labels):
+                lyr.events.features.disconnect(self._on_any_features)
+                if on:
+                    lyr.events.features.connect(self._on_any_features)
+
+    def _on_layers_changed(self, event=None) -> None:
+        if not alive(self):
+            return
+        layer = getattr(event, "value", None)
+        if isinstance(layer, Labels):
+            layer.events.features.disconnect(self._on_any_features)
+            if getattr(event, "type", "") == "inserted":
+                layer.events.features.connect(self._on_any_features)
+        if self.slide_scope:
+            self.refresh_counts()
+
+    def _on_any_features(self, event=None) -> None:
+        if alive(self) and self.slide_scope:
+            self.refresh_counts()
 
     def _follow_layer(self, layer) -> None:
         old = self._layer
@@ -479,8 +570,22 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
             self.pick_cell(int(value))
 
     # ------------------------------------------------------------ counts and cells
+    @property
+    def slide_scope(self) -> bool:
+        """Whether the count is of the slide (every segmented labels layer) rather than the chosen layer."""
+        return self.scope_combo.currentIndex() == 1
+
+    def set_slide_scope(self, on: bool) -> None:
+        self.scope_combo.setCurrentIndex(1 if on else 0)
+
+    def _counted_features(self):
+        """The per-cell table the count is of: the chosen layer's, or the slide's cell types together."""
+        if self.slide_scope:
+            return pooled_types(lyr.features for lyr in slide_fields(self.viewer, self._layer)[0])
+        return self._layer.features if self._layer is not None else None
+
     def refresh_counts(self) -> None:
-        feats = self._layer.features if self._layer is not None else None
+        feats = self._counted_features()
         table = differential_count(feats)
         self.count_table.setRowCount(len(table))
         for r, row in enumerate(table.itertuples(index=False)):
@@ -489,11 +594,25 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
                 self.count_table.setItem(r, c, QTableWidgetItem(text))
         n = 0 if feats is None else len(feats)
         n_other = int(table.loc[table["cell_type"] == OTHER, "count"].sum())
-        self.total_label.setText(f"total WBCs: {n}" + (f" ({n_other} {OTHER}, not in the percentages)" if n_other else ""))
+        text = f"total WBCs: {n}"
+        if self.slide_scope:
+            fields, left_out = slide_fields(self.viewer, self._layer)
+            text += f" in {len(fields)} field{'s' if len(fields) != 1 else ''}"
+            if left_out:
+                text += (f" (and {left_out} more labels layer{'s' if left_out != 1 else ''} of the same smears, "
+                         "not counted: the chosen or newest one counts)")
+        if n_other:
+            text += f" ({n_other} {OTHER}, not in the percentages)"
+        if self.slide_scope:
+            typed = int(table.loc[~table["cell_type"].isin([OTHER, "unclassified"]), "count"].sum())
+            more = DIFFERENTIAL_CELLS - typed
+            text += (f"; {more} more typed for a {DIFFERENTIAL_CELLS}-cell differential" if more > 0
+                     else f"; a {DIFFERENTIAL_CELLS}-cell differential: {typed} typed")
+        self.total_label.setText(text)
 
     def counts(self) -> pd.DataFrame:
-        """The differential count of the followed labels layer (as shown in the table)."""
-        return differential_count(self._layer.features if self._layer is not None else None)
+        """The differential count as shown in the table: of the chosen labels layer, or of the slide."""
+        return differential_count(self._counted_features())
 
     def _has_cell(self, label: int) -> bool:
         f = self._layer.features if self._layer is not None else None
@@ -883,7 +1002,7 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
 
     # ------------------------------------------------------------ export
     def _on_export(self) -> None:
-        if self._layer is None:
+        if self._layer is None and not self.slide_scope:
             show_error("Export CSV: no labels layer chosen")
             return
         folder = Path.home()
@@ -892,7 +1011,8 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
         if source and Path(source).parent.is_dir():
             folder = Path(source).parent
         path, _ = QFileDialog.getSaveFileName(
-            self, "Export cell table", str(folder / f"{self._layer.name}.csv"), "CSV (*.csv)"
+            self, "Export cell table", str(folder / f"{'slide' if self.slide_scope else self._layer.name}.csv"),
+            "CSV (*.csv)"
         )
         if path:
             try:
@@ -903,23 +1023,37 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
             show_info(f"Exported {', '.join(Path(p).name for p in written)}")
 
     def export_csv(self, path) -> list[Path]:
-        """Write the per-cell table to ``path`` and the differential count to ``<stem>_counts.csv``."""
+        """Write the per-cell table to ``path`` and the differential count to ``<stem>_counts.csv``: of
+        the chosen labels layer, or with the slide count of every field (its cells named by smear, the
+        count of all of them, ``image`` = ``slide (n fields)``)."""
         from napari_wbc.core.io import atomic_write
 
-        layer = self._layer
-        if layer is None:
-            raise ValueError("no labels layer chosen")
+        if self.slide_scope:
+            layers = slide_fields(self.viewer, self._layer)[0]
+            if not layers:
+                raise ValueError("no segmented labels layer in the viewer")
+            names = [field_name(self.viewer, lyr) for lyr in layers]
+            count_name = f"slide ({len(layers)} field{'s' if len(layers) != 1 else ''})"
+        else:
+            if self._layer is None:
+                raise ValueError("no labels layer chosen")
+            layers = [self._layer]
+            image = self.image_combo.layer()
+            names = [image.name if image is not None else ""]
+            count_name = names[0]
         path = Path(path)
         if path.suffix.lower() != ".csv":
             path = path.with_name(path.name + ".csv")
         # measured now: an edit made a moment ago may not have reached the table yet
-        feats, _, _ = remeasure(layer.features, layer_image(layer))
-        cells = feats.drop(columns=["index"], errors="ignore")
-        counts = with_totals(differential_count(feats))
-        # which smear the rows are of (files of many smears can be put together)
-        image = self.image_combo.layer()
-        cells.insert(0, "image", image.name if image is not None else "")
-        counts.insert(0, "image", image.name if image is not None else "")
+        tables = []
+        for lyr, name in zip(layers, names):
+            feats, _, _ = remeasure(lyr.features, layer_image(lyr))
+            feats = feats.drop(columns=["index"], errors="ignore")
+            feats.insert(0, "image", name)  # which smear the rows are of (files of many smears can be put together)
+            tables.append(feats)
+        cells = pd.concat(tables, ignore_index=True) if len(tables) > 1 else tables[0]
+        counts = with_totals(differential_count(pooled_types(tables) if self.slide_scope else tables[0]))
+        counts.insert(0, "image", count_name)
         counts_path = path.with_name(f"{path.stem}_counts.csv")
         atomic_write(path, lambda tmp: cells.to_csv(tmp, index=False))
         atomic_write(counts_path, lambda tmp: counts.to_csv(tmp, index=False))
