@@ -1,10 +1,12 @@
 """Screenshots of napari-wbc in a real napari window (run under Xvfb).
 
-    xvfb-run -a -s "-screen 0 1600x1000x24" python docs/make_screenshots.py [IMAGE]
+    xvfb-run -a -s "-screen 0 1600x1000x24" python docs/make_screenshots.py [IMAGE [FIELD ...]]
 
 Opens a smear, segments it with the Segment widget, classifies it with the
 Classify widget, corrects one cell, opens the Train widget, and saves PNGs to
-docs/images/. Uses the shipped models on the CPU.
+docs/images/. With FIELDs (more images of the slide), also opens them, segments
+them with "Segment every new image" and shows the slide's differential count
+(06_slide.png). Uses the shipped models on the CPU.
 """
 from __future__ import annotations
 
@@ -66,9 +68,27 @@ def main():
     cls.set_type(first, "monocyte")
     wait(lambda: True)
     shot(viewer, "04_correct.png")
-    viewer.window.add_plugin_dock_widget("napari-wbc", "Train from corrections")
+    _, train = viewer.window.add_plugin_dock_widget("napari-wbc", "Train from corrections")
     wait(lambda: True)
     shot(viewer, "05_train.png")
+    if len(sys.argv) > 2:  # more fields of the slide: segmented and typed in one click, counted together
+        viewer.window.remove_dock_widget(train)
+        for field in sys.argv[2:]:
+            viewer.open(field, plugin="napari-wbc")
+        seg.classify_check.setChecked(True)
+        seg.segment_new()
+        wait(lambda: not seg.running and seg._batch is None, timeout=600)
+        cls.set_slide_scope(True)
+        for lyr in viewer.layers:  # the last field on top, the others' outlines hidden under it
+            lyr.visible = lyr.name.startswith(viewer.layers[-1].name.split(" WBC labels")[0])
+        from qtpy.QtWidgets import QScrollArea
+
+        area = cls.total_label.parent()
+        while area is not None and not isinstance(area, QScrollArea):
+            area = area.parent()
+        if area is not None:  # the count and its total line in view
+            area.ensureWidgetVisible(cls.total_label)
+        shot(viewer, "06_slide.png")
     viewer.close()
 
 

@@ -398,3 +398,67 @@ def test_classify_cells_notes_the_classifier_on_the_layer(qtbot, seg, tiny_class
     assert "cell_type" in lab.features and lab.features["cell_type"].notna().all()
     assert lab.metadata["napari_wbc"]["classifier"] == str(tiny_classifier)
     assert lab.metadata["napari_wbc"]["image_layer"] == "smear"
+
+
+def test_segment_every_new_image_goes_through_the_fields_not_yet_segmented(qtbot, seg, disc_smear, monkeypatch):
+    """One click segments every image without a labels layer (the fields of a slide), one after another;
+    a stack is said so and passed over; clicked again, only images opened since are segmented."""
+    import napari_wbc._widgets.segment as mod
+
+    viewer, widget, layer = seg
+    run(qtbot, widget)  # 'smear' has its labels already
+    image, _ = disc_smear
+    viewer.add_image(image[::-1], name="field 2", rgb=True)
+    viewer.add_image(np.zeros((3, 64, 64, 3), np.uint8), name="rgb movie", rgb=True)
+    viewer.add_image(image[:, ::-1], name="field 3", rgb=True)
+    errors = []
+    monkeypatch.setattr(mod, "show_error", errors.append)
+    statuses = []
+    widget.status.setText = lambda text, real=widget.status.setText: (statuses.append(text), real(text))[1]
+    assert [lyr.name for lyr in widget.new_images()] == ["field 2", "rgb movie", "field 3"]
+    assert widget.segment_new() is not None
+    assert not widget.new_button.isEnabled()
+    qtbot.waitUntil(lambda: not widget.running and widget._batch is None, timeout=TIMEOUT)
+    names = [lyr.name for lyr in wbc_labels(viewer)]
+    assert names == ["smear WBC labels", "field 2 WBC labels", "field 3 WBC labels"]
+    assert viewer.layers["field 3 WBC labels"].metadata["napari_wbc"]["image_layer"] == "field 3"
+    assert len(errors) == 1 and "'rgb movie'" in errors[0]
+    assert any("(image 1 of 3)" in t for t in statuses) and any("(image 3 of 3)" in t for t in statuses)
+    assert widget.status.text().endswith("; 2 of 3 new images segmented")
+    assert widget.new_button.isEnabled() and widget.buttons.run.isEnabled()
+    # clicked again: only what was opened since
+    viewer.add_image(image, name="field 4", rgb=True)
+    assert [lyr.name for lyr in widget.new_images()] == ["rgb movie", "field 4"]
+    viewer.layers.remove("rgb movie")
+    run_new = widget.segment_new()
+    assert run_new is not None
+    qtbot.waitUntil(lambda: not widget.running and widget._batch is None, timeout=TIMEOUT)
+    assert [lyr.name for lyr in wbc_labels(viewer)][-1] == "field 4 WBC labels" and len(wbc_labels(viewer)) == 4
+    assert widget.segment_new() is None and "every open image has its labels layer" in widget.status.text()
+
+
+def test_cancel_stops_a_run_of_new_images(qtbot, seg, disc_smear, monkeypatch):
+    import napari_wbc.core.segment as core_segment
+
+    viewer, widget, layer = seg
+    image, _ = disc_smear
+    viewer.add_image(image[::-1], name="field 2", rgb=True)
+    real = core_segment.iter_segment
+    release = threading.Event()
+
+    def slow_iter_segment(*args, **kwargs):
+        for item in real(*args, **kwargs):
+            if item[0] == "labels":
+                release.wait(TIMEOUT / 1000)  # hold the result until the test has cancelled
+            yield item
+
+    monkeypatch.setattr(core_segment, "iter_segment", slow_iter_segment)
+    assert widget.segment_new() is not None
+    qtbot.waitUntil(lambda: widget.progress.maximum() > 0 and widget.progress.value() >= 1, timeout=TIMEOUT)
+    widget.cancel()
+    release.set()
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT)
+    qtbot.wait(100)
+    assert not widget.running and widget._batch is None and widget._queue == []
+    assert wbc_labels(viewer) == []  # neither the image being segmented nor the next one
+    assert widget.status.text() == "cancelled; no layer was added for smear (0 of 2 images segmented before)"

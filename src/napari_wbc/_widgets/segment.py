@@ -12,7 +12,7 @@ import numpy as np
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info
 from napari.viewer import Viewer
-from qtpy.QtWidgets import QCheckBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QLabel, QWidget
+from qtpy.QtWidgets import QCheckBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QLabel, QPushButton, QWidget
 
 from napari_wbc.core.io import labels_for_layer
 from napari_wbc.core.segment import cell_features
@@ -107,6 +107,8 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
         self.worker = None
         self._cancelled = False
         self._job = None  # what the running worker was asked (image name, scale, model...)
+        self._queue = []  # weak references to the images still to segment in this run (segment_new)
+        self._batch = None  # [images started, images in the run, labels layers added] while segment_new runs
 
         self.image_combo = LayerCombo(napari_viewer, Image, follow_new=True)
         self.model_combo = ModelCombo("segmenter")
@@ -128,8 +130,13 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
             "together with the chosen segmenter, else the shipped classifier)"
         )
         self.buttons = RunButtons("Segment")
-        self.buttons.run.clicked.connect(self.segment)
+        self.buttons.run.clicked.connect(lambda: self.segment())
         self.buttons.cancel.clicked.connect(self.cancel)
+        self.new_button = QPushButton("Segment every new image")
+        self.new_button.setToolTip(
+            "segment, one after another, every image layer that has no labels layer made from it yet (the fields "
+            "of a slide: open them all, click once; open more, click again), with the settings above")
+        self.new_button.clicked.connect(lambda: self.segment_new())
         self.progress = make_progress()
         self.status = QLabel("")
         self.status.setWordWrap(True)
@@ -146,6 +153,7 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
         lay.addLayout(form)
         lay.addWidget(self.classify_check)
         lay.addWidget(self.buttons)
+        lay.addWidget(self.new_button)
         lay.addWidget(self.progress)
         lay.addWidget(self.status)
         lay.addStretch(1)
@@ -166,11 +174,11 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
     def running(self) -> bool:
         return self.worker is not None
 
-    def segment(self):
-        """Start segmenting the chosen image; returns the worker (None when nothing started)."""
+    def segment(self, layer=None):
+        """Start segmenting the chosen image (or ``layer``); returns the worker (None when nothing started)."""
         if self.running:
             return None
-        layer = self.image_combo.layer()
+        layer = self.image_combo.layer() if layer is None else layer
         if layer is None:
             show_error("Segment WBCs: open an image first (no image layer to segment)")
             return None
@@ -202,9 +210,10 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
                      "layer": weakref.ref(layer), "image_id": layer_id(layer), "estimated": diameter is None,
                      "classifier": classify_model}
         self.buttons.set_busy(True)
+        self.new_button.setEnabled(False)
         self.progress.setRange(0, 0)
         self.progress.setFormat("starting...")
-        self.status.setText(f"segmenting {layer.name}...")
+        self.status.setText(f"segmenting {layer.name}{self._of()}...")
         self.worker = start_worker(
             segment_job,
             image,
@@ -221,8 +230,47 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
         )
         return self.worker
 
+    def new_images(self) -> list:
+        """The image layers that no labels layer in the viewer was made from (:func:`paired_image`)."""
+        made_from = {id(paired_image(self.viewer, lyr)) for lyr in self.viewer.layers
+                     if isinstance(lyr, Labels) and wbc_meta(lyr)}
+        return [lyr for lyr in self.viewer.layers if isinstance(lyr, Image) and id(lyr) not in made_from]
+
+    def segment_new(self):
+        """Segment every image layer not segmented yet (:meth:`new_images`), one after another with the
+        widget's settings; returns the first worker (None when nothing started). Cancel stops the run:
+        the images done keep their labels layers, the one being segmented gets none."""
+        if self.running:
+            return None
+        images = self.new_images()
+        if not images:
+            msg = "Segment WBCs: every open image has its labels layer already (segment one again with 'Segment')"
+            self.status.setText(msg)
+            show_info(msg)
+            return None
+        self._queue = [weakref.ref(lyr) for lyr in images]
+        self._batch = [0, len(images), 0]
+        return self._segment_next()
+
+    def _segment_next(self):
+        """Start the next image of :meth:`segment_new`'s run that can be segmented (a removed one is
+        passed over; one refused, a stack say, is said so and passed over); None when none is left."""
+        while self._queue:
+            layer = self._queue.pop(0)()
+            self._batch[0] += 1
+            if layer is None or layer not in self.viewer.layers:
+                continue
+            self.image_combo.set_layer(layer)
+            worker = self.segment(layer)
+            if worker is not None:
+                return worker
+        self._batch = None
+        return None
+
     def cancel(self) -> None:
-        """Stop the running segmentation; no layer is added or changed."""
+        """Stop the running segmentation (and the rest of a :meth:`segment_new` run); no layer is added
+        or changed for the image being segmented."""
+        self._queue = []
         if self.worker is not None:
             self._cancelled = True
             self.status.setText("cancelling...")
@@ -248,12 +296,16 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
 
         return classifier_for(self.model_combo.model_path())
 
+    def _of(self) -> str:
+        """`` (image k of n)`` while :meth:`segment_new` works through several images, else ''."""
+        return "" if self._batch is None or self._batch[1] < 2 else f" (image {self._batch[0]} of {self._batch[1]})"
+
     def _on_yield(self, item) -> None:
         kind = item[0]
         if kind == "diameter":
-            self.status.setText(f"segmenting {self._job['image']} (WBC diameter {item[1]:.0f} px)...")
+            self.status.setText(f"segmenting {self._job['image']}{self._of()} (WBC diameter {item[1]:.0f} px)...")
         elif kind == "stage":
-            self.status.setText(f"{self._job['image']}: {item[1]}...")
+            self.status.setText(f"{self._job['image']}{self._of()}: {item[1]}...")
         elif kind in ("progress", "outlining", "classify"):
             done, total = int(item[1]), max(int(item[2]), 1)
             self.progress.setRange(0, total)
@@ -283,6 +335,8 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
         except Exception as e:  # noqa: BLE001 - reported, never a traceback dialog
             show_error(error_message("Segment WBCs: could not add the labels layer", e))
             return
+        if self._batch is not None:
+            self._batch[2] += 1
         n = int(len(layer.features))
         # when segmented: corrections change the count after this (Classify shows the current one)
         # the scale it was read at, so that a wrong estimate (a thick smear, say) can be seen and set by hand
@@ -296,11 +350,18 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
         show_error(error_message("Segment WBCs failed", exc))
 
     def _on_finish(self) -> None:
+        batch = self._batch
         if self._cancelled:
-            self.status.setText("cancelled; no layer was added")
+            done = "" if batch is None or batch[1] < 2 else f" ({batch[2]} of {batch[1]} images segmented before)"
+            self.status.setText(f"cancelled; no layer was added for {self._job['image']}{done}")
+            self._batch = None
         self.worker = None
         self.buttons.set_busy(False)
+        self.new_button.setEnabled(True)
         reset_progress(self.progress)
+        if self._batch is not None and not self._cancelled:
+            if self._segment_next() is None and batch[1] > 1:
+                self.status.setText(f"{self.status.text()}; {batch[2]} of {batch[1]} new images segmented")
 
     # ------------------------------------------------------------ layers
     def _target_layer(self, image_name: str, image_layer=None):
