@@ -227,6 +227,38 @@ def test_the_slide_count_pools_every_segmented_field(qtbot, cls, disc_smear):
     assert sum(shown_counts(widget).values()) == 4 and widget.total_label.text() == "total WBCs: 4"
 
 
+def test_next_to_review_with_the_slide_count_goes_to_the_least_confident_cell_of_any_field(qtbot, cls, disc_smear):
+    viewer, widget, lab = cls
+    run(qtbot, widget)
+    second = _second_field(viewer, disc_smear, ["neutrophil"] * 4)
+    f = second.features.copy()
+    f["confidence"] = [0.9, 0.8, 0.95, 0.85]
+    f["confidence"] = f["confidence"].astype(float)
+    low = float(lab.features["confidence"].min())
+    f.loc[1, "confidence"] = low / 2  # cell 2 of the second field: the least confident of the slide
+    second.features = f
+    widget.labels_combo.set_layer(lab)
+    assert widget.review_next() == lab.features.sort_values(["confidence", "label"])["label"].iloc[0]  # this layer
+    widget.set_slide_scope(True)
+    assert widget.review_next() == 2
+    assert widget.labels_layer is second and widget.cell_spin.value() == 2
+    # that field shown, the other field's image, labels and types hidden
+    assert second.visible and viewer.layers["smear2"].visible
+    assert not lab.visible and not viewer.layers["smear"].visible and not types_layer(viewer).visible
+    widget.set_type(2, "lymphocyte")  # corrected: the next one is the least confident left, wherever it is
+    left = sorted([(c, 0, int(i), lab) for i, c in zip(lab.features["label"], lab.features["confidence"])]
+                  + [(c, 1, int(i), second) for i, c in zip(f["label"], f["confidence"]) if i != 2],
+                  key=lambda t: t[:3])
+    label = widget.review_next()
+    assert (widget.labels_layer, label) == (left[0][3], left[0][2])
+    assert widget.labels_layer.visible
+    for lyr in (lab, second):  # all confirmed: nothing left in the slide
+        for i in lyr.features["label"]:
+            widget.labels_combo.set_layer(lyr)
+            widget.set_type(int(i), lyr.features.set_index("label").loc[int(i), "cell_type"])
+    assert widget.review_next() is None and "nothing left to review in the slide" in widget.status.text()
+
+
 def test_the_slide_count_is_exported_with_every_fields_cells(qtbot, cls, disc_smear, tmp_path):
     viewer, widget, lab = cls
     run(qtbot, widget)

@@ -187,6 +187,31 @@ def field_name(viewer, labels_layer) -> str:
     return str(wbc_meta(labels_layer).get("image_layer") or labels_layer.name)
 
 
+def least_confident(features) -> tuple | None:
+    """``(confidence, label)`` of the least confident classified cell not yet corrected or confirmed in a
+    per-cell table (ties: the lowest label); None when there is none."""
+    f = features
+    if f is None or not is_classified(f) or "confidence" not in f:
+        return None
+    todo = pd.notna(f["cell_type"]) & pd.notna(f["confidence"])
+    if "corrected" in f:
+        todo &= ~f["corrected"].fillna(False).astype(bool)
+    if not todo.any():
+        return None
+    row = f.loc[todo].sort_values(["confidence", "label"], kind="stable").iloc[0]
+    return float(row["confidence"]), int(row["label"])
+
+
+def show_field(viewer, labels_layer) -> None:
+    """Show one field of the slide: ``labels_layer``, its image and its types on top of the others, the
+    other fields' (:func:`in_slide` layers, their images and types) hidden; other layers left as they are."""
+    mine = {id(labels_layer), id(paired_image(viewer, labels_layer)), id(find_types_layer(viewer, labels_layer))}
+    for lyr in [lyr for lyr in viewer.layers if in_slide(lyr)]:
+        for part in (lyr, paired_image(viewer, lyr), find_types_layer(viewer, lyr)):
+            if part is not None:
+                part.visible = id(part) in mine
+
+
 def pooled_types(feature_tables) -> pd.DataFrame:
     """One ``cell_type`` column of every cell of several per-cell tables (a table without types: its
     cells unclassified), for :func:`differential_count` of them together."""
@@ -390,7 +415,8 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
         self.undo_button.setEnabled(False)
         self.review_button = QPushButton("Next to review")
         self.review_button.setToolTip(
-            "go to the least confident cell not yet corrected or confirmed; 'Set type' confirms it"
+            "go to the least confident cell not yet corrected or confirmed (with the slide count: in any "
+            "field, which is then shown); 'Set type' confirms it"
         )
         self.review_button.clicked.connect(lambda: self.review_next())
         self.cell_info = QLabel("")
@@ -625,21 +651,37 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
 
     def next_to_review(self) -> int | None:
         """Label of the least confident classified cell not yet corrected or confirmed (None: none left)."""
-        f = self._layer.features if self._layer is not None else None
-        if f is None or not is_classified(f) or "confidence" not in f:
-            return None
-        todo = pd.notna(f["cell_type"]) & pd.notna(f["confidence"])
-        if "corrected" in f:
-            todo &= ~f["corrected"].fillna(False).astype(bool)
-        if not todo.any():
-            return None
-        return int(f.loc[todo].sort_values(["confidence", "label"], kind="stable")["label"].iloc[0])
+        found = least_confident(self._layer.features if self._layer is not None else None)
+        return None if found is None else found[1]
+
+    def next_to_review_in_slide(self) -> tuple | None:
+        """``(labels layer, label)`` of the least confident cell not yet corrected or confirmed among the
+        slide's fields (:func:`slide_fields`; ties: the chosen layer first, then the viewer's order)."""
+        layers, _ = slide_fields(self.viewer, self._layer)
+        layers = sorted(layers, key=lambda lyr: lyr is not self._layer)  # stable: the chosen one first
+        best = None
+        for lyr in layers:
+            found = least_confident(lyr.features)
+            if found is not None and (best is None or found[0] < best[0]):
+                best = (found[0], lyr, found[1])
+        return None if best is None else best[1:]
 
     def review_next(self) -> int | None:
-        """Pick the next cell to review (:meth:`next_to_review`) and centre the view on it."""
-        label = self.next_to_review()
+        """Pick the next cell to review and centre the view on it: in the chosen labels layer
+        (:meth:`next_to_review`), or with the slide count in any field (:meth:`next_to_review_in_slide`;
+        that field's layers are then shown, the other fields' hidden)."""
+        if self.slide_scope:
+            found = self.next_to_review_in_slide()
+            layer, label = found if found is not None else (None, None)
+            if layer is not None:
+                if layer is not self._layer:
+                    self.labels_combo.set_layer(layer)
+                show_field(self.viewer, layer)
+        else:
+            label = self.next_to_review()
         if label is None:
-            self.status.setText("nothing left to review: every classified cell is corrected or confirmed")
+            where = "in the slide" if self.slide_scope else "in this layer"
+            self.status.setText(f"nothing left to review {where}: every classified cell is corrected or confirmed")
             return None
         self.pick_cell(label)
         row = self._layer.features.loc[self._layer.features["label"] == label].iloc[0]
