@@ -121,10 +121,12 @@ def test_rerun_keeps_edited_layer(qtbot, seg):
     np.testing.assert_array_equal(first.data, edited)
 
 
-def test_cancel_adds_no_layer(qtbot, seg, monkeypatch):
+@pytest.fixture
+def held_result(monkeypatch) -> threading.Event:
+    """Segmentations hold their labels until the returned event is set (or 10 s pass): a test can
+    cancel while one runs."""
     import napari_wbc.core.segment as core_segment
 
-    viewer, widget, _ = seg
     real = core_segment.iter_segment
     release = threading.Event()
 
@@ -135,6 +137,12 @@ def test_cancel_adds_no_layer(qtbot, seg, monkeypatch):
             yield item
 
     monkeypatch.setattr(core_segment, "iter_segment", slow_iter_segment)
+    return release
+
+
+def test_cancel_adds_no_layer(qtbot, seg, held_result):
+    viewer, widget, _ = seg
+    release = held_result
     widget.segment()
     qtbot.waitUntil(lambda: widget.progress.maximum() > 0 and widget.progress.value() >= 1, timeout=TIMEOUT)
     assert not widget.buttons.run.isEnabled() and widget.buttons.cancel.isEnabled()
@@ -437,22 +445,11 @@ def test_segment_every_new_image_goes_through_the_fields_not_yet_segmented(qtbot
     assert widget.segment_new() is None and "every open image has its labels layer" in widget.status.text()
 
 
-def test_cancel_stops_a_run_of_new_images(qtbot, seg, disc_smear, monkeypatch):
-    import napari_wbc.core.segment as core_segment
-
+def test_cancel_stops_a_run_of_new_images(qtbot, seg, disc_smear, held_result):
     viewer, widget, layer = seg
     image, _ = disc_smear
     viewer.add_image(image[::-1], name="field 2", rgb=True)
-    real = core_segment.iter_segment
-    release = threading.Event()
-
-    def slow_iter_segment(*args, **kwargs):
-        for item in real(*args, **kwargs):
-            if item[0] == "labels":
-                release.wait(TIMEOUT / 1000)  # hold the result until the test has cancelled
-            yield item
-
-    monkeypatch.setattr(core_segment, "iter_segment", slow_iter_segment)
+    release = held_result
     assert widget.segment_new() is not None
     qtbot.waitUntil(lambda: widget.progress.maximum() > 0 and widget.progress.value() >= 1, timeout=TIMEOUT)
     widget.cancel()
