@@ -662,14 +662,10 @@ def _types_to_learn(cell_types, typers, args, base):
 
 def _classifier_outcome(seg_path) -> str:
     """What became of the corrected types (the same words as the Train widget's)."""
-    from .core.finetune import holdout_text, trained_classifier
+    from .core.finetune import trained_classifier, types_outcome
 
     mine = trained_classifier(seg_path)
-    if mine is None:
-        return ("the corrected types were not learned: the classifier trained on them was worse on the held-out "
-                "corrected cells, the previous one is kept")
-    return (f"the classifier learned the corrected types: {mine}{holdout_text(mine)}; 'segment --model' with the "
-            "new model types with it")
+    return types_outcome(mine) + ("; 'segment --model' with the new model types with it" if mine is not None else "")
 
 
 # ------------------------------------------------------------------ adapt

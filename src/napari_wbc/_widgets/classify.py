@@ -514,7 +514,8 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
             self.refresh_counts()
 
     def _on_any_features(self, event=None) -> None:
-        if alive(self) and self.slide_scope:
+        # (the followed layer's table is refreshed by _on_features)
+        if alive(self) and self.slide_scope and getattr(event, "source", None) is not self._layer:
             self.refresh_counts()
 
     def _follow_layer(self, layer) -> None:
@@ -604,14 +605,16 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
     def set_slide_scope(self, on: bool) -> None:
         self.scope_combo.setCurrentIndex(1 if on else 0)
 
-    def _counted_features(self):
-        """The per-cell table the count is of: the chosen layer's, or the slide's cell types together."""
+    def _counted(self) -> tuple:
+        """``(per-cell table, slide fields, layers of the same smears left out)`` the count is of: the
+        chosen layer's table (fields None), or the slide's cell types together (:func:`slide_fields`)."""
         if self.slide_scope:
-            return pooled_types(lyr.features for lyr in slide_fields(self.viewer, self._layer)[0])
-        return self._layer.features if self._layer is not None else None
+            fields, left_out = slide_fields(self.viewer, self._layer)
+            return pooled_types(lyr.features for lyr in fields), fields, left_out
+        return (self._layer.features if self._layer is not None else None), None, 0
 
     def refresh_counts(self) -> None:
-        feats = self._counted_features()
+        feats, fields, left_out = self._counted()
         table = differential_count(feats)
         self.count_table.setRowCount(len(table))
         for r, row in enumerate(table.itertuples(index=False)):
@@ -621,15 +624,14 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
         n = 0 if feats is None else len(feats)
         n_other = int(table.loc[table["cell_type"] == OTHER, "count"].sum())
         text = f"total WBCs: {n}"
-        if self.slide_scope:
-            fields, left_out = slide_fields(self.viewer, self._layer)
+        if fields is not None:
             text += f" in {len(fields)} field{'s' if len(fields) != 1 else ''}"
             if left_out:
                 text += (f" (and {left_out} more labels layer{'s' if left_out != 1 else ''} of the same smears, "
                          "not counted: the chosen or newest one counts)")
         if n_other:
             text += f" ({n_other} {OTHER}, not in the percentages)"
-        if self.slide_scope:
+        if fields is not None:
             typed = int(table.loc[~table["cell_type"].isin([OTHER, "unclassified"]), "count"].sum())
             more = DIFFERENTIAL_CELLS - typed
             text += (f"; {more} more typed for a {DIFFERENTIAL_CELLS}-cell differential" if more > 0
@@ -638,7 +640,7 @@ class ClassifyWidget(CancelWhenRemoved, QWidget):
 
     def counts(self) -> pd.DataFrame:
         """The differential count as shown in the table: of the chosen labels layer, or of the slide."""
-        return differential_count(self._counted_features())
+        return differential_count(self._counted()[0])
 
     def _has_cell(self, label: int) -> bool:
         f = self._layer.features if self._layer is not None else None

@@ -108,7 +108,7 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
         self._cancelled = False
         self._job = None  # what the running worker was asked (image name, scale, model...)
         self._queue = []  # weak references to the images still to segment in this run (segment_new)
-        self._batch = None  # [images started, images in the run, labels layers added] while segment_new runs
+        self._batch = None  # [images in the run, labels layers added] while segment_new runs
 
         self.image_combo = LayerCombo(napari_viewer, Image, follow_new=True)
         self.model_combo = ModelCombo("segmenter")
@@ -249,7 +249,7 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
             show_info(msg)
             return None
         self._queue = [weakref.ref(lyr) for lyr in images]
-        self._batch = [0, len(images), 0]
+        self._batch = [len(images), 0]
         return self._segment_next()
 
     def _segment_next(self):
@@ -257,7 +257,6 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
         passed over; one refused, a stack say, is said so and passed over); None when none is left."""
         while self._queue:
             layer = self._queue.pop(0)()
-            self._batch[0] += 1
             if layer is None or layer not in self.viewer.layers:
                 continue
             self.image_combo.set_layer(layer)
@@ -298,7 +297,10 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
 
     def _of(self) -> str:
         """`` (image k of n)`` while :meth:`segment_new` works through several images, else ''."""
-        return "" if self._batch is None or self._batch[1] < 2 else f" (image {self._batch[0]} of {self._batch[1]})"
+        if self._batch is None or self._batch[0] < 2:
+            return ""
+        total = self._batch[0]
+        return f" (image {total - len(self._queue)} of {total})"  # (the queue holds the ones not started)
 
     def _on_yield(self, item) -> None:
         kind = item[0]
@@ -336,7 +338,7 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
             show_error(error_message("Segment WBCs: could not add the labels layer", e))
             return
         if self._batch is not None:
-            self._batch[2] += 1
+            self._batch[1] += 1
         n = int(len(layer.features))
         # when segmented: corrections change the count after this (Classify shows the current one)
         # the scale it was read at, so that a wrong estimate (a thick smear, say) can be seen and set by hand
@@ -352,7 +354,7 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
     def _on_finish(self) -> None:
         batch = self._batch
         if self._cancelled:
-            done = "" if batch is None or batch[1] < 2 else f" ({batch[2]} of {batch[1]} images segmented before)"
+            done = "" if batch is None or batch[0] < 2 else f" ({batch[1]} of {batch[0]} images segmented before)"
             self.status.setText(f"cancelled; no layer was added for {self._job['image']}{done}")
             self._batch = None
         self.worker = None
@@ -360,8 +362,8 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
         self.new_button.setEnabled(True)
         reset_progress(self.progress)
         if self._batch is not None and not self._cancelled:
-            if self._segment_next() is None and batch[1] > 1:
-                self.status.setText(f"{self.status.text()}; {batch[2]} of {batch[1]} new images segmented")
+            if self._segment_next() is None and batch[0] > 1:
+                self.status.setText(f"{self.status.text()}; {batch[1]} of {batch[0]} new images segmented")
 
     # ------------------------------------------------------------ layers
     def _target_layer(self, image_name: str, image_layer=None):

@@ -480,16 +480,13 @@ class TrainWidget(CancelWhenRemoved, QWidget):
         if n is not None and before is not None:
             dice += f" on {n} held-out cell{'s' if n != 1 else ''}" + (": too few to tell" if n < 3 else "")
         msg = f"Train: new model {path.name} ({dice})"
-        from napari_wbc.core.finetune import holdout_text, trained_classifier
+        from napari_wbc.core.finetune import trained_classifier, types_outcome
 
         cls_path = trained_classifier(path)
         if self._job.get("types_note"):
             msg += f"; {self._job['types_note']}"
         elif self._job.get("types"):
-            msg += ("; the classifier learned the corrected types: " + cls_path.name + holdout_text(cls_path)
-                    if cls_path is not None else
-                    "; the corrected types were not learned: the classifier trained on them was worse on the "
-                    "held-out corrected cells, the previous one is kept")
+            msg += "; " + types_outcome(cls_path, None if cls_path is None else cls_path.name)
             if self._job.get("other_note"):
                 msg += f" ({self._job['other_note']})"
         self.status.setText(msg)

@@ -559,10 +559,9 @@ def process_one(path, out_dir, settings: Settings | None = None, name: str | Non
         source = {"model": str(settings.model or SHIPPED["segmenter"])}
         if settings.classify and labels.max(initial=0) > 0:
             from .classify import classify
-            from .finetune import classifier_for
+            from .finetune import default_classifier
 
-            # None: the one fine-tuned with the segmenter, if any, else the shipped one
-            classifier = settings.classifier or classifier_for(settings.model) or SHIPPED["classifier"]
+            classifier = settings.classifier or default_classifier(settings.model)
             types = classify(image, labels, model=classifier, device=dev)
             source["classifier"] = str(classifier)  # (types corrected by hand fine-tune it: napari-wbc train)
         table = cells_table(labels, types)

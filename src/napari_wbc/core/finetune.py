@@ -163,6 +163,12 @@ def classifier_for(segmenter) -> Path | None:
         return None  # loading the segmenter says what is wrong with it
     return paired_classifier(path, card) if card.get("classifier") else None
 
+def default_classifier(segmenter) -> Path:
+    """The classifier file that types the cells of ``segmenter`` when none is chosen: the one fine-tuned
+    with it (:func:`classifier_for`), else the shipped one."""
+    from .models import SHIPPED
+
+    return Path(classifier_for(segmenter) or SHIPPED["classifier"])
 
 
 def typing_classifier(typers, base) -> tuple[Path | None, Path, str]:
@@ -170,14 +176,12 @@ def typing_classifier(typers, base) -> tuple[Path | None, Path, str]:
     (``typers``: the classifier file recorded for each set of corrected cells, None where not recorded)
     when they all name one file; else :func:`finetune`'s default, the one fine-tuned with segmenter
     ``base``, else the shipped one. Returns ``(classifier= for finetune, the file that is, why)``."""
-    from .models import SHIPPED
-
     typers = set(typers)
     if len(typers) == 1 and None not in typers:
         one = Path(typers.pop())
         return one, one, "it typed them"
     why = "typed by several classifiers" if len(typers - {None}) > 1 else "not recorded which typed them"
-    return None, Path(classifier_for(base) or SHIPPED["classifier"]), why
+    return None, default_classifier(base), why
 
 
 def trained_classifier(seg_path) -> Path | None:
@@ -194,6 +198,15 @@ def trained_classifier(seg_path) -> Path | None:
     mine = paired_classifier(seg_path, card) if card.get("classifier") else None
     # this run's: written beside the segmenter under its name (not the base classifier it kept)
     return mine if mine is not None and mine.parent == seg_path.parent and mine.stem.startswith(seg_path.stem) else None
+
+
+def types_outcome(classifier, shown: str | None = None) -> str:
+    """What became of the corrected types after a fine-tune, for the Train widget and ``napari-wbc train``
+    alike: ``classifier`` is :func:`trained_classifier`'s answer, ``shown`` how to name it (default: its path)."""
+    if classifier is None:
+        return ("the corrected types were not learned: the classifier trained on them was worse on the held-out "
+                "corrected cells, the previous one is kept")
+    return f"the classifier learned the corrected types: {shown or classifier}{holdout_text(classifier)}"
 
 
 def holdout_text(classifier) -> str:
