@@ -1,6 +1,6 @@
 """A slide in napari: many fields segmented and typed with one click, counted together.
 
-    python benchmarks/slide_workflow.py [--fields 20] [--threads 2]
+    python benchmarks/slide_workflow.py [--fields 20] [--threads 2] [--folder]
     xvfb-run -a -s "-screen 0 1600x1000x24" python benchmarks/slide_workflow.py   # without a display
 
 Opens the first N unlabelled SigTuple fields (none of them in any training split: the SigTuple
@@ -12,6 +12,9 @@ CPU, diameter auto) and sets the Classify widget's count to the slide. Reports:
 - the longest stall of napari's GUI thread meanwhile (a 10 ms timer on it; gaps between its ticks);
 - the slide's differential count, and whether it equals the batch tool's on the same files
   (``napari-wbc segment FILES --out DIR``: its summary.csv, cell by cell type, image by image).
+
+With ``--folder`` the fields are not opened: the Segment widget's "Segment a folder..." is pressed on a
+folder holding them (links), and its summary.csv is compared with the batch tool's the same way.
 
 Timings depend on the machine and on what else runs.
 """
@@ -31,6 +34,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fields", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--folder", action="store_true", help="press 'Segment a folder...' instead")
     a = ap.parse_args(argv)
 
     import napari
@@ -42,8 +46,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     files = sorted((wbc_data.DATA / "sigtuple/unlabeled").glob("*.jpg"))[: a.fields]
     viewer = napari.Viewer(show=False)
-    for f in files:
-        viewer.open(str(f), plugin="napari-wbc")
+    if not a.folder:
+        for f in files:
+            viewer.open(str(f), plugin="napari-wbc")
     _, seg = viewer.window.add_plugin_dock_widget("napari-wbc", "Segment WBCs")
     _, cls = viewer.window.add_plugin_dock_widget("napari-wbc", "Classify WBCs")
     seg.device_combo.set_device("cpu")
@@ -65,19 +70,37 @@ def main(argv=None) -> int:
     timer = QTimer()
     timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
     timer.start(10)
+    work = tempfile.TemporaryDirectory()
+    if a.folder:  # the fields in a folder of their own (links), the results in a folder inside it
+        for f in files:
+            (Path(work.name) / f.name).symlink_to(f)
     t0 = time.perf_counter()
-    assert seg.segment_new() is not None
-    spin(lambda: not seg.running and seg._batch is None)
+    if a.folder:
+        assert seg.segment_folder(work.name) is not None
+        spin(lambda: not seg.running)
+    else:
+        assert seg.segment_new() is not None
+        spin(lambda: not seg.running and seg._batch is None)
     t1 = time.perf_counter()
     timer.stop()
     ts = [t0] + [t for t in ticks if t0 <= t <= t1] + [t1]
     worst = max(b - c for c, b in zip(ts, ts[1:]))
-    cls.set_slide_scope(True)
-    widget_counts = cls.counts().set_index("cell_type")["count"]
-    from napari.layers import Labels
+    if a.folder:
+        done = pd.read_csv(Path(work.name) / "napari-wbc" / "summary.csv")
+        per_layer = {}
+        for _, row in done.iterrows():
+            cells = pd.read_csv(Path(work.name) / "napari-wbc" / f"{row['image']}_cells.csv")
+            per_layer[row["image"]] = cells
+        widget_counts = pd.concat(per_layer.values())["cell_type"].value_counts()
+        status = seg.status.text()
+    else:
+        cls.set_slide_scope(True)
+        widget_counts = cls.counts().set_index("cell_type")["count"]
+        status = cls.total_label.text()
+        from napari.layers import Labels
 
-    per_layer = {lyr.metadata["napari_wbc"]["image_layer"]: lyr.features for lyr in viewer.layers
-                 if isinstance(lyr, Labels)}
+        per_layer = {lyr.metadata["napari_wbc"]["image_layer"]: lyr.features for lyr in viewer.layers
+                     if isinstance(lyr, Labels)}
 
     from napari_wbc.cli import main as cli
 
@@ -95,17 +118,19 @@ def main(argv=None) -> int:
             print(f"differs on {row['image']}: napari {mine}, batch {theirs}")
     n = int(sum(len(f) for f in per_layer.values()))
     lines = [
-        f"{len(files)} SigTuple fields, {torch.get_num_threads()} torch threads, shipped models on the CPU",
+        f"{len(files)} SigTuple fields, {torch.get_num_threads()} torch threads, shipped models on the CPU, "
+        + ("'Segment a folder...'" if a.folder else "'Segment every new image'"),
         "",
-        "| fields | WBCs | click to last layer (s) | s per field | longest GUI stall (ms) | slide count equals the batch tool's |",
+        f"| fields | WBCs | click to {'summary written' if a.folder else 'last layer'} (s) | s per field | longest GUI stall (ms) | slide count equals the batch tool's |",
         "|---|---|---|---|---|---|",
         f"| {len(files)} | {n} | {t1 - t0:.1f} | {(t1 - t0) / len(files):.2f} | {worst * 1000:.0f} | {'yes' if same else 'NO'} |",
         "",
         "slide count: " + ", ".join(f"{k} {int(v)}" for k, v in widget_counts.items()),
-        cls.total_label.text(),
+        status,
     ]
     print("\n".join(lines))
     viewer.close()
+    work.cleanup()
     return 0 if same else 1
 
 

@@ -674,8 +674,6 @@ def test_train_one_epoch(tmp_path, tiny_models, capsys, monkeypatch):
 def _corrected_batch_outputs(tmp_path, classifier=None, n_images=2):
     """Smears in ``smears/`` and, in ``results/``, their x_labels.tif + x_cells.csv as napari-wbc's writer
     saves them after types were corrected by hand (6 cells each, 5 corrected, one of them 'other')."""
-    import pandas as pd
-
     from napari_wbc._writer import write_labels
     from napari_wbc.core.segment import cell_features
 

@@ -459,3 +459,125 @@ def test_cancel_stops_a_run_of_new_images(qtbot, seg, disc_smear, held_result):
     assert not widget.running and widget._batch is None and widget._queue == []
     assert wbc_labels(viewer) == []  # neither the image being segmented nor the next one
     assert widget.status.text() == "cancelled; no layer was added for smear (0 of 2 images segmented before)"
+
+
+@pytest.fixture
+def smear_folder(tmp_path, disc_smear):
+    """A folder of two smear images (PNG) and a text file."""
+    from PIL import Image as PILImage
+
+    image, _ = disc_smear
+    folder = tmp_path / "slide 1"
+    folder.mkdir()
+    PILImage.fromarray(image).save(folder / "field_a.png")
+    PILImage.fromarray(np.ascontiguousarray(image[::-1])).save(folder / "field_b.png")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_segment_a_folder_writes_what_the_batch_tool_writes(qtbot, seg, smear_folder, tiny_classifier, tmp_path):
+    """A folder of smears is segmented and typed without opening them: the outputs are the batch tool's,
+    the status gives the pooled count; run again, nothing is done twice and nothing overwritten."""
+    import pandas as pd
+    import tifffile
+
+    from napari_wbc.core import batch
+
+    viewer, widget, _ = seg
+    _, cls = viewer.window.add_plugin_dock_widget(PLUGIN, "Classify WBCs")
+    cls.model_combo.add_model(tiny_classifier, select=True)
+    widget.classify_check.setChecked(True)
+    n_layers = len(viewer.layers)
+    assert widget.segment_folder(smear_folder) is not None
+    assert not widget.folder_button.isEnabled() and not widget.buttons.run.isEnabled()
+    assert widget.segment_folder(smear_folder) is None  # one run at a time
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT)
+    assert widget.folder_button.isEnabled() and widget.buttons.run.isEnabled()
+    assert len(viewer.layers) == n_layers  # nothing opened
+    out = smear_folder / "napari-wbc"
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(summary["image"]) == ["field_a", "field_b"] and set(summary["status"]) == {"ok"}
+    assert (out / "report.html").is_file()
+    # the same as the command line tool's outputs with the same settings
+    ref = tmp_path / "ref"
+    files, _ = batch.collect_images([smear_folder], exclude=[out])
+    settings = batch.Settings(model=str(widget.model_combo.model_path()), classifier=str(tiny_classifier),
+                              device="cpu", diameter=16.0)
+    ref_rows = batch.run_batch(files, ref, settings)
+    for name in ("field_a", "field_b"):
+        np.testing.assert_array_equal(tifffile.imread(out / f"{name}_labels.tif"),
+                                      tifffile.imread(ref / f"{name}_labels.tif"))
+        pd.testing.assert_frame_equal(pd.read_csv(out / f"{name}_cells.csv"), pd.read_csv(ref / f"{name}_cells.csv"))
+    cells = int(summary["n_wbc"].sum())
+    assert cells == sum(r["n_wbc"] for r in ref_rows) and cells > 0
+    total = batch.pooled_counts(ref_rows)
+    assert sum(total.values()) == cells
+    text = widget.status.text()
+    assert text.startswith(f"2 of 2 images: 2 segmented; {cells} WBCs: ")
+    for c, k in total.items():
+        if k:
+            assert f"{c} {k} (" in text
+    assert text.endswith(f"; results in {out}")
+    assert widget.results.isVisibleTo(widget) and (out / "report.html").as_uri() in widget.results.text()
+    # again: done before, not redone; the user's correction of a cells table is kept and counted
+    cells_csv = out / "field_a_cells.csv"
+    table = pd.read_csv(cells_csv)
+    table.loc[0, "cell_type"] = "basophil"
+    table.to_csv(cells_csv, index=False)
+    stamp = (out / "field_b_labels.tif").stat().st_mtime_ns
+    assert widget.segment_folder(smear_folder) is not None
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT)
+    assert widget.status.text().startswith(f"2 of 2 images: 0 segmented, 2 done before; {cells} WBCs: ")
+    assert "basophil" in widget.status.text()
+    assert pd.read_csv(cells_csv).loc[0, "cell_type"] == "basophil"
+    assert (out / "field_b_labels.tif").stat().st_mtime_ns == stamp
+
+
+def test_cancel_ends_a_folder_run_after_the_image_being_segmented(qtbot, seg, smear_folder, monkeypatch):
+    import pandas as pd
+
+    import napari_wbc.core.segment as core_segment
+
+    viewer, widget, _ = seg
+    real = core_segment.iter_segment
+    entered, release = threading.Event(), threading.Event()
+
+    def held_iter_segment(*args, **kwargs):
+        entered.set()
+        release.wait(TIMEOUT / 1000)
+        yield from real(*args, **kwargs)
+
+    monkeypatch.setattr(core_segment, "iter_segment", held_iter_segment)
+    assert widget.segment_folder(smear_folder) is not None
+    qtbot.waitUntil(entered.is_set, timeout=TIMEOUT)
+    widget.cancel()
+    assert "cancelling" in widget.status.text()
+    release.set()
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT)
+    out = smear_folder / "napari-wbc"
+    assert widget.status.text().startswith("cancelled: 1 of 2 images: 1 segmented; ")
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(summary["image"]) == ["field_a"]  # the image being segmented was finished and saved
+    assert (out / "field_a_labels.tif").is_file() and not (out / "field_b_labels.tif").exists()
+    assert "cancelled after 1 of 2 images" in (out / "report.html").read_text()
+
+
+def test_segment_a_folder_refuses_what_it_cannot_do(seg, smear_folder, tmp_path, monkeypatch):
+    import napari_wbc._widgets.segment as mod
+
+    viewer, widget, _ = seg
+    errors = []
+    monkeypatch.setattr(mod, "show_error", errors.append)
+    assert widget.segment_folder(smear_folder / "field_a.png") is None
+    assert "'field_a.png'" not in errors[-1] and str(smear_folder / "field_a.png") in errors[-1]
+    assert "is not a folder" in errors[-1]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("x")
+    assert widget.segment_folder(empty) is None
+    assert "no image files" in errors[-1] and str(empty) in errors[-1]
+    blocked = tmp_path / "a file"
+    blocked.write_text("x")
+    assert widget.segment_folder(smear_folder, blocked / "out") is None
+    assert "cannot be written to" in errors[-1] and str(blocked / "out") in errors[-1]
+    assert not widget.running and widget.folder_button.isEnabled()

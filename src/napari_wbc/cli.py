@@ -375,12 +375,10 @@ def cmd_segment(args) -> int:
     devices = sorted({r["device"] for r in rows if r.get("device")})
     if devices:
         info["device"] = f"{info['device']} (used: {', '.join(devices)})" if args.scheduler else ", ".join(devices)
-    kept = batch.keep_earlier_summary(out_dir, rows)
+    kept = batch.finish_run(rows, info, out_dir)
     if kept:
         _err("the earlier summary lists images this run does not cover; kept as "
              + ", ".join(repr(str(k)) for k in kept))
-    batch.write_summary(rows, out_dir / "summary.csv")
-    batch.write_report(rows, info, out_dir / "report.html")
     _print_segment_summary(rows, out_dir)
     return EXIT_FAILED if n_failed else EXIT_OK
 

@@ -12,7 +12,16 @@ import numpy as np
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info
 from napari.viewer import Viewer
-from qtpy.QtWidgets import QCheckBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QLabel, QPushButton, QWidget
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QWidget,
+)
 
 from napari_wbc.core.io import labels_for_layer
 from napari_wbc.core.segment import cell_features
@@ -82,6 +91,54 @@ def segment_job(image, *, model, device, diameter, classify_model=None, classify
     return labels, d, table, measured
 
 
+FOLDER_OUT = "napari-wbc"  # where "Segment a folder" writes, inside the images' folder (unless chosen)
+
+
+def folder_job(files, out_dir, settings, info: dict, stop):
+    """Generator run by the worker for "Segment a folder": the batch tool's work
+    (:func:`napari_wbc.core.batch.iter_batch`, one image after another), yielding ``("image", done,
+    total, row)`` as each image's outputs are written; returns ``(rows, kept)`` once ``summary.csv`` and
+    ``report.html`` are written (``kept``: an earlier summary moved aside). ``stop``: a
+    :class:`threading.Event`; once set, the run ends after the image being segmented (saved first), and
+    the summary lists the images done."""
+    import time
+
+    from napari_wbc.core import batch
+
+    t0 = time.perf_counter()
+    rows = []
+    for i, row in batch.iter_batch(files, out_dir, settings, stop=stop.is_set):
+        rows.append(row)
+        yield ("image", i + 1, len(files), row)
+    info = {**info, "wall time": f"{time.perf_counter() - t0:.1f} s"}
+    if stop.is_set() and len(rows) < len(files):
+        info["stopped"] = f"cancelled after {len(rows)} of {len(files)} images"
+    kept = batch.finish_run(rows, info, out_dir) if rows else []
+    return rows, kept
+
+
+def folder_summary(rows, total: int) -> str:
+    """One line on a folder run: images done, skipped, failed, WBCs and the pooled differential."""
+    from napari_wbc.core.batch import STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, pooled_counts
+    from napari_wbc.core.classify import OTHER, percentages
+
+    n = {s: sum(r["status"] == s for r in rows) for s in (STATUS_OK, STATUS_SKIPPED, STATUS_FAILED)}
+    cells = sum(int(r.get("n_wbc") or 0) for r in rows if r["status"] != STATUS_FAILED)
+    text = f"{len(rows)} of {total} images: {n[STATUS_OK]} segmented"
+    if n[STATUS_SKIPPED]:
+        text += f", {n[STATUS_SKIPPED]} done before"
+    if n[STATUS_FAILED]:
+        text += f", {n[STATUS_FAILED]} failed"
+    text += f"; {cells} WBC{'s' if cells != 1 else ''}"
+    counts = pooled_counts(rows)
+    if counts:
+        pct = percentages(counts)
+        text += ": " + ", ".join(
+            f"{c} {k}" + ("" if c == OTHER or pct.get(c) is None else f" ({pct[c]:.0f}%)")
+            for c, k in counts.items() if k)
+    return text
+
+
 def is_painted(layer) -> bool:
     """A labels layer whose labels are not (or not known to be) as the segmenter made them."""
     meta = wbc_meta(layer)
@@ -137,6 +194,17 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
             "segment, one after another, every image layer that has no labels layer made from it yet (the fields "
             "of a slide: open them all, click once; open more, click again), with the settings above")
         self.new_button.clicked.connect(lambda: self.segment_new())
+        self.folder_button = QPushButton("Segment a folder...")
+        self.folder_button.setToolTip(
+            "segment (and type) every image file of a folder, without opening them, with the settings above; "
+            f"the labels, cell tables, summary.csv and report.html go to a folder '{FOLDER_OUT}' inside it, "
+            "as the napari-wbc command writes them (images done before are not done again)")
+        self.folder_button.clicked.connect(self._pick_folder)
+        self._folder = None  # while a folder runs: {"files", "out", "stop"}
+        self.results = QLabel("")  # links to the last folder run's report and results
+        self.results.setOpenExternalLinks(True)
+        self.results.setWordWrap(True)
+        self.results.hide()
         self.progress = make_progress()
         self.status = QLabel("")
         self.status.setWordWrap(True)
@@ -154,8 +222,10 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
         lay.addWidget(self.classify_check)
         lay.addWidget(self.buttons)
         lay.addWidget(self.new_button)
+        lay.addWidget(self.folder_button)
         lay.addWidget(self.progress)
         lay.addWidget(self.status)
+        lay.addWidget(self.results)
         lay.addStretch(1)
         register(self)
 
@@ -209,8 +279,7 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
         self._job = {"image": layer.name, "transform": plane_transform(layer), "model": str(model),
                      "layer": weakref.ref(layer), "image_id": layer_id(layer), "estimated": diameter is None,
                      "classifier": classify_model}
-        self.buttons.set_busy(True)
-        self.new_button.setEnabled(False)
+        self._set_busy(True)
         self.progress.setRange(0, 0)
         self.progress.setFormat("starting...")
         self.status.setText(f"segmenting {layer.name}{self._of()}...")
@@ -266,9 +335,153 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
         self._batch = None
         return None
 
+    def segment_folder(self, folder, out_dir=None):
+        """Segment (and, with "classify cells", type) every image file in ``folder`` as the batch tool
+        does (``napari-wbc segment FOLDER --out OUT``), with the widget's settings, in a worker thread:
+        labels, cell tables, ``summary.csv`` and ``report.html`` go to ``out_dir`` (default: a folder
+        ``napari-wbc`` inside ``folder``). Nothing is opened in the viewer. Images whose outputs are there
+        from an earlier run are not done again (corrected by hand, they are counted as corrected); nothing
+        is overwritten. Cancel ends the run after the image being segmented. Returns the worker, or None
+        when nothing started (the reason shown)."""
+        import threading
+
+        from napari_wbc.core import batch
+
+        if self.running:
+            return None
+        folder = Path(folder).expanduser()
+        if not folder.is_dir():
+            show_error(f"Segment WBCs: {str(folder)!r} is not a folder; expected a folder of smear images")
+            return None
+        out_dir = (folder / FOLDER_OUT if out_dir is None else Path(out_dir).expanduser()).absolute()
+        model = self.model_combo.model_path()
+        if model is None:
+            show_error("Segment WBCs: no segmentation model available (the shipped model is missing); "
+                       "choose a model file with 'Browse...'")
+            return None
+        files, notes = batch.collect_images([folder], exclude=[out_dir])
+        if not files:
+            show_error(f"Segment WBCs: no image files ({', '.join(batch.IMAGE_SUFFIXES)}) in {str(folder)!r}")
+            return None
+        problem = _write_problem(out_dir)  # before any image is done, not after all of them
+        if problem is not None:
+            show_error(f"Segment WBCs: the results cannot be written to {str(out_dir)!r} ({problem}); "
+                       "choose another folder for them")
+            return None
+        classify = self.classify_check.isChecked()
+        classifier = self._classifier_choice() if classify else None
+        if classify and classifier is None:
+            show_error("Segment WBCs: 'classify cells' needs a classifier model (the shipped one is missing); "
+                       "open the Classify WBCs widget and choose one with 'Browse...'")
+            return None
+        diameter = None if self.auto_diameter.isChecked() else float(self.diameter.value())
+        device = self.device_combo.device()
+        settings = batch.Settings(model=str(model), classifier=None if classifier is None else str(classifier),
+                                  classify=classify, device=device, diameter=diameter)
+        info = self._folder_info(settings, out_dir)
+        for note in notes:
+            show_info(f"Segment WBCs: {note}")
+        stop = threading.Event()
+        self._folder = {"files": files, "out": out_dir, "stop": stop, "rows": []}
+        self._cancelled = False
+        self._set_busy(True)
+        self.results.hide()
+        self.progress.setRange(0, len(files))
+        self.progress.setValue(0)
+        self.progress.setFormat(f"0/{len(files)} images")
+        self.status.setText(f"folder {folder.name}: segmenting {files[0].name} (image 1 of {len(files)})...")
+        self.worker = start_worker(
+            folder_job, files, out_dir, settings, info, stop,
+            on_yield=self._on_folder_image,
+            on_return=self._on_folder_return,
+            on_error=self._on_error,
+            on_finish=self._on_folder_finish,
+            owner=self,
+        )
+        return self.worker
+
+    def _folder_info(self, settings, out_dir) -> dict:
+        """The run's settings for its report, as the command line tool lists them."""
+        import datetime
+
+        from napari_wbc import __version__
+
+        return {
+            "napari-wbc version": __version__,
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "command": "napari: Segment WBCs > Segment a folder",
+            "segmenter": settings.model,
+            "classifier": settings.classifier if settings.classify else "none (cells not typed)",
+            "device": settings.device,
+            "WBC diameter": f"{settings.diameter:g} px" if settings.diameter else "estimated per image",
+            "output folder": str(out_dir),
+        }
+
+    def _pick_folder(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Segment every smear image in a folder")
+        if not folder:
+            return
+        out_dir = Path(folder) / FOLDER_OUT
+        if _write_problem(out_dir) is not None:  # (a read-only share of images, say): the results go elsewhere
+            chosen = QFileDialog.getExistingDirectory(
+                self, f"{str(out_dir)!r} cannot be written: save the results in", str(Path.home()))
+            if not chosen:
+                return
+            out_dir = Path(chosen) / FOLDER_OUT
+        self.segment_folder(folder, out_dir)
+
+    def _on_folder_image(self, item) -> None:
+        _, done, total, row = item
+        run = self._folder
+        run["rows"].append(row)
+        self.progress.setRange(0, total)
+        self.progress.setValue(done)
+        self.progress.setFormat(f"{done}/{total} images")
+        if row["status"] == "failed":
+            show_error(f"Segment WBCs: {row['error']}")
+        if run["stop"].is_set():
+            return
+        sofar = folder_summary(run["rows"], total)
+        if done < total:
+            self.status.setText(f"{sofar}; segmenting {run['files'][done].name} (image {done + 1} of {total})...")
+
+    def _on_folder_return(self, result) -> None:
+        rows, kept = result
+        run = self._folder
+        total = len(run["files"])
+        text = folder_summary(rows, total)
+        if len(rows) < total:
+            text = f"cancelled: {text}"
+        if kept:
+            text += "; the earlier summary lists other images: kept as " + ", ".join(k.name for k in kept)
+        self.status.setText(f"{text}; results in {run['out']}")
+        show_info(f"Segment WBCs: {text}")
+        out = run["out"]
+        self.results.setText(
+            f'<a href="{(out / "report.html").as_uri()}">report.html</a> &middot; '
+            f'<a href="{(out / "summary.csv").as_uri()}">summary.csv</a> &middot; '
+            f'<a href="{out.as_uri()}">results folder</a>')
+        self.results.show()
+
+    def _on_folder_finish(self) -> None:
+        self._folder = None
+        self.worker = None
+        self._set_busy(False)
+        reset_progress(self.progress)
+
+    def _set_busy(self, busy: bool) -> None:
+        self.buttons.set_busy(busy)
+        self.new_button.setEnabled(not busy)
+        self.folder_button.setEnabled(not busy)
+
     def cancel(self) -> None:
         """Stop the running segmentation (and the rest of a :meth:`segment_new` run); no layer is added
-        or changed for the image being segmented."""
+        or changed for the image being segmented. A folder run ends after the image being segmented,
+        whose outputs are saved, and writes the summary of the images done."""
+        if self._folder is not None:
+            self._folder["stop"].set()
+            self.status.setText("cancelling: the image being segmented is finished and saved first...")
+            return
         self._queue = []
         if self.worker is not None:
             self._cancelled = True
@@ -358,8 +571,7 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
             self.status.setText(f"cancelled; no layer was added for {self._job['image']}{done}")
             self._batch = None
         self.worker = None
-        self.buttons.set_busy(False)
-        self.new_button.setEnabled(True)
+        self._set_busy(False)
         reset_progress(self.progress)
         if self._batch is not None and not self._cancelled:
             if self._segment_next() is None and batch[0] > 1:
@@ -425,6 +637,19 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
         # before pressing "new label" became part of cell 1, in two pieces)
         layer.selected_label = int(features["label"].max()) + 1 if len(features) else 1
         return layer
+
+
+def _write_problem(folder: Path) -> str | None:
+    """None when a file can be written in ``folder`` (made if missing), else why not."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        return str(e.strerror or e)
+    return None
 
 
 def segment_active_image(viewer: Viewer):

@@ -631,6 +631,52 @@ def _thumbnail_from_outputs(path: Path, outs: dict) -> str | None:
 
 
 # ------------------------------------------------------------------ the run
+def prepare_run(files: Sequence, out_dir) -> tuple[list[Path], Path, list[str]]:
+    """``(files, out_dir, names)`` of a run: absolute paths, each image's output name (the names an
+    earlier run in ``out_dir`` gave them kept); ``out_dir`` made, what a killed earlier run left half
+    written there cleared (hidden temporaries, never mistaken for outputs)."""
+    files = [Path(f).expanduser().absolute() for f in files]
+    out_dir = Path(out_dir).absolute()
+    names = output_names(files, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out_dir, [p.name for n in names for p in output_paths(out_dir, n).values()]
+                             + ["summary.csv", "report.html"])
+    return files, out_dir, names
+
+
+def iter_batch(files: Sequence, out_dir, settings: Settings, *, stop: Callable[[], bool] | None = None):
+    """:func:`run_batch` in this process, one image after another: yields ``(index, row)`` as each image
+    is done (its outputs written). With ``stop``, ends before the next image once ``stop()`` is true:
+    the images done keep their outputs, an image is never left half written."""
+    files, out_dir, names = prepare_run(files, out_dir)
+    for i, (f, nm) in enumerate(zip(files, names)):
+        if stop is not None and stop():
+            return
+        yield i, process_one(f, out_dir, settings, nm)
+
+
+def finish_run(rows: Sequence[dict], run_info: dict, out_dir) -> list[Path]:
+    """Write a run's ``summary.csv`` and ``report.html`` into ``out_dir``; an earlier run's that list
+    images this one does not cover are kept aside first (:func:`keep_earlier_summary`: their new paths
+    are returned)."""
+    out_dir = Path(out_dir)
+    kept = keep_earlier_summary(out_dir, rows)
+    write_summary(rows, out_dir / "summary.csv")
+    write_report(rows, run_info, out_dir / "report.html")
+    return kept
+
+
+def pooled_counts(rows: Sequence[dict]) -> dict:
+    """The cell types counted over every image of a run that did not fail (``{type: count}``, in the
+    order first met; empty when the cells were not typed)."""
+    total: dict = {}
+    for r in rows:
+        if r["status"] != STATUS_FAILED:
+            for c, k in (r.get("count") or {}).items():
+                total[c] = total.get(c, 0) + int(k)
+    return total
+
+
 def run_batch(
     files: Sequence,
     out_dir,
@@ -649,13 +695,7 @@ def run_batch(
     dask.distributed scheduler at that address (``out_dir`` and the files must be reachable from its workers).
     ``on_result(row)`` is called as each image finishes (in completion order).
     """
-    files = [Path(f).expanduser().absolute() for f in files]
-    out_dir = Path(out_dir).absolute()
-    names = output_names(files, out_dir)  # (the names an earlier run gave them kept)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # what a killed earlier run left half written (hidden, never mistaken for outputs): cleared
-    remove_stale_temporaries(out_dir, [p.name for n in names for p in output_paths(out_dir, n).values()]
-                             + ["summary.csv", "report.html"])
+    files, out_dir, names = prepare_run(files, out_dir)
     rows: list[dict | None] = [None] * len(files)
 
     def done(i, row):
@@ -914,11 +954,8 @@ def render_report(rows: Sequence[dict], run_info: dict) -> str:
     """The HTML report of a run: settings, overall and per-image differential counts, previews."""
     ok = [r for r in rows if r["status"] != STATUS_FAILED]
     failed = [r for r in rows if r["status"] == STATUS_FAILED]
-    total: dict = {}
+    total = pooled_counts(rows)
     classified = any(r.get("count") for r in ok)
-    for r in ok:
-        for c, k in (r.get("count") or {}).items():
-            total[c] = total.get(c, 0) + int(k)
     total_pct = percentages(total)
     info_rows = "".join(f"<tr><th class=l>{_esc(k)}</th><td class=l>{_esc(v)}</td></tr>" for k, v in run_info.items())
     parts = [
