@@ -798,11 +798,13 @@ def test_batch_labels_record_the_models_that_made_them(tmp_path, tiny_models, mo
     wbc = (image.mean(-1) < 130).astype(np.int32)  # the purple cell, whatever the random net makes of it
     monkeypatch.setattr(core_segment, "iter_segment", lambda img, **kw: iter([("labels", wbc)]))
     assert main(seg_args([inp], tmp_path / "out", tiny_models)) == 0
-    assert saved_source(tmp_path / "out" / "x_labels.tif") == {"model": str(seg), "classifier": str(cls)}
+    made = {"image_layer": "x", "model": str(seg)}  # (no diameter: the stand-in segmentation gives none)
+    assert saved_source(tmp_path / "out" / "x_labels.tif") == {**made, "classifier": str(cls)}
     meta = read_smear(str(tmp_path / "out" / "x_labels.tif"))[0][1]
     assert meta["metadata"]["napari_wbc"]["classifier"] == str(cls)  # what Train's auto reads
+    assert meta["metadata"]["napari_wbc"]["image_layer"] == read_smear(str(inp / "x.png"))[0][1]["name"]
     assert main(seg_args([inp], tmp_path / "out2", tiny_models, "--no-classify")) == 0
-    assert saved_source(tmp_path / "out2" / "x_labels.tif") == {"model": str(seg)}
+    assert saved_source(tmp_path / "out2" / "x_labels.tif") == made
 
 
 def test_batch_labels_pair_with_their_smears_in_one_folder_or_two(tmp_path):

@@ -581,3 +581,17 @@ def test_segment_a_folder_refuses_what_it_cannot_do(seg, smear_folder, tmp_path,
     assert widget.segment_folder(smear_folder, blocked / "out") is None
     assert "cannot be written to" in errors[-1] and str(blocked / "out") in errors[-1]
     assert not widget.running and widget.folder_button.isEnabled()
+
+
+def test_a_folder_runs_results_open_paired_with_their_smears(qtbot, seg, smear_folder):
+    """Opened in napari beside its image, a field's labels from 'Segment a folder' belong to that image
+    (the slide count counts the field once, Next to review shows it) and carry the diameter used."""
+    from napari_wbc._widgets._common import paired_image
+
+    viewer, widget, _ = seg
+    widget.segment_folder(smear_folder)
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT)
+    (image,) = viewer.open(str(smear_folder / "field_b.png"), plugin=PLUGIN)
+    (labels,) = viewer.open(str(smear_folder / "napari-wbc" / "field_b_labels.tif"), plugin=PLUGIN)
+    assert paired_image(viewer, labels) is image
+    assert labels.metadata["napari_wbc"]["diameter"] == 16.0

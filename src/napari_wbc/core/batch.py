@@ -556,7 +556,10 @@ def process_one(path, out_dir, settings: Settings | None = None, name: str | Non
         types = None
         from .models import SHIPPED
 
-        source = {"model": str(settings.model or SHIPPED["segmenter"])}
+        # (opened in napari with the image, the labels pair with it: the reader names it after its file)
+        source = {"image_layer": path.stem, "model": str(settings.model or SHIPPED["segmenter"])}
+        if diameter is not None:
+            source["diameter"] = round(diameter, 2)
         if settings.classify and labels.max(initial=0) > 0:
             from .classify import classify
             from .finetune import default_classifier
