@@ -6,7 +6,8 @@ Opens a smear, segments it with the Segment widget, classifies it with the
 Classify widget, corrects one cell, opens the Train widget, and saves PNGs to
 docs/images/. With FIELDs (more images of the slide), also opens them, segments
 them with "Segment every new image" and shows the slide's differential count
-(06_slide.png). Uses the shipped models on the CPU.
+(06_slide.png), then runs "Segment a folder..." on a folder of the same fields (links; the results in
+a temporary folder) and shows its status (07_folder.png). Uses the shipped models on the CPU.
 """
 from __future__ import annotations
 
@@ -89,6 +90,16 @@ def main():
         if area is not None:  # the count and its total line in view
             area.ensureWidgetVisible(cls.total_label)
         shot(viewer, "06_slide.png")
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:  # the same fields as a folder, not opened
+            folder = Path(tmp) / "slide 1"
+            folder.mkdir()
+            for field in sys.argv[2:]:
+                (folder / Path(field).name).symlink_to(Path(field).resolve())
+            seg.segment_folder(folder)
+            wait(lambda: not seg.running, timeout=600)
+            shot(viewer, "07_folder.png")
     viewer.close()
 
 

@@ -457,10 +457,11 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
         self.status.setText(f"{text}; results in {run['out']}")
         show_info(f"Segment WBCs: {text}")
         out = run["out"]
-        self.results.setText(
-            f'<a href="{(out / "report.html").as_uri()}">report.html</a> &middot; '
-            f'<a href="{(out / "summary.csv").as_uri()}">summary.csv</a> &middot; '
-            f'<a href="{out.as_uri()}">results folder</a>')
+        # (Qt's own dark blue is unreadable on napari's dark theme)
+        link = '<a style="color:#4a9eff" href="{}">{}</a>'.format
+        self.results.setText(" &middot; ".join((link((out / "report.html").as_uri(), "report.html"),
+                                                link((out / "summary.csv").as_uri(), "summary.csv"),
+                                                link(out.as_uri(), "results folder"))))
         self.results.show()
 
     def _on_folder_finish(self) -> None:
