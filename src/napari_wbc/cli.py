@@ -395,10 +395,9 @@ def _preload(settings, device) -> None:
 
 
 def _print_segment_summary(rows, out_dir: Path) -> None:
-    from .core.batch import STATUS_FAILED, STATUS_OK, STATUS_SKIPPED
+    from .core.batch import STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, tally
 
-    n = {s: sum(r["status"] == s for r in rows) for s in (STATUS_OK, STATUS_SKIPPED, STATUS_FAILED)}
-    cells = sum(int(r.get("n_wbc") or 0) for r in rows if r["status"] != STATUS_FAILED)
+    n, cells = tally(rows)
     edited = sum(bool(r.get("edited")) for r in rows if r["status"] == STATUS_SKIPPED)
     done = f"{n[STATUS_SKIPPED]} already done" + (f" ({edited} counted from outputs corrected by hand)" if edited else "")
     msg = f"{len(rows)} image(s): {n[STATUS_OK]} processed, {done}, {n[STATUS_FAILED]} failed; {cells} WBC(s)"

@@ -23,6 +23,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_wbc.core.batch import STATUS_FAILED
 from napari_wbc.core.io import labels_for_layer
 from napari_wbc.core.segment import cell_features
 
@@ -119,11 +120,10 @@ def folder_job(files, out_dir, settings, info: dict, stop):
 
 def folder_summary(rows, total: int) -> str:
     """One line on a folder run: images done, skipped, failed, WBCs and the pooled differential."""
-    from napari_wbc.core.batch import STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, pooled_counts
+    from napari_wbc.core.batch import STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, pooled_counts, tally
     from napari_wbc.core.classify import OTHER, percentages
 
-    n = {s: sum(r["status"] == s for r in rows) for s in (STATUS_OK, STATUS_SKIPPED, STATUS_FAILED)}
-    cells = sum(int(r.get("n_wbc") or 0) for r in rows if r["status"] != STATUS_FAILED)
+    n, cells = tally(rows)
     text = f"{len(rows)} of {total} images: {n[STATUS_OK]} segmented"
     if n[STATUS_SKIPPED]:
         text += f", {n[STATUS_SKIPPED]} done before"
@@ -200,7 +200,7 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
             f"the labels, cell tables, summary.csv and report.html go to a folder '{FOLDER_OUT}' inside it, "
             "as the napari-wbc command writes them (images done before are not done again)")
         self.folder_button.clicked.connect(self._pick_folder)
-        self._folder = None  # while a folder runs: {"files", "out", "stop"}
+        self._folder = None  # while a folder runs: {"files", "out", "stop", "rows" (those done)}
         self.results = QLabel("")  # links to the last folder run's report and results
         self.results.setOpenExternalLinks(True)
         self.results.setWordWrap(True)
@@ -252,26 +252,15 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
         if layer is None:
             show_error("Segment WBCs: open an image first (no image layer to segment)")
             return None
-        model = self.model_combo.model_path()
-        if model is None:
-            show_error(
-                "Segment WBCs: no segmentation model available (the shipped model is missing); "
-                "choose a model file with 'Browse...'"
-            )
+        models = self._chosen_models()
+        if models is None:
             return None
+        model, classify, classify_model = models
         image = layer_level0(layer)  # a lazy array is loaded by the worker, not here
         if image.ndim > (3 if getattr(layer, "rgb", False) else 2):  # a stack (z, time) of grey or RGB planes
             show_error(
                 f"Segment WBCs: layer {layer.name!r} has shape {image.shape}; expected a single 2-D image "
                 "(grey or RGB). Split stacks or open the image as RGB."
-            )
-            return None
-        classify = self.classify_check.isChecked()
-        classify_model = self._classifier_choice() if classify else None
-        if classify and classify_model is None:
-            show_error(
-                "Segment WBCs: 'classify cells' needs a classifier model (the shipped one is missing); "
-                "open the Classify WBCs widget and choose one with 'Browse...'"
             )
             return None
         diameter = None if self.auto_diameter.isChecked() else float(self.diameter.value())
@@ -354,11 +343,10 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
             show_error(f"Segment WBCs: {str(folder)!r} is not a folder; expected a folder of smear images")
             return None
         out_dir = (folder / FOLDER_OUT if out_dir is None else Path(out_dir).expanduser()).absolute()
-        model = self.model_combo.model_path()
-        if model is None:
-            show_error("Segment WBCs: no segmentation model available (the shipped model is missing); "
-                       "choose a model file with 'Browse...'")
+        models = self._chosen_models()
+        if models is None:
             return None
+        model, classify, classifier = models
         files, notes = batch.collect_images([folder], exclude=[out_dir])
         if not files:
             show_error(f"Segment WBCs: no image files ({', '.join(batch.IMAGE_SUFFIXES)}) in {str(folder)!r}")
@@ -367,12 +355,6 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
         if problem is not None:
             show_error(f"Segment WBCs: the results cannot be written to {str(out_dir)!r} ({problem}); "
                        "choose another folder for them")
-            return None
-        classify = self.classify_check.isChecked()
-        classifier = self._classifier_choice() if classify else None
-        if classify and classifier is None:
-            show_error("Segment WBCs: 'classify cells' needs a classifier model (the shipped one is missing); "
-                       "open the Classify WBCs widget and choose one with 'Browse...'")
             return None
         diameter = None if self.auto_diameter.isChecked() else float(self.diameter.value())
         device = self.device_combo.device()
@@ -383,7 +365,6 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
             show_info(f"Segment WBCs: {note}")
         stop = threading.Event()
         self._folder = {"files": files, "out": out_dir, "stop": stop, "rows": []}
-        self._cancelled = False
         self._set_busy(True)
         self.results.hide()
         self.progress.setRange(0, len(files))
@@ -437,7 +418,7 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
         self.progress.setRange(0, total)
         self.progress.setValue(done)
         self.progress.setFormat(f"{done}/{total} images")
-        if row["status"] == "failed":
+        if row["status"] == STATUS_FAILED:
             show_error(f"Segment WBCs: {row['error']}")
         if run["stop"].is_set():
             return
@@ -490,6 +471,26 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
             self.worker.quit()
 
     # ------------------------------------------------------------ worker slots
+    def _chosen_models(self):
+        """``(segmenter, classify, classifier)`` as chosen (``classifier`` None unless ``classify``), or
+        None when a model is missing (said in an error notification)."""
+        model = self.model_combo.model_path()
+        if model is None:
+            show_error(
+                "Segment WBCs: no segmentation model available (the shipped model is missing); "
+                "choose a model file with 'Browse...'"
+            )
+            return None
+        classify = self.classify_check.isChecked()
+        classifier = self._classifier_choice() if classify else None
+        if classify and classifier is None:
+            show_error(
+                "Segment WBCs: 'classify cells' needs a classifier model (the shipped one is missing); "
+                "open the Classify WBCs widget and choose one with 'Browse...'"
+            )
+            return None
+        return model, classify, classifier
+
     def _classifier_choice(self):
         from .classify import ClassifyWidget
 

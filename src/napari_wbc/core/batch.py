@@ -669,6 +669,13 @@ def finish_run(rows: Sequence[dict], run_info: dict, out_dir) -> list[Path]:
     return kept
 
 
+def tally(rows: Sequence[dict]) -> tuple[dict, int]:
+    """``({status: images}, WBCs)`` of a run's rows: how many images were processed, skipped (done
+    before) and failed, and the WBCs found in those that did not fail."""
+    n = {s: sum(r["status"] == s for r in rows) for s in (STATUS_OK, STATUS_SKIPPED, STATUS_FAILED)}
+    return n, sum(int(r.get("n_wbc") or 0) for r in rows if r["status"] != STATUS_FAILED)
+
+
 def pooled_counts(rows: Sequence[dict]) -> dict:
     """The cell types counted over every image of a run that did not fail (``{type: count}``, in the
     order first met; empty when the cells were not typed)."""
