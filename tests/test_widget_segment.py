@@ -595,3 +595,26 @@ def test_a_folder_runs_results_open_paired_with_their_smears(qtbot, seg, smear_f
     (labels,) = viewer.open(str(smear_folder / "napari-wbc" / "field_b_labels.tif"), plugin=PLUGIN)
     assert paired_image(viewer, labels) is image
     assert labels.metadata["napari_wbc"]["diameter"] == 16.0
+
+
+def test_a_folder_run_cancelled_before_its_first_image_writes_nothing(qtbot, seg, smear_folder, monkeypatch):
+    import napari_wbc.core.batch as batch
+
+    viewer, widget, _ = seg
+    real = batch.prepare_run
+    entered, release = threading.Event(), threading.Event()
+
+    def held_prepare_run(*args, **kwargs):  # the worker holds before the first image
+        entered.set()
+        release.wait(TIMEOUT / 1000)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(batch, "prepare_run", held_prepare_run)
+    assert widget.segment_folder(smear_folder) is not None
+    qtbot.waitUntil(entered.is_set, timeout=TIMEOUT)
+    widget.cancel()
+    release.set()
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT)
+    assert widget.status.text() == "cancelled before any of the 2 images was segmented; nothing was written"
+    assert sorted(p.name for p in (smear_folder / "napari-wbc").iterdir()) == []
+    assert not widget.results.isVisibleTo(widget)

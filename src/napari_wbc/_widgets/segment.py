@@ -430,6 +430,9 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
         rows, kept = result
         run = self._folder
         total = len(run["files"])
+        if not rows:  # cancelled before the first image was done: nothing written, no summary
+            self.status.setText(f"cancelled before any of the {total} images was segmented; nothing was written")
+            return
         text = folder_summary(rows, total)
         if len(rows) < total:
             text = f"cancelled: {text}"
