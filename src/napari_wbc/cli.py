@@ -332,17 +332,9 @@ def cmd_segment(args) -> int:
     )
     # a broken model file fails once here, not once per image (in-process, this load is reused)
     _preload(settings, device if not args.scheduler and args.workers == 1 else "cpu")
-    info = {
-        "napari-wbc version": __version__,
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": "napari-wbc " + " ".join(shlex.quote(a) for a in args.argv),
-        "segmenter": model or f"shipped ({SHIPPED['segmenter'].name})",
-        "classifier": (classifier or f"shipped ({SHIPPED['classifier'].name})") if classify else "none (cells not typed)",
-        "device": device,
-        "WBC diameter": f"{args.diameter:g} px" if args.diameter else "estimated per image",
-        "parallelism": f"dask scheduler {args.scheduler}" if args.scheduler else f"{args.workers} process(es)",
-        "output folder": str(out_dir),
-    }
+    info = batch.run_info(
+        settings, out_dir, "napari-wbc " + " ".join(shlex.quote(a) for a in args.argv),
+        f"dask scheduler {args.scheduler}" if args.scheduler else f"{args.workers} process(es)")
     from tqdm import tqdm
 
     bar = tqdm(total=len(files), unit="image", file=sys.stderr, disable=args.quiet, dynamic_ncols=True)

@@ -120,7 +120,7 @@ def folder_job(files, out_dir, settings, info: dict, stop):
 
 def folder_summary(rows, total: int) -> str:
     """One line on a folder run: images done, skipped, failed, WBCs and the pooled differential."""
-    from napari_wbc.core.batch import STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, pooled_counts, tally
+    from napari_wbc.core.batch import STATUS_OK, STATUS_SKIPPED, pooled_counts, tally
     from napari_wbc.core.classify import OTHER, percentages
 
     n, cells = tally(rows)
@@ -360,7 +360,7 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
         device = self.device_combo.device()
         settings = batch.Settings(model=str(model), classifier=None if classifier is None else str(classifier),
                                   classify=classify, device=device, diameter=diameter)
-        info = self._folder_info(settings, out_dir)
+        info = batch.run_info(settings, out_dir, "napari: Segment WBCs > Segment a folder")
         for note in notes:
             show_info(f"Segment WBCs: {note}")
         stop = threading.Event()
@@ -380,23 +380,6 @@ class SegmentWidget(CancelWhenRemoved, QWidget):
             owner=self,
         )
         return self.worker
-
-    def _folder_info(self, settings, out_dir) -> dict:
-        """The run's settings for its report, as the command line tool lists them."""
-        import datetime
-
-        from napari_wbc import __version__
-
-        return {
-            "napari-wbc version": __version__,
-            "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "command": "napari: Segment WBCs > Segment a folder",
-            "segmenter": settings.model,
-            "classifier": settings.classifier if settings.classify else "none (cells not typed)",
-            "device": settings.device,
-            "WBC diameter": f"{settings.diameter:g} px" if settings.diameter else "estimated per image",
-            "output folder": str(out_dir),
-        }
 
     def _pick_folder(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Segment every smear image in a folder")

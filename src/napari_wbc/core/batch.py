@@ -658,6 +658,27 @@ def iter_batch(files: Sequence, out_dir, settings: Settings, *, stop: Callable[[
         yield i, process_one(f, out_dir, settings, nm)
 
 
+def run_info(settings: Settings, out_dir, command: str, parallelism: str | None = None) -> dict:
+    """A run's settings as its report lists them (the command line tool's and the Segment widget's)."""
+    from .. import __version__
+    from .models import SHIPPED
+
+    info = {
+        "napari-wbc version": __version__,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": command,
+        "segmenter": settings.model or f"shipped ({SHIPPED['segmenter'].name})",
+        "classifier": ((settings.classifier or f"shipped ({SHIPPED['classifier'].name})") if settings.classify
+                       else "none (cells not typed)"),
+        "device": settings.device,
+        "WBC diameter": f"{settings.diameter:g} px" if settings.diameter else "estimated per image",
+    }
+    if parallelism is not None:
+        info["parallelism"] = parallelism
+    info["output folder"] = str(out_dir)
+    return info
+
+
 def finish_run(rows: Sequence[dict], run_info: dict, out_dir) -> list[Path]:
     """Write a run's ``summary.csv`` and ``report.html`` into ``out_dir``; an earlier run's that list
     images this one does not cover are kept aside first (:func:`keep_earlier_summary`: their new paths
